@@ -1,0 +1,5 @@
+import sys
+
+from signflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""The model file: weights plus everything needed to use them correctly (classes, preprocessing)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from signflow.fileio import write_atomic
+from signflow.model import Preprocessing
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A model file that is missing, foreign, or does not match the data it is used with."""
+
+
+@dataclass
+class ModelBundle:
+    model_name: str
+    class_names: list[str]
+    preprocessing: Preprocessing
+    state_dict: dict[str, torch.Tensor]
+    train_params: dict[str, Any]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """sha256 of the weights and class list: equal models get equal fingerprints."""
+        digest = hashlib.sha256()
+        digest.update(self.model_name.encode())
+        digest.update("\n".join(self.class_names).encode())
+        for name in sorted(self.state_dict):
+            tensor = self.state_dict[name].detach().cpu().contiguous()
+            digest.update(name.encode())
+            digest.update(
+                tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes()
+            )
+        return digest.hexdigest()
+
+    def build_model(self) -> nn.Module:
+        model = timm.create_model(self.model_name, pretrained=False, num_classes=len(self.class_names))
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+    def check_classes(self, class_names: list[str], where: str) -> None:
+        if list(class_names) != list(self.class_names):
+            raise CheckpointError(
+                f"class list mismatch: the model was trained on {self.class_names}, but {where} has {class_names}. "
+                "Class indices would shift; retrain the model on this split."
+            )
+
+
+def save_bundle(bundle: ModelBundle, path: str | Path) -> Path:
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "model_name": bundle.model_name,
+        "class_names": bundle.class_names,
+        "preprocessing": bundle.preprocessing.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in bundle.state_dict.items()},
+        "train_params": bundle.train_params,
+        "summary": bundle.summary,
+    }
+    return write_atomic(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_bundle(path: str | Path) -> ModelBundle:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: model file not found; run the train step first")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise CheckpointError(f"{path}: not a readable signflow model file ({error})") from None
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not a signflow model file (format {FORMAT_VERSION} expected)")
+    return ModelBundle(
+        model_name=payload["model_name"],
+        class_names=list(payload["class_names"]),
+        preprocessing=Preprocessing.from_dict(payload["preprocessing"]),
+        state_dict=payload["state_dict"],
+        train_params=payload["train_params"],
+        summary=payload.get("summary", {}),
+    )

@@ -1,0 +1,199 @@
+"""One typed config for the whole pipeline, parsed from `params.yaml`.
+
+Every hyperparameter lives in `params.yaml`; this module only says what is allowed. Unknown keys
+and wrong types fail at load time with the key's full path (`train.lr: ...`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _float_from_yaml(value: Any) -> Any:
+    # PyYAML follows YAML 1.1 and reads `1e-4` (no dot) as a string; accept it as the float it means.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+class DownloadConfig(_Section):
+    url: str = Field(min_length=1)
+    """Archive URL (https://, file://, any fsspec URL), a local archive path, or a local folder."""
+    sha256: str | None = None
+    class_root: str | None = None
+    """Folder inside the source that holds the class folders; None finds it."""
+    retries: int = Field(default=3, ge=0, le=20)
+    timeout_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().lower()
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError("must be a 64-character hex sha256 digest, or null")
+        return value
+
+
+class SplitConfig(_Section):
+    train: float = Field(gt=0, lt=1)
+    valid: float = Field(ge=0, lt=1)
+    test: float = Field(gt=0, lt=1)
+    seed: int = 42
+
+    _coerce = field_validator("train", "valid", "test", mode="before")(_float_from_yaml)
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitConfig:
+        total = self.train + self.valid + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"train + valid + test must be 1.0, got {total:g}")
+        return self
+
+
+class AugmentConfig(_Section):
+    enabled: bool = True
+    scale_min: float = Field(default=0.8, gt=0, le=1)
+    """Smallest area fraction kept by the random resized crop."""
+    hflip: float = Field(default=0.0, ge=0, le=1)
+    """Probability of a horizontal flip. Off by default: a mirrored hand can be another sign."""
+    color_jitter: float = Field(default=0.1, ge=0, le=1)
+
+    _coerce = field_validator("scale_min", "hflip", "color_jitter", mode="before")(_float_from_yaml)
+
+
+class TrainConfig(_Section):
+    model: str = Field(min_length=1)
+    pretrained: bool = True
+    weights_file: str | None = None
+    """Local weights in timm's layout (safetensors or .pth); used instead of the hub when set."""
+    trainable_blocks: int | Literal["all"] = 2
+    """Trailing parameter groups (timm's group_matcher) that train besides the new head; 0 = head only."""
+    image_size: int = Field(ge=32, le=1024)
+    batch_size: int = Field(ge=1, le=4096)
+    epochs: int = Field(ge=1, le=1000)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(gt=0, le=10)
+    weight_decay: float = Field(default=0.0, ge=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    early_stopping_patience: int = Field(default=0, ge=0)
+    """Stop after this many epochs without a better validation accuracy; 0 = never stop early."""
+    seed: int = 42
+    augment: AugmentConfig = AugmentConfig()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int = Field(default=0, ge=0)
+    """torch intra-op threads; 0 keeps torch's default (one per core)."""
+    channels_last: bool = True
+    amp: bool = True
+    """bfloat16/float16 autocast on CUDA; ignored on the CPU."""
+
+    _coerce = field_validator("lr", "weight_decay", "label_smoothing", mode="before")(_float_from_yaml)
+
+    @field_validator("trainable_blocks", mode="before")
+    @classmethod
+    def _blocks(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ValueError("must be 0 (head only), a positive number of blocks, or 'all'")
+        return value
+
+
+class EvaluateConfig(_Section):
+    batch_size: int = Field(default=64, ge=1, le=4096)
+
+
+class RegisterConfig(_Section):
+    model_name: str = Field(min_length=1)
+    """Registered-model name in the MLflow registry."""
+    tracking_uri: str = "sqlite:///mlflow.db"
+    """Used unless MLFLOW_TRACKING_URI is set in the environment."""
+    experiment: str = "signflow"
+    min_accuracy: float = Field(default=0.0, ge=0, le=1)
+    """The `champion` alias only moves to a model whose test accuracy reaches this gate."""
+
+    _coerce = field_validator("min_accuracy", mode="before")(_float_from_yaml)
+
+
+# BaseModel inherits ABC's `register` method; the params section of that name is meant to shadow it.
+warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)
+
+
+class Params(_Section):
+    download: DownloadConfig
+    split: SplitConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig = EvaluateConfig()
+    register: RegisterConfig
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: {error.error_count()} invalid setting(s):"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling and section)"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a params mapping; raise ConfigError naming every bad key by its full path."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(source, error)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of `raw` with dotted keys (`train.epochs`) replaced; the key must exist."""
+    result = yaml.safe_load(yaml.safe_dump(raw))
+    for dotted, value in overrides.items():
+        node = result
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {dotted!r}: no section {part!r} in params")
+            node = node[part]
+        node[parts[-1]] = value
+    return result
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections (download, split, train, ...)")
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Load and validate `params.yaml`, with optional dotted-key overrides applied first."""
+    raw = read_params_file(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return parse_params(raw, source=str(path))

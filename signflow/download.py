@@ -1,0 +1,275 @@
+"""Download step: fetch a class-folder dataset, verify it, extract it safely, publish it atomically.
+
+The source is an archive (zip, tar, tar.gz/bz2/xz) at an https:// URL, a file:// URL, any URL
+fsspec can open, or a local path; or a local folder of class folders. The result is always
+`dest/<class name>/<image files>` plus `dest/SOURCE.json`; `dest` is replaced in one step only
+after everything succeeded, so an interrupted run leaves the previous dataset (or none).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import stat
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlparse
+
+from tqdm.auto import tqdm
+
+from signflow.config import DownloadConfig
+from signflow.fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
+from signflow.images import is_image_name, is_junk
+
+log = logging.getLogger(__name__)
+
+SOURCE_INFO_NAME = "SOURCE.json"
+
+
+class DownloadError(RuntimeError):
+    """The source could not be fetched, verified or understood; the message says what to do."""
+
+
+class NetworkError(DownloadError):
+    """The source could not be reached; worth retrying later, unlike bad content."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    source: str
+    source_sha256: str | None
+    class_root: str
+    class_names: list[str]
+    counts: dict[str, int]
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return sum(self.counts.values())
+
+
+def _local_path(url: str) -> Path | None:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and url[1:3] in (":\\", ":/")):
+        return Path(url).expanduser()
+    return None
+
+
+def _http_fetch(url: str, target: Path, timeout_s: float) -> None:
+    request = urllib.request.Request(url, headers={"User-Agent": "signflow"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with open(target, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="download") as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                bar.update(len(chunk))
+        if total is not None and target.stat().st_size != total:
+            raise urllib.error.ContentTooShortError(
+                f"got {target.stat().st_size} of {total} bytes",
+                None,  # type: ignore[arg-type]
+            )
+
+
+def _fsspec_fetch(url: str, target: Path, timeout_s: float) -> None:
+    import fsspec
+
+    with fsspec.open(url, "rb") as source, open(target, "wb") as out:
+        shutil.copyfileobj(source, out, 1 << 20)
+
+
+def fetch_with_retries(
+    url: str, target: Path, retries: int, timeout_s: float, sleep: Callable[[float], None] = time.sleep
+) -> None:
+    """Fetch a remote URL to `target`, retrying network errors with exponential back-off."""
+    fetch = _http_fetch if urlparse(url).scheme in ("http", "https") else _fsspec_fetch
+    for attempt in range(retries + 1):
+        try:
+            fetch(url, target, timeout_s)
+            return
+        except urllib.error.HTTPError as error:
+            if error.code < 500:
+                raise DownloadError(f"{url}: HTTP {error.code} {error.reason}; check download.url") from None
+            if attempt == retries:
+                raise NetworkError(f"{url}: HTTP {error.code} {error.reason}; check download.url") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
+            if attempt == retries:
+                raise NetworkError(
+                    f"{url}: could not download after {retries + 1} attempt(s): {error}. "
+                    "Check the network, or point download.url at a local copy."
+                ) from None
+        delay = min(2.0**attempt, 30.0)
+        log.warning("download of %s failed (attempt %d/%d); retrying in %.0f s", url, attempt + 1, retries + 1, delay)
+        sleep(delay)
+
+
+def _check_member_name(name: str, archive: Path) -> PurePosixPath:
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
+        raise DownloadError(f"{archive}: refusing entry {name!r}: it would be written outside the target folder")
+    return path
+
+
+def _extract_zip(archive: Path, dest: Path) -> None:
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            members = bundle.infolist()
+            for member in members:
+                _check_member_name(member.filename, archive)
+                if stat.S_ISLNK(member.external_attr >> 16):
+                    raise DownloadError(f"{archive}: refusing symbolic link entry {member.filename!r}")
+            for member in members:
+                bundle.extract(member, dest)
+    except (zipfile.BadZipFile, EOFError) as error:
+        raise DownloadError(f"{archive}: damaged or truncated zip archive ({error}); download it again") from None
+
+
+def _extract_tar(archive: Path, dest: Path) -> None:
+    try:
+        with tarfile.open(archive) as bundle:
+            members = bundle.getmembers()
+            for member in members:
+                _check_member_name(member.name, archive)
+                if not (member.isfile() or member.isdir()):
+                    raise DownloadError(f"{archive}: refusing {member.name!r}: links and special files are not allowed")
+            for member in members:
+                member.mode = (member.mode | 0o600) & 0o755
+                bundle.extract(member, dest, set_attrs=False)
+    except (tarfile.TarError, EOFError, zlib.error) as error:
+        raise DownloadError(f"{archive}: damaged or truncated tar archive ({error}); download it again") from None
+
+
+def extract_archive(archive: Path, dest: Path) -> None:
+    """Extract a zip or tar archive into `dest`, refusing entries that escape it or are links."""
+    if zipfile.is_zipfile(archive):
+        _extract_zip(archive, dest)
+    elif _is_tar(archive):
+        _extract_tar(archive, dest)
+    else:
+        raise DownloadError(
+            f"{archive}: not a zip or tar archive (or truncated); download.url must point at an archive "
+            "or at a folder of class folders"
+        )
+
+
+def _is_tar(archive: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(archive)
+    except (OSError, EOFError):
+        return False
+
+
+def _image_count(folder: Path) -> int:
+    return sum(1 for p in folder.iterdir() if p.is_file() and is_image_name(p) and not is_junk(p))
+
+
+def find_class_root(tree: Path) -> Path:
+    """Find the folder whose subfolders are the classes: the one folder with ≥ 2 image subfolders.
+
+    The upstream Sign Language Digits archive nests classes under `<repo>-master/Dataset/` next to
+    an `Examples/` folder of loose photos; that folder has one image subfolder and is not chosen.
+    """
+    candidates: list[tuple[Path, int, int]] = []
+    for folder in [tree, *sorted(p for p in tree.rglob("*") if p.is_dir())]:
+        if is_junk(folder.relative_to(tree)):
+            continue
+        counts = [_image_count(sub) for sub in folder.iterdir() if sub.is_dir() and not is_junk(sub.name)]
+        image_dirs = [c for c in counts if c > 0]
+        if image_dirs:
+            candidates.append((folder, len(image_dirs), sum(image_dirs)))
+    multi = [c for c in candidates if c[1] >= 2]
+    if not multi:
+        if candidates:
+            only = max(candidates, key=lambda c: c[2])[0]
+            raise DownloadError(
+                f"found only one class folder under {only.relative_to(tree) or '.'}: a classifier needs at least "
+                "two class folders (one folder of images per class)"
+            )
+        raise DownloadError("no class folders found: expected <class name>/<image files> somewhere in the source")
+    if len(multi) > 1:
+        names = ", ".join(str(c[0].relative_to(tree)) or "." for c in multi)
+        raise DownloadError(
+            f"several folders look like class roots ({names}); set download.class_root to the one to use"
+        )
+    return multi[0][0]
+
+
+def _copy_classes(class_root: Path, dest: Path) -> tuple[dict[str, int], list[str]]:
+    counts: dict[str, int] = {}
+    skipped: list[str] = []
+    for folder in sorted(p for p in class_root.iterdir() if p.is_dir() and not is_junk(p.name)):
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not is_junk(p.relative_to(folder)))
+        if not files:
+            skipped.append(f"{folder.name}/: empty class folder, left out")
+            continue
+        for file in files:
+            target = dest / folder.name / file.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, target)
+        counts[folder.name] = len(files)
+    if len(counts) < 2:
+        raise DownloadError(f"{class_root}: {len(counts)} non-empty class folder(s); at least two are needed")
+    return counts, skipped
+
+
+def _materialise_source(cfg: DownloadConfig, scratch: Path) -> tuple[Path, str | None]:
+    """Return a local folder tree holding the source's files, and the archive's sha256 (if archive)."""
+    local = _local_path(cfg.url)
+    if local is not None and local.is_dir():
+        if cfg.sha256:
+            raise DownloadError("download.sha256 applies to archives; download.url is a folder (set sha256: null)")
+        return local, None
+    if local is not None:
+        if not local.is_file():
+            raise DownloadError(f"download.url: {local} does not exist")
+        archive = local
+    else:
+        archive = scratch / "archive"
+        fetch_with_retries(cfg.url, archive, cfg.retries, cfg.timeout_s)
+    digest = sha256_file(archive)
+    if cfg.sha256 and digest != cfg.sha256:
+        raise DownloadError(
+            f"{cfg.url}: sha256 is {digest}, but download.sha256 expects {cfg.sha256}; the file is corrupt or "
+            "changed upstream (set download.sha256 to null to accept any content)"
+        )
+    tree = scratch / "tree"
+    tree.mkdir()
+    extract_archive(archive, tree)
+    return tree, digest
+
+
+def download_dataset(cfg: DownloadConfig, dest: str | Path) -> DatasetInfo:
+    """Fetch `cfg.url` into `dest` as `<class>/<files>`; `dest` changes only if every step succeeds."""
+    dest = Path(dest)
+    with staging_dir(dest) as scratch:
+        tree, digest = _materialise_source(cfg, scratch)
+        if cfg.class_root:
+            class_root = tree / cfg.class_root
+            if not class_root.is_dir():
+                raise DownloadError(f"download.class_root: {cfg.class_root!r} is not a folder in the source")
+        else:
+            class_root = find_class_root(tree)
+        staged = scratch / "dataset"
+        counts, skipped = _copy_classes(class_root, staged)
+        info = DatasetInfo(
+            source=cfg.url,
+            source_sha256=digest,
+            class_root=class_root.relative_to(tree).as_posix(),
+            class_names=sorted(counts),
+            counts=counts,
+            skipped=skipped,
+        )
+        write_json_atomic(staged / SOURCE_INFO_NAME, asdict(info))
+        replace_dir_atomic(staged, dest)
+    log.info("downloaded %d files in %d classes from %s", info.num_images, len(info.class_names), cfg.url)
+    for line in skipped:
+        log.warning("skipped %s", line)
+    return info

@@ -1,0 +1,84 @@
+"""Atomic writes and hashing: every file that matters is written beside its target, then renamed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success it replaces `target` in one rename.
+
+    On any error the temporary file is removed and `target` keeps its previous content.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(target: str | Path, writer: Callable[[Path], None]) -> Path:
+    with atomic_path(target) as tmp:
+        writer(tmp)
+    return Path(target)
+
+
+def write_text_atomic(target: str | Path, text: str) -> Path:
+    return write_atomic(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(target: str | Path, payload: Any) -> Path:
+    return write_text_atomic(target, json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def replace_dir_atomic(staged: Path, target: Path) -> None:
+    """Swap a fully written `staged` directory into `target`, removing the old one afterwards.
+
+    A directory cannot be replaced by one rename, so the old one is first moved aside; a crash
+    between the two renames leaves `target` missing (never half-written) and the old copy beside it.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staged, target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextmanager
+def staging_dir(target: str | Path) -> Iterator[Path]:
+    """A scratch directory beside `target` (same filesystem, so renames are atomic); always removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

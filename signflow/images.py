@@ -1,0 +1,55 @@
+"""Reading images the way every step must: EXIF orientation applied, any mode converted to RGB."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
+JUNK_DIRS = frozenset({"__macosx", ".git", ".ipynb_checkpoints"})
+
+# A decompression bomb guard that still admits 3024x3024 phone photos and larger scans.
+Image.MAX_IMAGE_PIXELS = 200_000_000
+
+
+def is_image_name(path: str | Path) -> bool:
+    name = Path(path).name
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def is_junk(path: str | Path) -> bool:
+    parts = Path(path).parts
+    return any(p.lower() in JUNK_DIRS or p.startswith("._") for p in parts) or Path(path).name.lower() in JUNK_NAMES
+
+
+def load_rgb(path: str | Path, max_side: int | None = None) -> Image.Image:
+    """Open, decode fully, rotate by EXIF and convert to 8-bit RGB.
+
+    `max_side` shrinks large photos early (JPEG draft mode), which is what keeps a 3024x3024 image
+    from costing 100x a 100x100 one. Raises OSError/ValueError for unreadable files.
+    """
+    with Image.open(path) as image:
+        if max_side is not None and image.format == "JPEG":
+            image.draft("RGB", (max_side, max_side))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            image = image.point(lambda value: value * (1 / 256)).convert("L")
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        return image.convert("RGB")
+
+
+def check_image(path: str | Path) -> tuple[int, int]:
+    """Fully decode an image and return its (width, height) after EXIF rotation; raise if unreadable."""
+    image = load_rgb(path, max_side=256)
+    with Image.open(path) as original:
+        width, height = original.size
+        orientation = original.getexif().get(0x0112, 1)
+    if image.width == 0 or image.height == 0:
+        raise ValueError("image has zero size")
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

@@ -1,0 +1,183 @@
+"""Register step: a model version in MLflow's registry, with params, metrics, data version, commit.
+
+The `champion` alias moves to the new version only when its test accuracy passes the gate and
+beats the current champion. Registering the same model twice (same fingerprint) adds no version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from signflow.checkpoint import load_bundle
+from signflow.config import RegisterConfig
+from signflow.fileio import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+FINGERPRINT_TAG = "signflow.fingerprint"
+ACCURACY_TAG = "signflow.test_accuracy"
+
+
+class RegistryError(RuntimeError):
+    """The registry could not be reached or refused the model."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    model_name: str
+    version: str
+    run_id: str
+    fingerprint: str
+    test_accuracy: float
+    is_champion: bool
+    champion_version: str | None
+    newly_created: bool
+    tracking_uri: str
+
+
+def resolve_tracking_uri(cfg: RegisterConfig) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if not isinstance(value, str) else value
+    return flat
+
+
+def _client(tracking_uri: str):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _experiment_id(client, name: str, tracking_uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        # Keep artifacts beside a local database rather than in whatever folder MLflow was run from.
+        database = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
+        location = (database.parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _find_version(client, model_name: str, fingerprint: str):
+    for version in client.search_model_versions(f"name = '{model_name}'"):
+        if version.tags.get(FINGERPRINT_TAG) == fingerprint:
+            return version
+    return None
+
+
+def _champion(client, model_name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def _create_version(client, cfg, tracking_uri, model_path, reports, params, metrics, tags, fingerprint):
+    experiment_id = _experiment_id(client, cfg.experiment, tracking_uri)
+    run = client.create_run(
+        experiment_id, tags={**tags, FINGERPRINT_TAG: fingerprint}, run_name=f"register-{fingerprint[:12]}"
+    )
+    run_id = run.info.run_id
+    try:
+        for key, value in sorted(flatten(params).items()):
+            client.log_param(run_id, key, value[:6000])
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, float(value))
+        client.log_artifact(run_id, str(model_path), artifact_path="model")
+        for report in reports:
+            client.log_artifact(run_id, str(report), artifact_path="reports")
+        client.set_terminated(run_id, "FINISHED")
+    except Exception:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    if not client.search_registered_models(f"name = '{cfg.model_name}'"):
+        client.create_registered_model(cfg.model_name, description="signflow image classifier")
+    source = f"{run.info.artifact_uri}/model"
+    version_tags = {**tags, FINGERPRINT_TAG: fingerprint, ACCURACY_TAG: repr(float(metrics["accuracy"]))}
+    return client.create_model_version(cfg.model_name, source, run_id=run_id, tags=version_tags)
+
+
+def register_model(
+    cfg: RegisterConfig,
+    model_path: str | Path,
+    metrics_path: str | Path,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    receipt_path: str | Path,
+    extra_artifacts: list[Path] | None = None,
+) -> Registration:
+    """Register `model_path` (with its test metrics) and move `champion` if it is better."""
+    bundle = load_bundle(model_path)
+    metrics = json.loads(Path(metrics_path).read_text(encoding="utf-8"))
+    fingerprint = bundle.fingerprint()
+    accuracy = float(metrics["accuracy"])
+    tracking_uri = resolve_tracking_uri(cfg)
+    client = _client(tracking_uri)
+    key = hashlib.sha256(f"{tracking_uri}\n{cfg.model_name}".encode()).hexdigest()[:16]
+    lock_path = Path(tempfile.gettempdir()) / f"signflow-register-{key}.lock"
+    with FileLock(str(lock_path), timeout=600):
+        existing = _find_version(client, cfg.model_name, fingerprint)
+        if existing is None:
+            reports = [Path(metrics_path), *(extra_artifacts or [])]
+            version = _create_version(
+                client,
+                cfg,
+                tracking_uri,
+                model_path,
+                [r for r in reports if r.is_file()],
+                params,
+                metrics,
+                {**tags, "signflow.classes": json.dumps(bundle.class_names)},
+                fingerprint,
+            )
+        else:
+            version = existing
+            log.info("model already registered as %s version %s; no new version", cfg.model_name, version.version)
+        champion = _champion(client, cfg.model_name)
+        champion_accuracy = float(champion.tags.get(ACCURACY_TAG, "-inf")) if champion else float("-inf")
+        promote = accuracy >= cfg.min_accuracy and (champion is None or accuracy > champion_accuracy)
+        if promote and (champion is None or champion.version != version.version):
+            client.set_registered_model_alias(cfg.model_name, CHAMPION, version.version)
+            log.info("champion -> version %s (test accuracy %.4f)", version.version, accuracy)
+        elif accuracy < cfg.min_accuracy:
+            log.warning(
+                "test accuracy %.4f is below register.min_accuracy %.4f: champion not moved", accuracy, cfg.min_accuracy
+            )
+        champion = _champion(client, cfg.model_name)
+    result = Registration(
+        model_name=cfg.model_name,
+        version=str(version.version),
+        run_id=str(version.run_id),
+        fingerprint=fingerprint,
+        test_accuracy=accuracy,
+        is_champion=champion is not None and champion.version == version.version,
+        champion_version=str(champion.version) if champion else None,
+        newly_created=existing is None,
+        tracking_uri=tracking_uri,
+    )
+    write_json_atomic(receipt_path, asdict(result))
+    return result

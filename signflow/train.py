@@ -1,0 +1,221 @@
+"""Fine-tune step: a timm model with a new head, trained on the train split, selected on valid.
+
+The checkpoint with the best validation accuracy (ties: lower validation loss) is written to
+`model_path` with its class list and preprocessing; per-epoch metrics go to `log_path` (CSV).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from signflow.checkpoint import ModelBundle, save_bundle
+from signflow.config import TrainConfig
+from signflow.fileio import write_atomic
+from signflow.inference import autocast_for, predict_logits
+from signflow.model import (
+    apply_freeze_policy,
+    count_parameters,
+    create_model,
+    preprocessing_for,
+    resolve_device,
+    set_train_mode,
+)
+from signflow.preprocess import augment, load_images, normalize
+from signflow.split import read_class_names, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the best checkpoint so far is kept."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_path: str
+    best_epoch: int
+    best_valid_accuracy: float
+    epochs_run: int
+    seconds: float
+    train_images_per_second: float
+    trainable_parameters: int
+    total_parameters: int
+
+
+@dataclass
+class SplitTensors:
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_split(raw_dir: Path, split_dir: Path, name: str, prep) -> SplitTensors:
+    manifest = read_manifest(split_dir, name)
+    images = load_images([raw_dir / p for p in manifest["path"]], prep, desc=f"decode {name}")
+    return SplitTensors(images, torch.tensor(manifest["label_index"].to_numpy(), dtype=torch.long))
+
+
+def create_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_one_epoch(model, data: SplitTensors, prep, cfg: TrainConfig, optimizer, device, generator, epoch: int):
+    """One pass over the shuffled train split; returns (mean loss, accuracy)."""
+    set_train_mode(model)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    order = torch.randperm(len(data.labels), generator=generator)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    total_loss, correct, seen = 0.0, 0, 0
+    batches = range(0, len(order), cfg.batch_size)
+    for start in tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False):
+        index = order[start : start + cfg.batch_size]
+        batch = data.images[index].float()
+        if cfg.augment.enabled:
+            batch = augment(batch, cfg.augment, generator)
+        inputs = normalize(batch.to(device), prep).contiguous(memory_format=memory_format)
+        targets = data.labels[index].to(device)
+        with autocast_for(device, cfg.amp):
+            logits = model(inputs)
+            loss = loss_fn(logits.float(), targets)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"epoch {epoch}: loss became {loss.item()}; lower train.lr or check the data. "
+                "The best checkpoint so far was kept."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(index)
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += len(index)
+    return total_loss / seen, correct / seen
+
+
+def validate(model, data: SplitTensors, prep, cfg: TrainConfig, device) -> tuple[float, float]:
+    if len(data.labels) == 0:
+        return float("nan"), float("nan")
+    logits = predict_logits(model, data.images, prep, cfg.batch_size * 2, device, cfg.channels_last, cfg.amp)
+    loss = nn.functional.cross_entropy(logits, data.labels).item()
+    return loss, (logits.argmax(1) == data.labels).float().mean().item()
+
+
+def _is_better(accuracy: float, loss: float, best: tuple[float, float] | None) -> bool:
+    if best is None:
+        return True
+    if np.isnan(accuracy):
+        return True  # no validation split: keep the last epoch
+    return accuracy > best[0] or (accuracy == best[0] and loss < best[1])
+
+
+def fine_tune(
+    cfg: TrainConfig, raw_dir: str | Path, split_dir: str | Path, model_path: str | Path, log_path: str | Path
+) -> TrainResult:
+    """Train as `cfg` says and write the best model to `model_path`, the epoch log to `log_path`."""
+    raw_dir, split_dir = Path(raw_dir), Path(split_dir)
+    seed_everything(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    class_names = read_class_names(split_dir)
+    weights = Path(cfg.weights_file) if cfg.weights_file else None
+    model = create_model(cfg, len(class_names), weights)
+    apply_freeze_policy(model, cfg.trainable_blocks)
+    trainable, total = count_parameters(model)
+    log.info(
+        "%s: %d of %d parameters trainable (trainable_blocks=%s)", cfg.model, trainable, total, cfg.trainable_blocks
+    )
+    prep = preprocessing_for(model, cfg.image_size)
+    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    train_data = load_split(raw_dir, split_dir, "train", prep)
+    valid_data = load_split(raw_dir, split_dir, "valid", prep)
+    optimizer = create_optimizer(cfg, model)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history, best, best_state, best_epoch, train_seconds = [], None, None, 0, 0.0
+    started = time.perf_counter()
+    for epoch in tqdm(range(1, cfg.epochs + 1), desc="fine-tune", unit="epoch"):
+        tick = time.perf_counter()
+        try:
+            train_loss, train_acc = train_one_epoch(model, train_data, prep, cfg, optimizer, device, generator, epoch)
+        except TrainingError:
+            if best_state is not None:
+                _save(model_path, cfg, class_names, prep, best_state, best_epoch, best, history)
+            raise
+        train_seconds += time.perf_counter() - tick
+        scheduler.step()
+        valid_loss, valid_acc = validate(model, valid_data, prep, cfg, device)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "train_accuracy": train_acc,
+                "valid_loss": valid_loss,
+                "valid_accuracy": valid_acc,
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - tick,
+            }
+        )
+        log.info(
+            "epoch %d: train loss %.4f acc %.4f | valid loss %.4f acc %.4f",
+            epoch,
+            train_loss,
+            train_acc,
+            valid_loss,
+            valid_acc,
+        )
+        if _is_better(valid_acc, valid_loss, best):
+            best, best_epoch = (valid_acc, valid_loss), epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        elif cfg.early_stopping_patience and epoch - best_epoch >= cfg.early_stopping_patience:
+            log.info("early stop: no better validation accuracy for %d epochs", cfg.early_stopping_patience)
+            break
+    write_atomic(log_path, lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False))
+    _save(model_path, cfg, class_names, prep, best_state, best_epoch, best, history)
+    images_per_second = len(history) * len(train_data.labels) / max(train_seconds, 1e-9)
+    return TrainResult(
+        str(model_path),
+        best_epoch,
+        float(best[0]),
+        len(history),
+        time.perf_counter() - started,
+        images_per_second,
+        trainable,
+        total,
+    )
+
+
+def _save(model_path, cfg, class_names, prep, state, best_epoch, best, history) -> None:
+    bundle = ModelBundle(
+        model_name=cfg.model,
+        class_names=class_names,
+        preprocessing=prep,
+        state_dict=state,
+        train_params=cfg.model_dump(mode="json"),
+        summary={
+            "best_epoch": best_epoch,
+            "valid_accuracy": best[0],
+            "valid_loss": best[1],
+            "epochs_run": len(history),
+        },
+    )
+    save_bundle(bundle, model_path)

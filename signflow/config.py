@@ -191,9 +191,28 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def _is_relative_local(url: str) -> bool:
+    return "://" not in url and not Path(url).expanduser().is_absolute()
+
+
+def resolve_relative_paths(params: Params, base_dir: Path) -> Params:
+    """Relative local paths in params (data, weights, sqlite registry) are relative to the params file's
+    folder, so `dvc repro` and a flow started from another folder read the same files."""
+    base_dir = base_dir.resolve()
+    download, train, register = params.download, params.train, params.register
+    if _is_relative_local(download.url):
+        download = download.model_copy(update={"url": str(base_dir / download.url)})
+    if train.weights_file and _is_relative_local(train.weights_file):
+        train = train.model_copy(update={"weights_file": str(base_dir / train.weights_file)})
+    database = register.tracking_uri.removeprefix("sqlite:///")
+    if register.tracking_uri.startswith("sqlite:///") and not Path(database).is_absolute():
+        register = register.model_copy(update={"tracking_uri": f"sqlite:///{base_dir / database}"})
+    return params.model_copy(update={"download": download, "train": train, "register": register})
+
+
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
     """Load and validate `params.yaml`, with optional dotted-key overrides applied first."""
     raw = read_params_file(path)
     if overrides:
         raw = apply_overrides(raw, overrides)
-    return parse_params(raw, source=str(path))
+    return resolve_relative_paths(parse_params(raw, source=str(path)), Path(path).parent)

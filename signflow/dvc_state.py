@@ -6,13 +6,24 @@ same `dvc.lock` entry `dvc repro` would have written, so a `dvc repro` after a f
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
-def _repo(project_dir: str | Path):
+@contextmanager
+def _repo(project_dir: str | Path) -> Iterator:
+    """DVC's Python API resolves stage paths against the current folder: run it from the project root."""
     from dvc.repo import Repo
 
-    return Repo(str(project_dir))
+    previous = Path.cwd()
+    os.chdir(project_dir)
+    try:
+        with Repo(".") as repo:
+            yield repo
+    finally:
+        os.chdir(previous)
 
 
 def is_dvc_project(project_dir: str | Path) -> bool:

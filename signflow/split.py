@@ -58,7 +58,7 @@ def drop_duplicates(images: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, 
     """Keep one file per content hash; a file whose copies carry different labels is dropped entirely."""
     rejected: list[dict[str, str]] = []
     keep = []
-    for digest, group in images.groupby("sha256", sort=True):
+    for _digest, group in images.groupby("sha256", sort=True):
         group = group.sort_values("path")
         if group["label"].nunique() > 1:
             rejected += [

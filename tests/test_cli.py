@@ -1,0 +1,40 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from signflow.cli import COMMANDS, main
+from tests.conftest import tiny_params
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--params" in capsys.readouterr().out
+
+
+def test_bad_params_exit_2_with_the_key_and_no_traceback(tmp_path):
+    raw = tiny_params("x.zip")
+    raw["train"]["epoch"] = 3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    run = subprocess.run([sys.executable, "-m", "signflow", "split"], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "train.epoch: unknown key" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_runtime_error_exits_1_with_a_message(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tmp_path / "missing.zip")))
+    code = main(["download", "--params", str(tmp_path / "params.yaml"), "--raw", str(tmp_path / "raw")])
+    assert code == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_flow_cli_rejects_a_malformed_override():
+    run = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", "--set", "train.epochs"], capture_output=True, text=True
+    )
+    assert run.returncode == 2 and "expected KEY=VALUE" in run.stderr

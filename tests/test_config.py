@@ -1,0 +1,98 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from signflow import layout
+from signflow.cli import COMMANDS, build_parser
+from signflow.config import ConfigError, Params, load_params, parse_params
+from tests.conftest import ROOT, tiny_params
+
+
+def test_params_yaml_of_the_project_is_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params.split.train + params.split.valid + params.split.test == pytest.approx(1.0)
+    assert params.train.model
+
+
+def test_unknown_key_names_its_full_path(tmp_path):
+    raw = tiny_params("x.zip")
+    raw["train"]["augment"]["hflipp"] = 0.5
+    with pytest.raises(ConfigError, match=r"train\.augment\.hflipp: unknown key"):
+        parse_params(raw)
+
+
+def test_wrong_type_and_missing_key_are_reported_together():
+    raw = tiny_params("x.zip")
+    raw["train"]["epochs"] = "many"
+    del raw["split"]["seed"]  # has a default: fine
+    del raw["register"]["model_name"]
+    with pytest.raises(ConfigError) as error:
+        parse_params(raw)
+    assert "train.epochs" in str(error.value)
+    assert "register.model_name: required key is missing" in str(error.value)
+
+
+def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
+    raw = tiny_params("x.zip")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw).replace("lr: 0.003", "lr: 1e-4"))
+    assert "1e-4" in path.read_text()
+    assert load_params(path).train.lr == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("split", "test", 0.5, "must be 1.0"),
+        ("train", "lr", -0.1, "train.lr"),
+        ("train", "trainable_blocks", -1, "train.trainable_blocks"),
+        ("train", "trainable_blocks", "some", "train.trainable_blocks"),
+        ("download", "sha256", "abc", "download.sha256"),
+    ],
+)
+def test_out_of_range_values_are_refused(section, key, value, message):
+    raw = tiny_params("x.zip")
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=message):
+        parse_params(raw)
+
+
+def test_missing_params_file_says_where(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def _section_fields(section: str) -> set[str]:
+    return set(Params.model_fields[section].annotation.model_fields)
+
+
+def test_dvc_yaml_matches_params_and_cli():
+    """Contract: every param a stage lists exists in the typed config, every cmd is a real command,
+    and the stage's paths are the command's defaults (the Prefect flow uses the same defaults)."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    parser = build_parser()
+    for name, stage in dvc["stages"].items():
+        for entry in stage.get("params", []):
+            keys = [entry] if isinstance(entry, str) else [k for v in entry.values() for k in v]
+            for key in keys:
+                section, *rest = key.split(".")
+                assert section in Params.model_fields, f"{name}: params key {key} is not in the config"
+                if rest:
+                    assert rest[0] in _section_fields(section), f"{name}: params key {key} is not in the config"
+        words = stage["cmd"].split()
+        assert words[:2] == ["signflow", name], f"stage {name} must run `signflow {name}`"
+        assert name in COMMANDS
+        defaults = vars(parser.parse_args(words[1:]))
+        paths = {str(v) for v in defaults.values() if isinstance(v, Path)}
+        declared = [d for d in stage.get("deps", [])] + [
+            next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", []) + stage.get("metrics", [])
+        ]
+        for path in declared:
+            assert any(path == p or path.startswith(p + "/") for p in paths), f"{name}: {path} is not a path it uses"
+
+
+def test_layout_paths_appear_in_dvc_yaml():
+    text = (ROOT / "dvc.yaml").read_text()
+    for path in (layout.RAW_DIR, layout.SPLIT_DIR, layout.MODEL_PATH, layout.METRICS_PATH, layout.RECEIPT_PATH):
+        assert str(path) in text

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from signflow.config import TrainConfig
+from signflow.model import (
+    ModelError,
+    apply_freeze_policy,
+    create_model,
+    parameter_blocks,
+    preprocessing_for,
+    set_train_mode,
+)
+
+
+def train_cfg(model: str, **kw) -> TrainConfig:
+    base = dict(model=model, pretrained=False, image_size=32, batch_size=4, epochs=1, lr=1e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def trainable_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_100", "mobilenetv3_large_100", "vgg16", "tf_efficientnet_lite0"])
+def test_freeze_policy_head_only_some_blocks_and_all(name):
+    model = create_model(train_cfg(name), num_classes=5)
+    head_ids = {id(p) for p in model.get_classifier().parameters()}
+    head = {n for n, p in model.named_parameters() if id(p) in head_ids}
+    blocks = parameter_blocks(model)
+    assert len(blocks) >= 5 and not head & set().union(*blocks)
+    apply_freeze_policy(model, 0)
+    assert trainable_names(model) == head
+    apply_freeze_policy(model, 2)
+    assert trainable_names(model) == head | set(blocks[-1]) | set(blocks[-2])
+    apply_freeze_policy(model, "all")
+    assert trainable_names(model) == {n for n, _ in model.named_parameters()}
+
+
+def test_more_blocks_than_the_model_has_is_an_error():
+    model = create_model(train_cfg("mobilenetv2_100"), num_classes=3)
+    count = len(parameter_blocks(model))
+    with pytest.raises(ModelError, match=f"more than the {count} blocks"):
+        apply_freeze_policy(model, count + 1)
+
+
+def test_unknown_model_name_suggests_close_names():
+    with pytest.raises(ModelError, match="Did you mean: .*mobilenetv2_100"):
+        create_model(train_cfg("mobilenet_v2_100"), num_classes=3)
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(ModelError, match="weights_file"):
+        create_model(train_cfg("mobilenetv2_100"), num_classes=3, weights_file=tmp_path / "none.safetensors")
+
+
+def test_frozen_batchnorm_stays_in_eval_mode_and_keeps_statistics():
+    model = create_model(train_cfg("mobilenetv2_100"), num_classes=3)
+    apply_freeze_policy(model, 1)
+    before = model.bn1.running_mean.clone()
+    set_train_mode(model)
+    assert not model.bn1.training and model.get_classifier().training
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert torch.equal(model.bn1.running_mean, before)
+
+
+def test_preprocessing_comes_from_the_model_config():
+    lite = preprocessing_for(create_model(train_cfg("tf_efficientnet_lite0"), 3), 96)
+    assert lite.mean == (0.5, 0.5, 0.5) and lite.image_size == 96
+    v2 = preprocessing_for(create_model(train_cfg("mobilenetv2_100"), 3), 64)
+    assert v2.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+@pytest.mark.parametrize("name", ["vgg16", "mobilenetv3_large_100"])
+def test_one_training_step_runs_for_other_families(name):
+    model = create_model(train_cfg(name), num_classes=4)
+    apply_freeze_policy(model, 1)
+    set_train_mode(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 3]))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)

@@ -1,0 +1,59 @@
+"""The two ways to run the whole pipeline, on the tiny dataset in a temporary git + DVC repo."""
+
+import json
+import subprocess
+
+import pytest
+from mlflow import MlflowClient
+
+from signflow import dvc_state
+from tests.conftest import make_project
+
+pytestmark = pytest.mark.slow
+
+
+def _versions(project):
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    return client.search_model_versions("name = 'sign-language-digits'")
+
+
+def test_dvc_repro_runs_the_chain_and_registers_then_is_a_no_op(tmp_path, tiny_zip, venv_env):
+    project = make_project(tmp_path, tiny_zip)
+    run = subprocess.run(["dvc", "repro"], cwd=project, env=venv_env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    receipt = json.loads((project / "models" / "registered.json").read_text())
+    assert receipt["version"] == "1" and receipt["newly_created"]
+    assert len(_versions(project)) == 1
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert metrics["test_images"] > 0
+    again = subprocess.run(["dvc", "repro"], cwd=project, env=venv_env, capture_output=True, text=True)
+    assert again.returncode == 0 and "Data and pipelines are up to date" in again.stdout
+    assert len(_versions(project)) == 1
+
+    (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("seed: 42", "seed: 43", 1))
+    status = subprocess.run(["dvc", "status"], cwd=project, env=venv_env, capture_output=True, text=True)
+    assert "split" in status.stdout and "download" not in status.stdout.split("split")[0]
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_prefect_flow_runs_the_chain_and_leaves_dvc_up_to_date(tmp_path, tiny_zip, prefect_server, venv_env):
+    from flows.pipeline import pipeline
+
+    project = make_project(tmp_path, tiny_zip)
+    results = pipeline(project_dir=str(project))
+    assert results["register"].version == "1"
+    assert results["evaluate"].test_images > 0
+    status = subprocess.run(["dvc", "status"], cwd=project, env=venv_env, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout
+    assert all(dvc_state.stage_is_up_to_date(s, project) for s in ("download", "split", "train", "evaluate"))
+
+    second = pipeline(project_dir=str(project))
+    assert all(value is None for value in second.values()), "an unchanged pipeline skips every step"
+    assert len(_versions(project)) == 1

@@ -1,0 +1,80 @@
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from signflow.config import SplitConfig
+from signflow.split import SplitError, read_class_names, read_manifest, split_dataset
+from tests.conftest import CLASS_COLOURS, PER_CLASS, make_image
+
+CFG = SplitConfig(train=0.5, valid=0.25, test=0.25, seed=3)
+
+
+def manifests(split_dir):
+    return {name: read_manifest(split_dir, name) for name in ("train", "valid", "test")}
+
+
+def test_split_is_stratified_disjoint_and_complete(class_folders, tmp_path):
+    result = split_dataset(class_folders, tmp_path / "split", CFG)
+    parts = manifests(tmp_path / "split")
+    assert result.class_names == read_class_names(tmp_path / "split") == sorted(CLASS_COLOURS)
+    all_paths = pd.concat(parts.values())["path"]
+    assert all_paths.is_unique and len(all_paths) == 3 * PER_CLASS
+    for name, frame in parts.items():
+        counts = frame["label"].value_counts()
+        assert set(counts.index) == set(CLASS_COLOURS), f"{name} misses a class"
+        assert counts.max() - counts.min() <= 1
+        assert (frame["label_index"] == frame["label"].map(result.class_names.index)).all()
+
+
+def test_same_seed_same_split_other_seed_other_split(class_folders, tmp_path):
+    split_dataset(class_folders, tmp_path / "a", CFG)
+    split_dataset(class_folders, tmp_path / "b", CFG)
+    split_dataset(class_folders, tmp_path / "c", CFG.model_copy(update={"seed": 4}))
+    for name in ("train", "valid", "test"):
+        assert (tmp_path / "a" / f"{name}.csv").read_bytes() == (tmp_path / "b" / f"{name}.csv").read_bytes()
+    assert (tmp_path / "a" / "test.csv").read_bytes() != (tmp_path / "c" / "test.csv").read_bytes()
+
+
+def test_bad_files_are_reported_and_left_out(class_folders, tmp_path):
+    good = class_folders / "alpha" / "IMG_000.JPG"
+    (class_folders / "alpha" / "truncated.jpg").write_bytes(good.read_bytes()[:200])
+    (class_folders / "beta" / "notes.txt").write_text("not an image")
+    (class_folders / "beta" / "empty.jpg").write_bytes(b"")
+    shutil.copy(good, class_folders / "alpha" / "copy_of_0.jpg")
+    shutil.copy(good, class_folders / "gamma ü" / "same_bytes_other_class.jpg")
+    make_image(class_folders / "gamma ü" / "really_png.jpg", (40, 40, 200), seed=99, fmt="PNG")
+    split_dataset(class_folders, tmp_path / "split", CFG)
+    report = json.loads((tmp_path / "split" / "report.json").read_text())
+    reasons = {item["path"]: item["reason"] for item in report["excluded"]}
+    assert reasons["alpha/truncated.jpg"].startswith("unreadable")
+    assert reasons["beta/notes.txt"].startswith("unreadable")
+    assert reasons["beta/empty.jpg"].startswith("unreadable")
+    assert "identical file appears in classes" in reasons["alpha/IMG_000.JPG"]
+    assert "identical file appears in classes" in reasons["gamma ü/same_bytes_other_class.jpg"]
+    assert "duplicate of" in reasons["alpha/copy_of_0.jpg"] or "identical" in reasons["alpha/copy_of_0.jpg"]
+    used = pd.concat(manifests(tmp_path / "split").values())
+    assert "gamma ü/really_png.jpg" in set(used["path"]), "a PNG with a .jpg name is still a good image"
+    assert not set(reasons) & set(used["path"])
+
+
+def test_identical_files_in_one_class_stay_in_one_split(class_folders, tmp_path):
+    for i in range(5):
+        shutil.copy(class_folders / "beta" / "IMG_001.JPG", class_folders / "beta" / f"dup_{i}.jpg")
+    split_dataset(class_folders, tmp_path / "split", CFG)
+    used = pd.concat(manifests(tmp_path / "split").values())
+    assert used["sha256"].is_unique
+
+
+def test_too_few_images_in_a_class_names_the_class(class_folders, tmp_path):
+    for file in sorted((class_folders / "beta").iterdir())[2:]:
+        file.unlink()
+    with pytest.raises(SplitError, match="class 'beta' has 2 usable image"):
+        split_dataset(class_folders, tmp_path / "split", CFG)
+    assert not (tmp_path / "split").exists()
+
+
+def test_missing_raw_folder(tmp_path):
+    with pytest.raises(SplitError, match="run the download step first"):
+        split_dataset(tmp_path / "nope", tmp_path / "split", CFG)

@@ -1,0 +1,120 @@
+import json
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+from signflow.checkpoint import CheckpointError, load_bundle, save_bundle
+from signflow.config import EvaluateConfig, parse_params
+from signflow.download import download_dataset
+from signflow.evaluate import evaluate
+from signflow.registry import register_model
+from signflow.split import split_dataset
+from signflow.train import fine_tune
+from tests.conftest import tiny_params
+
+
+@pytest.fixture
+def trained(tmp_path, tiny_zip):
+    """A tiny model trained end to end on the tiny dataset (library calls, no DVC, no Prefect)."""
+    params = parse_params(tiny_params(tiny_zip, epochs=3))
+    raw, split = tmp_path / "raw", tmp_path / "split"
+    download_dataset(params.download, raw)
+    split_dataset(raw, split, params.split)
+    result = fine_tune(params.train, raw, split, tmp_path / "model.pt", tmp_path / "train_log.csv")
+    return params, raw, split, result
+
+
+def test_fine_tune_writes_best_checkpoint_and_epoch_log(trained, tmp_path):
+    params, raw, split, result = trained
+    log = pd.read_csv(tmp_path / "train_log.csv")
+    assert list(log["epoch"]) == [1, 2, 3]
+    assert {"train_loss", "train_accuracy", "valid_loss", "valid_accuracy"} <= set(log.columns)
+    assert result.best_valid_accuracy == pytest.approx(log["valid_accuracy"].max())
+    bundle = load_bundle(tmp_path / "model.pt")
+    assert bundle.class_names == json.loads((split / "classes.json").read_text())
+    assert bundle.preprocessing.image_size == 32
+    assert bundle.summary["best_epoch"] == result.best_epoch
+
+
+def test_training_is_reproducible_for_a_seed(trained, tmp_path):
+    params, raw, split, _ = trained
+    fine_tune(params.train, raw, split, tmp_path / "again.pt", tmp_path / "again.csv")
+    assert load_bundle(tmp_path / "again.pt").fingerprint() == load_bundle(tmp_path / "model.pt").fingerprint()
+    assert (tmp_path / "again.csv").read_text().split("\n")[1].split(",")[:5] == (
+        (tmp_path / "train_log.csv").read_text().split("\n")[1].split(",")[:5]
+    )
+
+
+def test_evaluate_reports_match_the_test_split(trained, tmp_path):
+    params, raw, split, _ = trained
+    result = evaluate(EvaluateConfig(), tmp_path / "model.pt", raw, split, tmp_path / "reports")
+    test = pd.read_csv(split / "test.csv")
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert metrics["test_images"] == len(test) == result.test_images
+    predictions = pd.read_csv(tmp_path / "reports" / "predictions.csv")
+    assert list(predictions["path"]) == list(test["path"])
+    assert metrics["accuracy"] == pytest.approx((predictions["actual"] == predictions["predicted"]).mean())
+    per_class = pd.read_csv(tmp_path / "reports" / "per_class.csv")
+    assert dict(zip(per_class["class"], per_class["support"], strict=True)) == test["label"].value_counts().to_dict()
+    assert (tmp_path / "reports" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_refuses_a_model_with_another_class_list(trained, tmp_path):
+    params, raw, split, _ = trained
+    bundle = load_bundle(tmp_path / "model.pt")
+    bundle.class_names = list(reversed(bundle.class_names))
+    save_bundle(bundle, tmp_path / "shifted.pt")
+    with pytest.raises(CheckpointError, match="class list mismatch"):
+        evaluate(EvaluateConfig(), tmp_path / "shifted.pt", raw, split, tmp_path / "reports")
+
+
+def _register(params, tmp_path, model, accuracy):
+    metrics = tmp_path / f"metrics-{accuracy}.json"
+    metrics.write_text(json.dumps({"accuracy": accuracy, "macro_f1": accuracy, "test_images": 9}))
+    tags = {"signflow.data_version": "abc.dir", "signflow.git_commit": "none"}
+    return register_model(params.register, model, metrics, params.model_dump(mode="json"), tags, tmp_path / "rec.json")
+
+
+def test_register_versions_champion_gate_and_no_duplicates(trained, tmp_path, monkeypatch):
+    params, *_ = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    gated = params.register.model_copy(update={"min_accuracy": 0.5})
+    params = params.model_copy(update={"register": gated})
+    first = _register(params, tmp_path, tmp_path / "model.pt", 0.8)
+    assert first.version == "1" and first.is_champion and first.newly_created
+    again = _register(params, tmp_path, tmp_path / "model.pt", 0.8)
+    assert again.version == "1" and not again.newly_created, "same model registered twice adds no version"
+
+    bundle = load_bundle(tmp_path / "model.pt")
+    for index, accuracy in enumerate([0.7, 0.9, 0.3]):
+        bundle.state_dict = {k: v + (index + 1) if v.is_floating_point() else v for k, v in bundle.state_dict.items()}
+        save_bundle(bundle, tmp_path / f"m{index}.pt")
+        result = _register(params, tmp_path, tmp_path / f"m{index}.pt", accuracy)
+        assert result.version == str(index + 2)
+        assert result.champion_version == ("1" if index == 0 else "3")
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    version = client.get_model_version(params.register.model_name, "3")
+    assert version.tags["signflow.data_version"] == "abc.dir"
+    run = client.get_run(version.run_id)
+    assert run.data.params["train.model"] == "test_efficientnet"
+    assert run.data.metrics["accuracy"] == pytest.approx(0.9)
+    assert json.loads((tmp_path / "rec.json").read_text())["champion_version"] == "3"
+
+
+def test_checkpoint_write_is_atomic(trained, tmp_path, monkeypatch):
+    bundle = load_bundle(tmp_path / "model.pt")
+    before = (tmp_path / "model.pt").read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError):
+        save_bundle(bundle, tmp_path / "model.pt")
+    assert (tmp_path / "model.pt").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.pt")]

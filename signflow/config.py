@@ -98,6 +98,10 @@ class TrainConfig(_Section):
     """Stop after this many epochs without a better validation accuracy; 0 = never stop early."""
     seed: int = 42
     augment: AugmentConfig = AugmentConfig()
+    cache_frozen_features: bool = True
+    """Run the frozen layers once per image view and train only the trainable tail (see README)."""
+    cached_views: int = Field(default=4, ge=1, le=64)
+    """Augmented views of each training image cached when cache_frozen_features is on; epochs cycle them."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = Field(default=0, ge=0)
     """torch intra-op threads; 0 keeps torch's default (one per core)."""

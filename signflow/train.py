@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from signflow.checkpoint import ModelBundle, save_bundle
 from signflow.config import TrainConfig
+from signflow.feature_cache import SplitModel, compute_features, split_model
 from signflow.fileio import write_atomic
 from signflow.inference import autocast_for, predict_logits
 from signflow.model import (
@@ -79,44 +80,127 @@ def create_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimize
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def train_one_epoch(model, data: SplitTensors, prep, cfg: TrainConfig, optimizer, device, generator, epoch: int):
-    """One pass over the shuffled train split; returns (mean loss, accuracy)."""
-    set_train_mode(model)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    order = torch.randperm(len(data.labels), generator=generator)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    total_loss, correct, seen = 0.0, 0, 0
-    batches = range(0, len(order), cfg.batch_size)
-    for start in tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False):
-        index = order[start : start + cfg.batch_size]
-        batch = data.images[index].float()
-        if cfg.augment.enabled:
-            batch = augment(batch, cfg.augment, generator)
-        inputs = normalize(batch.to(device), prep).contiguous(memory_format=memory_format)
-        targets = data.labels[index].to(device)
-        with autocast_for(device, cfg.amp):
-            logits = model(inputs)
-            loss = loss_fn(logits.float(), targets)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"epoch {epoch}: loss became {loss.item()}; lower train.lr or check the data. "
-                "The best checkpoint so far was kept."
+def _step(model, inputs, targets, cfg: TrainConfig, optimizer, device, epoch: int) -> tuple[float, int]:
+    """One optimiser step; returns (summed loss, correct predictions) of the batch."""
+    with autocast_for(device, cfg.amp):
+        logits = model(inputs)
+        loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"epoch {epoch}: loss became {loss.item()}; lower train.lr or check the data. "
+            "The best checkpoint so far was kept."
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item() * len(targets), (logits.argmax(1) == targets).sum().item()
+
+
+class PlainRunner:
+    """Every epoch runs the whole network on freshly augmented images."""
+
+    def __init__(self, model, train_data: SplitTensors, valid_data: SplitTensors, prep, cfg: TrainConfig, device):
+        self.model, self.train_data, self.valid_data = model, train_data, valid_data
+        self.prep, self.cfg, self.device = prep, cfg, device
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    def train_epoch(self, optimizer, generator: torch.Generator, epoch: int) -> tuple[float, float]:
+        set_train_mode(self.model)
+        data, cfg = self.train_data, self.cfg
+        order = torch.randperm(len(data.labels), generator=generator)
+        total_loss, correct = 0.0, 0
+        for start in tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}", unit="batch", leave=False):
+            index = order[start : start + cfg.batch_size]
+            batch = data.images[index].float()
+            if cfg.augment.enabled:
+                batch = augment(batch, cfg.augment, generator)
+            inputs = normalize(batch.to(self.device), self.prep).contiguous(memory_format=self.memory_format)
+            loss, hits = _step(
+                self.model, inputs, data.labels[index].to(self.device), cfg, optimizer, self.device, epoch
             )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total_loss += loss.item() * len(index)
-        correct += (logits.argmax(1) == targets).sum().item()
-        seen += len(index)
-    return total_loss / seen, correct / seen
+            total_loss, correct = total_loss + loss, correct + hits
+        return total_loss / len(order), correct / len(order)
+
+    def validate(self) -> tuple[float, float]:
+        if len(self.valid_data.labels) == 0:
+            return float("nan"), float("nan")
+        cfg = self.cfg
+        logits = predict_logits(
+            self.model, self.valid_data.images, self.prep, cfg.batch_size * 2, self.device, cfg.channels_last, cfg.amp
+        )
+        loss = nn.functional.cross_entropy(logits, self.valid_data.labels).item()
+        return loss, (logits.argmax(1) == self.valid_data.labels).float().mean().item()
 
 
-def validate(model, data: SplitTensors, prep, cfg: TrainConfig, device) -> tuple[float, float]:
-    if len(data.labels) == 0:
-        return float("nan"), float("nan")
-    logits = predict_logits(model, data.images, prep, cfg.batch_size * 2, device, cfg.channels_last, cfg.amp)
-    loss = nn.functional.cross_entropy(logits, data.labels).item()
-    return loss, (logits.argmax(1) == data.labels).float().mean().item()
+class CachedRunner(PlainRunner):
+    """The frozen prefix runs once per image view (see feature_cache); epochs train only the tail."""
+
+    def __init__(self, split: SplitModel, model, train_data, valid_data, prep, cfg: TrainConfig, device, generator):
+        super().__init__(model, train_data, valid_data, prep, cfg, device)
+        self.split = split
+        views = cfg.cached_views if cfg.augment.enabled else 1
+        batch = cfg.batch_size * 2
+        augment_cfg = cfg.augment if cfg.augment.enabled else None
+        self.train_views = [
+            compute_features(
+                split.prefix,
+                train_data.images,
+                prep,
+                batch,
+                device,
+                self.memory_format,
+                augment_cfg,
+                generator,
+                desc=f"frozen features {v + 1}/{views}",
+            )
+            for v in range(views)
+        ]
+        self.valid_features = compute_features(split.prefix, valid_data.images, prep, batch, device, self.memory_format)
+        log.info(
+            "cached frozen features before %s: %d view(s) of %d images", split.cut_name, views, len(train_data.labels)
+        )
+
+    def train_epoch(self, optimizer, generator: torch.Generator, epoch: int) -> tuple[float, float]:
+        set_train_mode(self.model)
+        features = self.train_views[(epoch - 1) % len(self.train_views)]
+        labels, cfg = self.train_data.labels, self.cfg
+        order = torch.randperm(len(labels), generator=generator)
+        total_loss, correct = 0.0, 0
+        for start in tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}", unit="batch", leave=False):
+            index = order[start : start + cfg.batch_size]
+            targets = labels[index].to(self.device)
+            loss, hits = _step(
+                self.split.tail, features[index.to(self.device)], targets, cfg, optimizer, self.device, epoch
+            )
+            total_loss, correct = total_loss + loss, correct + hits
+        return total_loss / len(order), correct / len(order)
+
+    @torch.inference_mode()
+    def validate(self) -> tuple[float, float]:
+        if len(self.valid_data.labels) == 0:
+            return float("nan"), float("nan")
+        self.split.tail.eval()
+        logits = torch.cat(
+            [
+                self.split.tail(self.valid_features[i : i + self.cfg.batch_size * 2]).float().cpu()
+                for i in range(0, len(self.valid_features), self.cfg.batch_size * 2)
+            ]
+        )
+        loss = nn.functional.cross_entropy(logits, self.valid_data.labels).item()
+        return loss, (logits.argmax(1) == self.valid_data.labels).float().mean().item()
+
+
+def create_runner(model, train_data, valid_data, prep, cfg: TrainConfig, device, generator) -> PlainRunner:
+    """The cached runner when enabled and exact for this model and freeze depth, else the plain one."""
+    if cfg.cache_frozen_features:
+        example = normalize(train_data.images[:2].float(), prep).to(device)
+        split = split_model(
+            model,
+            example.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format),
+        )
+        if split is not None:
+            return CachedRunner(split, model, train_data, valid_data, prep, cfg, device, generator)
+    return PlainRunner(model, train_data, valid_data, prep, cfg, device)
 
 
 def _is_better(accuracy: float, loss: float, best: tuple[float, float] | None) -> bool:
@@ -151,19 +235,20 @@ def fine_tune(
     optimizer = create_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     generator = torch.Generator().manual_seed(cfg.seed)
+    runner = create_runner(model, train_data, valid_data, prep, cfg, device, generator)
     history, best, best_state, best_epoch, train_seconds = [], None, None, 0, 0.0
     started = time.perf_counter()
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="fine-tune", unit="epoch"):
         tick = time.perf_counter()
         try:
-            train_loss, train_acc = train_one_epoch(model, train_data, prep, cfg, optimizer, device, generator, epoch)
+            train_loss, train_acc = runner.train_epoch(optimizer, generator, epoch)
         except TrainingError:
             if best_state is not None:
                 _save(model_path, cfg, class_names, prep, best_state, best_epoch, best, history)
             raise
         train_seconds += time.perf_counter() - tick
         scheduler.step()
-        valid_loss, valid_acc = validate(model, valid_data, prep, cfg, device)
+        valid_loss, valid_acc = runner.validate()
         history.append(
             {
                 "epoch": epoch,
@@ -190,8 +275,9 @@ def fine_tune(
             log.info("early stop: no better validation accuracy for %d epochs", cfg.early_stopping_patience)
             break
     write_atomic(log_path, lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False))
-    _save(model_path, cfg, class_names, prep, best_state, best_epoch, best, history)
     images_per_second = len(history) * len(train_data.labels) / max(train_seconds, 1e-9)
+    extra = {"train_images_per_second": images_per_second, "train_seconds": time.perf_counter() - started}
+    _save(model_path, cfg, class_names, prep, best_state, best_epoch, best, history, extra)
     return TrainResult(
         str(model_path),
         best_epoch,
@@ -204,7 +290,7 @@ def fine_tune(
     )
 
 
-def _save(model_path, cfg, class_names, prep, state, best_epoch, best, history) -> None:
+def _save(model_path, cfg, class_names, prep, state, best_epoch, best, history, extra=None) -> None:
     bundle = ModelBundle(
         model_name=cfg.model,
         class_names=class_names,
@@ -216,6 +302,7 @@ def _save(model_path, cfg, class_names, prep, state, best_epoch, best, history) 
             "valid_accuracy": best[0],
             "valid_loss": best[1],
             "epochs_run": len(history),
+            **(extra or {}),
         },
     )
     save_bundle(bundle, model_path)

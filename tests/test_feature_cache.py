@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from signflow.config import TrainConfig
+from signflow.feature_cache import split_model
+from signflow.model import apply_freeze_policy, create_model, preprocessing_for
+from signflow.train import CachedRunner, PlainRunner, SplitTensors, create_optimizer, create_runner
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(
+        model="mobilenetv2_100",
+        pretrained=False,
+        image_size=32,
+        batch_size=8,
+        epochs=1,
+        lr=1e-2,
+        trainable_blocks=3,
+        channels_last=False,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def data(n: int, seed: int) -> SplitTensors:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    return SplitTensors(images, torch.randint(0, 3, (n,), generator=generator))
+
+
+def _train_one_epoch(runner_cls, config: TrainConfig):
+    torch.manual_seed(0)
+    model = create_model(config, num_classes=3)
+    apply_freeze_policy(model, config.trainable_blocks)
+    prep = preprocessing_for(model, 32)
+    train, valid = data(24, 1), data(8, 2)
+    generator = torch.Generator().manual_seed(5)
+    if runner_cls is CachedRunner:
+        example = torch.randn(2, 3, 32, 32)
+        runner = CachedRunner(
+            split_model(model, example), model, train, valid, prep, config, torch.device("cpu"), generator
+        )
+    else:
+        runner = PlainRunner(model, train, valid, prep, config, torch.device("cpu"))
+    optimizer = create_optimizer(config, model)
+    loss, accuracy = runner.train_epoch(optimizer, torch.Generator().manual_seed(9), 1)
+    return model, loss, runner.validate()
+
+
+def test_cached_tail_training_equals_the_plain_loop_without_augmentation():
+    config = cfg(augment={"enabled": False})
+    plain, plain_loss, plain_valid = _train_one_epoch(PlainRunner, config)
+    cached, cached_loss, cached_valid = _train_one_epoch(CachedRunner, config)
+    assert cached_loss == pytest.approx(plain_loss, rel=1e-4)
+    assert cached_valid[0] == pytest.approx(plain_valid[0], rel=1e-4)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), cached.state_dict().items(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+
+
+def test_split_is_refused_for_full_fine_tune_and_used_when_frozen():
+    model = create_model(cfg(), num_classes=3)
+    apply_freeze_policy(model, "all")
+    assert split_model(model, torch.randn(2, 3, 32, 32)) is None
+    apply_freeze_policy(model, 2)
+    split = split_model(model, torch.randn(2, 3, 32, 32))
+    assert split is not None and split.cut_name.startswith("blocks.")
+    assert not any(p.requires_grad for p in split.prefix.parameters())
+
+
+def test_create_runner_falls_back_when_caching_is_off_or_impossible():
+    config = cfg(cache_frozen_features=False)
+    model = create_model(config, num_classes=3)
+    apply_freeze_policy(model, 2)
+    prep = preprocessing_for(model, 32)
+    args = (model, data(8, 1), data(4, 2), prep)
+    assert type(create_runner(*args, config, torch.device("cpu"), torch.Generator())) is PlainRunner
+    config = cfg(cache_frozen_features=True, cached_views=2)
+    assert type(create_runner(*args, config, torch.device("cpu"), torch.Generator())) is CachedRunner
+    apply_freeze_policy(model, "all")
+    assert type(create_runner(*args, config, torch.device("cpu"), torch.Generator())) is PlainRunner

@@ -7,17 +7,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
+from signflow.errors import SignflowError
 from signflow.fileio import write_atomic
-from signflow.model import Preprocessing
+from signflow.preprocessing import Preprocessing
 
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SignflowError, ValueError):
     """A model file that is missing, foreign, or does not match the data it is used with."""
 
 
@@ -44,6 +44,8 @@ class ModelBundle:
         return digest.hexdigest()
 
     def build_model(self) -> nn.Module:
+        import timm
+
         model = timm.create_model(self.model_name, pretrained=False, num_classes=len(self.class_names))
         model.load_state_dict(self.state_dict)
         return model.eval()

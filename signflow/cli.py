@@ -16,19 +16,9 @@ from pathlib import Path
 
 from signflow import layout
 from signflow.config import ConfigError, Params, load_params
+from signflow.errors import SignflowError
 
 log = logging.getLogger("signflow")
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from signflow.checkpoint import CheckpointError
-    from signflow.download import DownloadError
-    from signflow.model import ModelError
-    from signflow.registry import RegistryError
-    from signflow.split import SplitError
-    from signflow.train import TrainingError
-
-    return (ConfigError, DownloadError, SplitError, ModelError, CheckpointError, RegistryError, TrainingError)
 
 
 def cmd_download(params: Params, args: argparse.Namespace):
@@ -137,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         result = handler(params, args)
-    except _user_errors() as error:
+    except SignflowError as error:
         print(f"signflow {args.command}: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1
     _print_result(result)

@@ -14,8 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from signflow.errors import SignflowError
 
-class ConfigError(ValueError):
+
+class ConfigError(SignflowError, ValueError):
     """A params file that cannot be used; the message names the file and the key."""
 
 

@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlparse
 from tqdm.auto import tqdm
 
 from signflow.config import DownloadConfig
+from signflow.errors import SignflowError
 from signflow.fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
 from signflow.images import is_image_name, is_junk
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 SOURCE_INFO_NAME = "SOURCE.json"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(SignflowError, RuntimeError):
     """The source could not be fetched, verified or understood; the message says what to do."""
 
 

@@ -20,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from signflow.config import AugmentConfig
-from signflow.model import Preprocessing
 from signflow.preprocess import augment, normalize
+from signflow.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 

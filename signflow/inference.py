@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from signflow.model import Preprocessing
 from signflow.preprocess import normalize
+from signflow.preprocessing import Preprocessing
 
 
 def autocast_for(device: torch.device, enabled: bool):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import timm
@@ -13,29 +12,14 @@ from timm.models import group_parameters
 from torch import nn
 
 from signflow.config import TrainConfig
+from signflow.errors import SignflowError
+from signflow.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
 
-class ModelError(ValueError):
+class ModelError(SignflowError, ValueError):
     """A model that cannot be built as configured; the message names the key to change."""
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Everything needed to turn an image into the tensor the model was trained on; stored with the model."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> Preprocessing:
-        return cls(int(raw["image_size"]), tuple(raw["mean"]), tuple(raw["std"]), str(raw["interpolation"]))
 
 
 def check_model_name(name: str) -> None:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from signflow.config import AugmentConfig
 from signflow.images import load_rgb
-from signflow.model import Preprocessing
+from signflow.preprocessing import Preprocessing
 
 _PIL_INTERPOLATION = {
     "bilinear": Image.Resampling.BILINEAR,

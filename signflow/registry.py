@@ -19,6 +19,7 @@ from filelock import FileLock
 
 from signflow.checkpoint import load_bundle
 from signflow.config import RegisterConfig
+from signflow.errors import SignflowError
 from signflow.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ FINGERPRINT_TAG = "signflow.fingerprint"
 ACCURACY_TAG = "signflow.test_accuracy"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(SignflowError, RuntimeError):
     """The registry could not be reached or refused the model."""
 
 

@@ -16,6 +16,7 @@ from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 from signflow.config import SplitConfig
+from signflow.errors import SignflowError
 from signflow.fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
 from signflow.images import check_image, is_junk
 
@@ -25,7 +26,7 @@ SPLITS = ("train", "valid", "test")
 MANIFEST_COLUMNS = ["path", "label", "label_index", "sha256", "width", "height"]
 
 
-class SplitError(ValueError):
+class SplitError(SignflowError, ValueError):
     """The dataset cannot be split as asked; the message names the class and what to change."""
 
 

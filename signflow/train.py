@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from signflow.checkpoint import ModelBundle, save_bundle
 from signflow.config import TrainConfig
+from signflow.errors import SignflowError
 from signflow.feature_cache import SplitModel, compute_features, split_model
 from signflow.fileio import write_atomic
 from signflow.inference import autocast_for, predict_logits
@@ -37,7 +38,7 @@ from signflow.split import read_class_names, read_manifest
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(SignflowError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the best checkpoint so far is kept."""
 
 

@@ -6,8 +6,9 @@
 For each seed it makes a fresh project (this repo's dvc.yaml and params.yaml, with download.url,
 train.weights_file and split.seed/train.seed set), runs every stage with `dvc repro --single-item`,
 and records wall seconds per step, peak RSS of the step's processes, test accuracy, macro F1 and
-training images/s (through the epochs only; the step's seconds include decoding and caching). Then it trains the notebook recipe (MobileNet at 224 px, batch 10, Adam 1e-4,
-all but the last blocks frozen, plain loop) for `--notebook-epochs` epochs on the first seed's
+training images/s (through the epochs only; the step's seconds include decoding and caching).
+Then it trains the notebook recipe (MobileNet at 224 px, batch 10, Adam 1e-4, all but the last
+blocks frozen, plain loop) for `--notebook-epochs` epochs on the first seed's
 split and extrapolates to its 30 epochs. Figures are printed as a markdown table and written as JSON.
 Nothing here asserts on time: timings on a shared 2-core machine are noisy; the load is recorded.
 """

@@ -69,7 +69,7 @@ def pipeline(
         "split": lambda: split_task(params.split, raw, split),
         "train": lambda: train_task(params.train, raw, split, model, root / layout.TRAIN_LOG),
         "evaluate": lambda: evaluate_task(params.evaluate, model, raw, split, reports),
-        "register": lambda: register_task(params.register, params, model, reports, root / layout.RECEIPT_PATH, root),
+        "register": lambda: register_task(params, model, reports, root / layout.RECEIPT_PATH, root),
     }
     return {name: _run_stage(name, root, use_dvc, force, step) for name, step in steps.items()}
 

@@ -46,20 +46,9 @@ def cmd_evaluate(params: Params, args: argparse.Namespace):
 
 
 def cmd_register(params: Params, args: argparse.Namespace):
-    from signflow.provenance import data_version, git_commit
-    from signflow.registry import register_model
+    from signflow.registry import register_run
 
-    tags = {"signflow.data_version": data_version(args.lock), "signflow.git_commit": git_commit()}
-    extra = [Path(args.reports) / name for name in ("per_class.csv", "confusion.png")]
-    return register_model(
-        params.register,
-        args.model,
-        Path(args.reports) / "metrics.json",
-        params.model_dump(mode="json"),
-        tags,
-        args.receipt,
-        extra,
-    )
+    return register_run(params, args.model, args.reports, args.receipt, args.project_dir)
 
 
 def _add_paths(parser: argparse.ArgumentParser, *names: str) -> None:
@@ -70,7 +59,11 @@ def _add_paths(parser: argparse.ArgumentParser, *names: str) -> None:
         "train_log": ("--train-log", layout.TRAIN_LOG, "per-epoch metrics CSV"),
         "reports": ("--reports", layout.REPORTS_DIR, "folder for metrics, tables and plots"),
         "receipt": ("--receipt", layout.RECEIPT_PATH, "JSON record of the registered version"),
-        "lock": ("--lock", Path("dvc.lock"), "dvc.lock to read the raw data's DVC hash from"),
+        "project_dir": (
+            "--project-dir",
+            Path("."),
+            "project root: its dvc.lock gives the data version, git the commit",
+        ),
     }
     for name in names:
         flag, default, help_text = options[name]
@@ -93,7 +86,7 @@ COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
     "register": (
         cmd_register,
         "register the model in MLflow and move the champion alias if it is better",
-        ("model", "reports", "receipt", "lock"),
+        ("model", "reports", "receipt", "project_dir"),
     ),
 }
 

@@ -6,6 +6,7 @@ and wrong types fail at load time with the key's full path (`train.lr: ...`).
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from pathlib import Path
@@ -172,7 +173,7 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Return a copy of `raw` with dotted keys (`train.epochs`) replaced; the key must exist."""
-    result = yaml.safe_load(yaml.safe_dump(raw))
+    result = copy.deepcopy(raw)
     for dotted, value in overrides.items():
         node = result
         parts = dotted.split(".")

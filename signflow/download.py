@@ -87,6 +87,10 @@ def _fsspec_fetch(url: str, target: Path, timeout_s: float) -> None:
         shutil.copyfileobj(source, out, 1 << 20)
 
 
+# Besides 5xx: request timeout and rate limiting are worth another try; other 4xx are not.
+_TRANSIENT_HTTP = frozenset({408, 429})
+
+
 def fetch_with_retries(
     url: str, target: Path, retries: int, timeout_s: float, sleep: Callable[[float], None] = time.sleep
 ) -> None:
@@ -97,7 +101,7 @@ def fetch_with_retries(
             fetch(url, target, timeout_s)
             return
         except urllib.error.HTTPError as error:
-            if error.code < 500:
+            if error.code < 500 and error.code not in _TRANSIENT_HTTP:
                 raise DownloadError(f"{url}: HTTP {error.code} {error.reason}; check download.url") from None
             if attempt == retries:
                 raise NetworkError(f"{url}: HTTP {error.code} {error.reason}; check download.url") from None

@@ -18,9 +18,10 @@ from typing import Any
 from filelock import FileLock
 
 from signflow.checkpoint import load_bundle
-from signflow.config import RegisterConfig
+from signflow.config import Params, RegisterConfig
 from signflow.errors import SignflowError
 from signflow.fileio import write_json_atomic
+from signflow.provenance import data_version, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -182,3 +183,25 @@ def register_model(
     )
     write_json_atomic(receipt_path, asdict(result))
     return result
+
+
+def register_run(
+    params: Params, model_path: str | Path, reports_dir: str | Path, receipt_path: str | Path, project_dir: str | Path
+) -> Registration:
+    """Register the evaluate step's outputs with their provenance (data version from `dvc.lock`, git
+    commit of `project_dir`); what both `signflow register` and the Prefect task call."""
+    reports_dir, project_dir = Path(reports_dir), Path(project_dir)
+    tags = {
+        "signflow.data_version": data_version(project_dir / "dvc.lock"),
+        "signflow.git_commit": git_commit(project_dir),
+    }
+    extra = [reports_dir / "per_class.csv", reports_dir / "confusion.png"]
+    return register_model(
+        params.register,
+        model_path,
+        reports_dir / "metrics.json",
+        params.model_dump(mode="json"),
+        tags,
+        receipt_path,
+        extra,
+    )

@@ -7,6 +7,7 @@ and `report.json`, which lists every file left out and why.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,8 +148,6 @@ def read_manifest(split_dir: str | Path, name: str) -> pd.DataFrame:
 
 
 def read_class_names(split_dir: str | Path) -> list[str]:
-    import json
-
     path = Path(split_dir) / "classes.json"
     if not path.is_file():
         raise SplitError(f"{path}: class list not found; run the split step first")

@@ -10,6 +10,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -98,37 +99,51 @@ def _step(model, inputs, targets, cfg: TrainConfig, optimizer, device, epoch: in
 
 
 class PlainRunner:
-    """Every epoch runs the whole network on freshly augmented images."""
+    """Every epoch runs the whole network on freshly augmented images.
+
+    Subclasses change only which module trains, where a batch's inputs come from and how the
+    validation logits are computed; the epoch loop and the metrics are shared.
+    """
 
     def __init__(self, model, train_data: SplitTensors, valid_data: SplitTensors, prep, cfg: TrainConfig, device):
         self.model, self.train_data, self.valid_data = model, train_data, valid_data
         self.prep, self.cfg, self.device = prep, cfg, device
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
+    def trained_module(self) -> nn.Module:
+        return self.model
+
+    def batch_inputs(self, index: torch.Tensor, generator: torch.Generator, epoch: int) -> torch.Tensor:
+        batch = self.train_data.images[index].float()
+        if self.cfg.augment.enabled:
+            batch = augment(batch, self.cfg.augment, generator)
+        return normalize(batch.to(self.device), self.prep).contiguous(memory_format=self.memory_format)
+
+    def valid_logits(self) -> torch.Tensor:
+        cfg = self.cfg
+        return predict_logits(
+            self.model, self.valid_data.images, self.prep, cfg.batch_size * 2, self.device, cfg.channels_last, cfg.amp
+        )
+
     def train_epoch(self, optimizer, generator: torch.Generator, epoch: int) -> tuple[float, float]:
+        """One pass over the shuffled train split; returns (mean loss, accuracy)."""
         set_train_mode(self.model)
-        data, cfg = self.train_data, self.cfg
-        order = torch.randperm(len(data.labels), generator=generator)
+        labels, batch_size = self.train_data.labels, self.cfg.batch_size
+        order = torch.randperm(len(labels), generator=generator)
         total_loss, correct = 0.0, 0
-        for start in tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}", unit="batch", leave=False):
-            index = order[start : start + cfg.batch_size]
-            batch = data.images[index].float()
-            if cfg.augment.enabled:
-                batch = augment(batch, cfg.augment, generator)
-            inputs = normalize(batch.to(self.device), self.prep).contiguous(memory_format=self.memory_format)
-            loss, hits = _step(
-                self.model, inputs, data.labels[index].to(self.device), cfg, optimizer, self.device, epoch
-            )
+        for start in tqdm(range(0, len(order), batch_size), desc=f"epoch {epoch}", unit="batch", leave=False):
+            index = order[start : start + batch_size]
+            inputs = self.batch_inputs(index, generator, epoch)
+            targets = labels[index].to(self.device)
+            loss, hits = _step(self.trained_module(), inputs, targets, self.cfg, optimizer, self.device, epoch)
             total_loss, correct = total_loss + loss, correct + hits
         return total_loss / len(order), correct / len(order)
 
     def validate(self) -> tuple[float, float]:
+        """(loss, accuracy) on the valid split; NaN when there is none."""
         if len(self.valid_data.labels) == 0:
             return float("nan"), float("nan")
-        cfg = self.cfg
-        logits = predict_logits(
-            self.model, self.valid_data.images, self.prep, cfg.batch_size * 2, self.device, cfg.channels_last, cfg.amp
-        )
+        logits = self.valid_logits()
         loss = nn.functional.cross_entropy(logits, self.valid_data.labels).item()
         return loss, (logits.argmax(1) == self.valid_data.labels).float().mean().item()
 
@@ -140,55 +155,42 @@ class CachedRunner(PlainRunner):
         super().__init__(model, train_data, valid_data, prep, cfg, device)
         self.split = split
         views = cfg.cached_views if cfg.augment.enabled else 1
-        batch = cfg.batch_size * 2
         augment_cfg = cfg.augment if cfg.augment.enabled else None
+        features = partial(
+            compute_features,
+            split.prefix,
+            prep=prep,
+            batch_size=cfg.batch_size * 2,
+            device=device,
+            memory_format=self.memory_format,
+        )
         self.train_views = [
-            compute_features(
-                split.prefix,
-                train_data.images,
-                prep,
-                batch,
-                device,
-                self.memory_format,
-                augment_cfg,
-                generator,
-                desc=f"frozen features {v + 1}/{views}",
+            features(
+                train_data.images, augment_cfg=augment_cfg, generator=generator, desc=f"frozen features {v + 1}/{views}"
             )
             for v in range(views)
         ]
-        self.valid_features = compute_features(split.prefix, valid_data.images, prep, batch, device, self.memory_format)
+        self.valid_features = features(valid_data.images)
         log.info(
             "cached frozen features before %s: %d view(s) of %d images", split.cut_name, views, len(train_data.labels)
         )
 
-    def train_epoch(self, optimizer, generator: torch.Generator, epoch: int) -> tuple[float, float]:
-        set_train_mode(self.model)
-        features = self.train_views[(epoch - 1) % len(self.train_views)]
-        labels, cfg = self.train_data.labels, self.cfg
-        order = torch.randperm(len(labels), generator=generator)
-        total_loss, correct = 0.0, 0
-        for start in tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}", unit="batch", leave=False):
-            index = order[start : start + cfg.batch_size]
-            targets = labels[index].to(self.device)
-            loss, hits = _step(
-                self.split.tail, features[index.to(self.device)], targets, cfg, optimizer, self.device, epoch
-            )
-            total_loss, correct = total_loss + loss, correct + hits
-        return total_loss / len(order), correct / len(order)
+    def trained_module(self) -> nn.Module:
+        return self.split.tail
+
+    def batch_inputs(self, index: torch.Tensor, generator: torch.Generator, epoch: int) -> torch.Tensor:
+        return self.train_views[(epoch - 1) % len(self.train_views)][index.to(self.device)]
 
     @torch.inference_mode()
-    def validate(self) -> tuple[float, float]:
-        if len(self.valid_data.labels) == 0:
-            return float("nan"), float("nan")
+    def valid_logits(self) -> torch.Tensor:
         self.split.tail.eval()
-        logits = torch.cat(
+        step = self.cfg.batch_size * 2
+        return torch.cat(
             [
-                self.split.tail(self.valid_features[i : i + self.cfg.batch_size * 2]).float().cpu()
-                for i in range(0, len(self.valid_features), self.cfg.batch_size * 2)
+                self.split.tail(self.valid_features[i : i + step]).float().cpu()
+                for i in range(0, len(self.valid_features), step)
             ]
         )
-        loss = nn.functional.cross_entropy(logits, self.valid_data.labels).item()
-        return loss, (logits.argmax(1) == self.valid_data.labels).float().mean().item()
 
 
 def create_runner(model, train_data, valid_data, prep, cfg: TrainConfig, device, generator) -> PlainRunner:

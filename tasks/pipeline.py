@@ -13,11 +13,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from signflow import dvc_state
-from signflow.config import DownloadConfig, EvaluateConfig, Params, RegisterConfig, SplitConfig, TrainConfig
+from signflow.config import DownloadConfig, EvaluateConfig, Params, SplitConfig, TrainConfig
 from signflow.download import DatasetInfo, NetworkError, download_dataset
 from signflow.evaluate import EvaluationResult, evaluate
-from signflow.provenance import data_version, git_commit
-from signflow.registry import Registration, register_model
+from signflow.registry import Registration, register_run
 from signflow.split import SplitResult, split_dataset
 from signflow.train import TrainResult, fine_tune
 
@@ -66,16 +65,9 @@ def evaluate_task(
 
 @task(name="register", cache_policy=NONE)
 def register_task(
-    cfg: RegisterConfig, params: Params, model_path: Path, reports_dir: Path, receipt_path: Path, project_dir: Path
+    params: Params, model_path: Path, reports_dir: Path, receipt_path: Path, project_dir: Path
 ) -> Registration:
-    tags = {
-        "signflow.data_version": data_version(project_dir / "dvc.lock"),
-        "signflow.git_commit": git_commit(project_dir),
-    }
-    extra = [reports_dir / "per_class.csv", reports_dir / "confusion.png"]
-    result = register_model(
-        cfg, model_path, reports_dir / "metrics.json", params.model_dump(mode="json"), tags, receipt_path, extra
-    )
+    result = register_run(params, model_path, reports_dir, receipt_path, project_dir)
     create_markdown_artifact(
         key="registration",
         markdown=(

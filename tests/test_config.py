@@ -25,7 +25,6 @@ def test_unknown_key_names_its_full_path(tmp_path):
 def test_wrong_type_and_missing_key_are_reported_together():
     raw = tiny_params("x.zip")
     raw["train"]["epochs"] = "many"
-    del raw["split"]["seed"]  # has a default: fine
     del raw["register"]["model_name"]
     with pytest.raises(ConfigError) as error:
         parse_params(raw)

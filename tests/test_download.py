@@ -118,7 +118,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         if type(self).failures_left > 0:
             type(self).failures_left -= 1
-            self.send_error(503, "busy")
+            self.send_error(429 if type(self).failures_left % 2 else 503, "busy")
             return
         super().do_GET()
 

@@ -42,13 +42,28 @@ def cmd_train(params: Params, args: argparse.Namespace):
 def cmd_evaluate(params: Params, args: argparse.Namespace):
     from signflow.evaluate import evaluate
 
-    return evaluate(params.evaluate, args.model, args.raw, args.split, args.reports)
+    return evaluate(params.evaluate, args.model, args.raw, args.split, args.reports, args.train_log)
+
+
+def cmd_export(params: Params, args: argparse.Namespace):
+    from signflow.onnx_export import export_onnx
+
+    return export_onnx(params.export, args.model, args.onnx)
 
 
 def cmd_register(params: Params, args: argparse.Namespace):
     from signflow.registry import register_run
 
-    return register_run(params, args.model, args.reports, args.receipt, args.project_dir)
+    return register_run(
+        params,
+        args.model,
+        args.reports,
+        args.receipt,
+        project_dir=args.project_dir,
+        split_dir=args.split,
+        onnx_path=args.onnx,
+        card_path=args.card,
+    )
 
 
 def _add_paths(parser: argparse.ArgumentParser, *names: str) -> None:
@@ -59,6 +74,8 @@ def _add_paths(parser: argparse.ArgumentParser, *names: str) -> None:
         "train_log": ("--train-log", layout.TRAIN_LOG, "per-epoch metrics CSV"),
         "reports": ("--reports", layout.REPORTS_DIR, "folder for metrics, tables and plots"),
         "receipt": ("--receipt", layout.RECEIPT_PATH, "JSON record of the registered version"),
+        "onnx": ("--onnx", layout.ONNX_PATH, "ONNX model file"),
+        "card": ("--card", layout.MODEL_CARD_PATH, "model card (markdown)"),
         "project_dir": (
             "--project-dir",
             Path("."),
@@ -80,13 +97,20 @@ COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
     ),
     "evaluate": (
         cmd_evaluate,
-        "score the model on the test split: metrics, per-class table, confusion matrix",
-        ("model", "raw", "split", "reports"),
+        "score the model on the test split and write the report: metrics, per-class table, confusion "
+        "matrix, learning curves, most confident mistakes, calibration",
+        ("model", "raw", "split", "reports", "train_log"),
+    ),
+    "export": (
+        cmd_export,
+        "write the model as ONNX (checked against PyTorch to export.tolerance)",
+        ("model", "onnx"),
     ),
     "register": (
         cmd_register,
-        "register the model in MLflow and move the champion alias if it is better",
-        ("model", "reports", "receipt", "project_dir"),
+        "register the model (and its ONNX file) in MLflow, write its model card, and move the champion "
+        "alias if it is better",
+        ("model", "reports", "receipt", "project_dir", "split", "onnx", "card"),
     ),
 }
 
@@ -103,7 +127,108 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--params", type=Path, default=layout.PARAMS, help="params file (default: params.yaml)")
         _add_paths(sub, *paths)
+    add_predict_parser(commands)
     return parser
+
+
+def add_predict_parser(commands) -> None:
+    help_text = "print the top-k classes of images (files or folders) with a trained or registered model"
+    sub = commands.add_parser(
+        "predict",
+        help=help_text,
+        description=help_text + ". The preprocessing and class list come from the model file itself. "
+        "Exits 1 when some file could not be read (the others are still predicted).",
+    )
+    sub.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders (recursive)")
+    sub.add_argument(
+        "--model",
+        default="champion",
+        help="a registry alias or version number of register.model_name (default: champion), or a path to "
+        "a .pt / .onnx model file or a folder holding model.pt / model.onnx",
+    )
+    sub.add_argument("--top-k", type=int, default=3, help="classes per image (default: 3)")
+    sub.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnx"),
+        default="auto",
+        help="auto (default) = ONNX Runtime when an .onnx of the same weights is there, else PyTorch",
+    )
+    sub.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    sub.add_argument("--csv", type=Path, help="also write path,rank,class,probability,error rows to this CSV")
+    sub.add_argument(
+        "--params",
+        type=Path,
+        default=layout.PARAMS,
+        help="params file for the registry settings (default: params.yaml)",
+    )
+
+
+def _model_files(args: argparse.Namespace):
+    """A context manager yielding (.pt, .onnx, label) for --model."""
+    from contextlib import nullcontext
+
+    from signflow.predict import PredictError, is_registry_reference, local_model_files, registry_model_files
+
+    if is_registry_reference(args.model):
+        if not args.params.is_file():
+            raise PredictError(
+                f"--model {args.model}: a registry reference needs {args.params} for register.model_name and "
+                "the tracking URI; give --params or a model file path"
+            )
+        from signflow.registry import resolve_tracking_uri
+
+        register = load_params(args.params).register
+        return registry_model_files(args.model, register.model_name, resolve_tracking_uri(register))
+    path = Path(args.model)
+    if not path.exists():
+        raise PredictError(f"--model {args.model}: no such file or folder")
+    model_file, onnx_file = local_model_files(path)
+    return nullcontext((model_file, onnx_file, str(path)))
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from signflow.fileio import write_atomic
+    from signflow.predict import load_predictor, predict_images
+
+    failures, rows = 0, []
+    with _model_files(args) as (model_file, onnx_file, label):
+        predictor = load_predictor(model_file, onnx_file, args.backend)
+        print(f"model: {label} ({predictor.backend} backend, {predictor.source})", file=sys.stderr)
+        for prediction in predict_images(predictor, args.inputs, args.top_k, args.batch_size):
+            if prediction.error:
+                failures += 1
+                print(f"signflow predict: {prediction.path}: {prediction.error}", file=sys.stderr)
+                rows.append(
+                    {
+                        "path": prediction.path,
+                        "rank": None,
+                        "class": None,
+                        "probability": None,
+                        "error": prediction.error,
+                    }
+                )
+                continue
+            ranked = ", ".join(f"{name} {probability:.1%}" for name, probability in prediction.top)
+            print(f"{prediction.path}: {ranked}", flush=True)
+            rows += [
+                {
+                    "path": prediction.path,
+                    "rank": rank,
+                    "class": name,
+                    "probability": round(probability, 6),
+                    "error": None,
+                }
+                for rank, (name, probability) in enumerate(prediction.top, start=1)
+            ]
+    if args.csv:
+        frame = pd.DataFrame(rows, columns=["path", "rank", "class", "probability", "error"])
+        frame["rank"] = frame["rank"].astype("Int64")
+        write_atomic(args.csv, lambda tmp: frame.to_csv(tmp, index=False))
+    if failures:
+        print(f"signflow predict: {failures} file(s) could not be read", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _print_result(result: object) -> None:
@@ -116,10 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    handler = COMMANDS[args.command][0]
     try:
+        if args.command == "predict":
+            return run_predict(args)
         params = load_params(args.params)
-        result = handler(params, args)
+        result = COMMANDS[args.command][0](params, args)
     except SignflowError as error:
         print(f"signflow {args.command}: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1

@@ -124,6 +124,19 @@ class TrainConfig(_Section):
 
 class EvaluateConfig(_Section):
     batch_size: int = Field(default=64, ge=1, le=4096)
+    gallery_size: int = Field(default=12, ge=0, le=200)
+    """How many of the most confident mistakes `mistakes.png` shows."""
+    calibration_bins: int = Field(default=10, ge=2, le=100)
+    """Equal-width confidence bins for the reliability diagram and the ECE."""
+
+
+class ExportConfig(_Section):
+    opset: int = Field(default=17, ge=9, le=23)
+    """ONNX opset of the exported model."""
+    tolerance: float = Field(default=1e-4, gt=0, le=1)
+    """Largest |ONNX Runtime - PyTorch| logit difference accepted; export fails above it."""
+
+    _coerce = field_validator("tolerance", mode="before")(_float_from_yaml)
 
 
 class RegisterConfig(_Section):
@@ -138,6 +151,38 @@ class RegisterConfig(_Section):
     _coerce = field_validator("min_accuracy", mode="before")(_float_from_yaml)
 
 
+class ScheduleConfig(_Section):
+    """How `python -m flows.serve` schedules the pipeline on a Prefect server (not a hyperparameter:
+    no DVC stage reads this section)."""
+
+    deployment: str = Field(default="scheduled", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Deployment name; the UI shows it as `signflow-pipeline/<deployment>`."""
+    cron: str | None = "0 3 * * *"
+    """Cron expression (5 fields), or null to use `interval_s`."""
+    interval_s: int | None = Field(default=None, ge=60)
+    timezone: str = "UTC"
+    concurrency_limit: int = Field(default=1, ge=1, le=16)
+    """Runs of the deployment at once; 1 keeps two runs from sharing the workspace."""
+    collision_strategy: Literal["ENQUEUE", "CANCEL_NEW"] = "ENQUEUE"
+    """What a run that would exceed the limit does: wait for the running one, or be cancelled."""
+    refresh_data: bool = True
+    """Scheduled runs always re-run the download step, so new data at download.url is noticed."""
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        # The field count here; Prefect checks each field when the deployment is built (flows/serve.py).
+        if value is not None and len(value.split()) not in (5, 6):
+            raise ValueError(f"{value!r} is not a cron expression (5 fields, e.g. '0 3 * * *' = daily at 03:00)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> ScheduleConfig:
+        if (self.cron is None) == (self.interval_s is None):
+            raise ValueError("set exactly one of schedule.cron and schedule.interval_s (the other to null)")
+        return self
+
+
 # BaseModel inherits ABC's `register` method; the params section of that name is meant to shadow it.
 warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)
 
@@ -147,7 +192,9 @@ class Params(_Section):
     split: SplitConfig
     train: TrainConfig
     evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
     register: RegisterConfig
+    schedule: ScheduleConfig = ScheduleConfig()
 
 
 def _format_errors(source: str, error: ValidationError) -> str:

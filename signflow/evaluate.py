@@ -1,4 +1,11 @@
-"""Evaluate step: the model on the test split only; metrics, per-class table, confusion matrix."""
+"""Evaluate step: the model on the test split only, and the report a person reads.
+
+Writes into the reports folder: `metrics.json` (accuracy, macro F1, test-set size, mistakes,
+expected calibration error), `per_class.csv`, `predictions.csv` (one row per test image),
+`calibration.csv`, `confusion.png` (counts and row-normalised), `learning_curves.png` (from the
+train step's epoch log), `mistakes.png` (the most confident mistakes), `reliability.png` and
+`report.md` tying them together.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +13,19 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support  # noqa: E402
-
-from signflow.checkpoint import load_bundle  # noqa: E402
-from signflow.config import EvaluateConfig  # noqa: E402
-from signflow.fileio import write_atomic, write_json_atomic  # noqa: E402
-from signflow.inference import predict_logits  # noqa: E402
-from signflow.model import resolve_device  # noqa: E402
-from signflow.preprocess import load_images  # noqa: E402
-from signflow.split import read_class_names, read_manifest  # noqa: E402
+from signflow import report
+from signflow.checkpoint import load_bundle
+from signflow.config import EvaluateConfig
+from signflow.fileio import write_atomic, write_json_atomic
+from signflow.inference import predict_logits
+from signflow.model import resolve_device
+from signflow.preprocess import load_images
+from signflow.split import read_class_names, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,10 @@ class EvaluationResult:
     accuracy: float
     macro_f1: float
     test_images: int
+    mistakes: int
+    ece: float
     metrics_path: str
+    report_path: str
 
 
 def compute_metrics(labels: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> tuple[dict, pd.DataFrame]:
@@ -48,31 +55,24 @@ def compute_metrics(labels: np.ndarray, predicted: np.ndarray, class_names: list
     return metrics, per_class
 
 
-def plot_confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> None:
-    size = max(5.0, 0.6 * len(class_names) + 2)
-    figure, axes = plt.subplots(figsize=(size, size))
-    axes.imshow(matrix, cmap="Blues")
-    axes.set(
-        xticks=range(len(class_names)),
-        yticks=range(len(class_names)),
-        xticklabels=class_names,
-        yticklabels=class_names,
-        xlabel="predicted",
-        ylabel="true",
-        title=f"Confusion matrix (test, n={int(matrix.sum())})",
-    )
-    threshold = matrix.max() / 2 if matrix.size else 0
-    for (row, col), value in np.ndenumerate(matrix):
-        axes.text(col, row, str(value), ha="center", va="center", color="white" if value > threshold else "black")
-    figure.tight_layout()
-    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-    plt.close(figure)
+REPORT_FILES = {
+    "confusion matrix": "confusion.png",
+    "learning curves": "learning_curves.png",
+    "most confident mistakes": "mistakes.png",
+    "reliability diagram": "reliability.png",
+}
 
 
 def evaluate(
-    cfg: EvaluateConfig, model_path: str | Path, raw_dir: str | Path, split_dir: str | Path, reports_dir: str | Path
+    cfg: EvaluateConfig,
+    model_path: str | Path,
+    raw_dir: str | Path,
+    split_dir: str | Path,
+    reports_dir: str | Path,
+    train_log: str | Path | None = None,
 ) -> EvaluationResult:
-    """Score the model on `split_dir/test.csv`; refuse a model trained on another class list."""
+    """Score the model on `split_dir/test.csv` and write the report; refuse a model trained on
+    another class list. `train_log` (the train step's epoch CSV) feeds the learning curves."""
     raw_dir, reports_dir = Path(raw_dir), Path(reports_dir)
     bundle = load_bundle(model_path)
     bundle.check_classes(read_class_names(split_dir), f"{split_dir}/classes.json")
@@ -81,10 +81,14 @@ def evaluate(
     device = resolve_device("auto")
     model = bundle.build_model().to(device)
     logits = predict_logits(model, images, bundle.preprocessing, cfg.batch_size, device)
-    probabilities = torch.softmax(logits, dim=1).numpy()
+    probabilities = torch.softmax(logits, dim=1).numpy().astype(np.float64)
     predicted = probabilities.argmax(1)
     labels = manifest["label_index"].to_numpy()
     metrics, per_class = compute_metrics(labels, predicted, bundle.class_names)
+    calibration = report.calibration_bins(labels, probabilities, cfg.calibration_bins)
+    metrics["mistakes"] = int((predicted != labels).sum())
+    metrics["ece"] = report.expected_calibration_error(calibration)
+    metrics["mean_confidence"] = float(probabilities.max(1).mean())
     names = np.array(bundle.class_names)
     predictions = pd.DataFrame(
         {
@@ -92,14 +96,47 @@ def evaluate(
             "actual": names[labels],
             "predicted": names[predicted],
             "probability": probabilities.max(1).round(6),
+            "probability_actual": probabilities[np.arange(len(labels)), labels].round(6),
         }
     )
+    matrix = confusion_matrix(labels, predicted, labels=list(range(len(names))))
+    mistakes = report.worst_mistakes(predictions, cfg.gallery_size)
+
     write_json_atomic(reports_dir / "metrics.json", metrics)
     write_atomic(reports_dir / "per_class.csv", lambda tmp: per_class.to_csv(tmp, index=False, float_format="%.6f"))
     write_atomic(reports_dir / "predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
-    matrix = confusion_matrix(labels, predicted, labels=list(range(len(names))))
-    plot_confusion(matrix, bundle.class_names, reports_dir / "confusion.png")
-    log.info("test accuracy %.4f, macro F1 %.4f on %d images", metrics["accuracy"], metrics["macro_f1"], len(labels))
-    return EvaluationResult(
-        metrics["accuracy"], metrics["macro_f1"], metrics["test_images"], str(reports_dir / "metrics.json")
+    used_bins = calibration[calibration["images"] > 0]
+    write_atomic(reports_dir / "calibration.csv", lambda tmp: used_bins.to_csv(tmp, index=False))
+    report.plot_confusion(matrix, bundle.class_names, reports_dir / REPORT_FILES["confusion matrix"])
+    history = _read_history(train_log)
+    report.plot_learning_curves(history, reports_dir / REPORT_FILES["learning curves"])
+    report.plot_mistakes(mistakes, raw_dir, len(labels), reports_dir / REPORT_FILES["most confident mistakes"])
+    report.plot_reliability(calibration, metrics["ece"], reports_dir / REPORT_FILES["reliability diagram"])
+    summary = {"model_name": bundle.model_name, **bundle.summary}
+    markdown = report.markdown_report(metrics, per_class, mistakes, summary, REPORT_FILES)
+    write_atomic(reports_dir / "report.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
+    log.info(
+        "test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images",
+        metrics["accuracy"],
+        metrics["macro_f1"],
+        metrics["ece"],
+        len(labels),
     )
+    return EvaluationResult(
+        metrics["accuracy"],
+        metrics["macro_f1"],
+        metrics["test_images"],
+        metrics["mistakes"],
+        metrics["ece"],
+        str(reports_dir / "metrics.json"),
+        str(reports_dir / "report.md"),
+    )
+
+
+def _read_history(train_log: str | Path | None) -> pd.DataFrame:
+    """The train step's epoch log; an empty frame (empty plot) when there is none."""
+    if train_log is not None and Path(train_log).is_file():
+        return pd.read_csv(train_log)
+    if train_log is not None:
+        log.warning("%s not found: the learning curves will be empty", train_log)
+    return pd.DataFrame(columns=["epoch", "train_loss", "valid_loss", "train_accuracy", "valid_accuracy"])

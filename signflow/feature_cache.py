@@ -93,4 +93,6 @@ def compute_features(
         if augment_cfg is not None:
             batch = augment(batch, augment_cfg, generator)
         outputs.append(prefix(normalize(batch.to(device), prep).contiguous(memory_format=memory_format)))
-    return torch.cat(outputs).contiguous(memory_format=memory_format)
+    features = torch.cat(outputs)
+    # A cut after global pooling (head-only training) gives (N, C) features: no memory format to apply.
+    return features.contiguous(memory_format=memory_format) if features.dim() == 4 else features

@@ -11,16 +11,18 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
-from signflow.checkpoint import load_bundle
+from signflow.checkpoint import ModelBundle, load_bundle
 from signflow.config import Params, RegisterConfig
 from signflow.errors import SignflowError
-from signflow.fileio import write_json_atomic
+from signflow.fileio import write_atomic, write_json_atomic
 from signflow.provenance import data_version, git_commit
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ def _champion(client, model_name: str):
         return None
 
 
-def _create_version(client, cfg, tracking_uri, model_path, reports, params, metrics, tags, fingerprint):
+def _create_version(client, cfg, tracking_uri, model_files, reports, params, metrics, tags, fingerprint):
     experiment_id = _experiment_id(client, cfg.experiment, tracking_uri)
     run = client.create_run(
         experiment_id, tags={**tags, FINGERPRINT_TAG: fingerprint}, run_name=f"register-{fingerprint[:12]}"
@@ -109,7 +111,8 @@ def _create_version(client, cfg, tracking_uri, model_path, reports, params, metr
             client.log_param(run_id, key, value[:6000])
         for key, value in metrics.items():
             client.log_metric(run_id, key, float(value))
-        client.log_artifact(run_id, str(model_path), artifact_path="model")
+        for model_file in model_files:
+            client.log_artifact(run_id, str(model_file), artifact_path="model")
         for report in reports:
             client.log_artifact(run_id, str(report), artifact_path="reports")
         client.set_terminated(run_id, "FINISHED")
@@ -131,8 +134,12 @@ def register_model(
     tags: dict[str, str],
     receipt_path: str | Path,
     extra_artifacts: list[Path] | None = None,
+    extra_model_files: list[Path] | None = None,
+    write_card: Callable[[ModelBundle, dict, str], str] | None = None,
 ) -> Registration:
-    """Register `model_path` (with its test metrics) and move `champion` if it is better."""
+    """Register `model_path` (with its test metrics, and `extra_model_files` beside it in the
+    artifact folder `model/`) and move `champion` if it is better. `write_card(bundle, metrics,
+    version)` writes a model card and returns its path; it becomes the version's description."""
     bundle = load_bundle(model_path)
     metrics = json.loads(Path(metrics_path).read_text(encoding="utf-8"))
     fingerprint = bundle.fingerprint()
@@ -149,7 +156,7 @@ def register_model(
                 client,
                 cfg,
                 tracking_uri,
-                model_path,
+                [Path(model_path), *(extra_model_files or [])],
                 [r for r in reports if r.is_file()],
                 params,
                 metrics,
@@ -170,6 +177,11 @@ def register_model(
                 "test accuracy %.4f is below register.min_accuracy %.4f: champion not moved", accuracy, cfg.min_accuracy
             )
         champion = _champion(client, cfg.model_name)
+        if write_card is not None:
+            card = Path(write_card(bundle, metrics, str(version.version)))
+            if existing is None:
+                client.log_artifact(version.run_id, str(card), artifact_path="model")
+                client.update_model_version(cfg.model_name, version.version, description=card.read_text("utf-8"))
     result = Registration(
         model_name=cfg.model_name,
         version=str(version.version),
@@ -186,16 +198,27 @@ def register_model(
 
 
 def register_run(
-    params: Params, model_path: str | Path, reports_dir: str | Path, receipt_path: str | Path, project_dir: str | Path
+    params: Params,
+    model_path: str | Path,
+    reports_dir: str | Path,
+    receipt_path: str | Path,
+    *,
+    project_dir: str | Path,
+    split_dir: str | Path,
+    onnx_path: str | Path | None,
+    card_path: str | Path,
 ) -> Registration:
     """Register the evaluate step's outputs with their provenance (data version from `dvc.lock`, git
-    commit of `project_dir`); what both `signflow register` and the Prefect task call."""
+    commit of `project_dir`) and the ONNX export when there is one, then write the model card;
+    what both `signflow register` and the Prefect task call."""
     reports_dir, project_dir = Path(reports_dir), Path(project_dir)
     tags = {
         "signflow.data_version": data_version(project_dir / "dvc.lock"),
         "signflow.git_commit": git_commit(project_dir),
     }
-    extra = [reports_dir / "per_class.csv", reports_dir / "confusion.png"]
+    reports = [reports_dir / name for name in REPORT_ARTIFACTS]
+    model_files = [Path(onnx_path)] if onnx_path and _onnx_matches(Path(onnx_path), model_path) else []
+    card = partial(_write_card, params=params, split_dir=Path(split_dir), tags=tags, card_path=Path(card_path))
     return register_model(
         params.register,
         model_path,
@@ -203,5 +226,50 @@ def register_run(
         params.model_dump(mode="json"),
         tags,
         receipt_path,
-        extra,
+        reports,
+        model_files,
+        card,
     )
+
+
+REPORT_ARTIFACTS = (
+    "report.md",
+    "per_class.csv",
+    "predictions.csv",
+    "calibration.csv",
+    "confusion.png",
+    "learning_curves.png",
+    "mistakes.png",
+    "reliability.png",
+)
+
+
+def _onnx_matches(onnx_path: Path, model_path: str | Path) -> bool:
+    """True when `onnx_path` exists and was exported from exactly these weights."""
+    if not onnx_path.is_file():
+        log.info("%s not found: registering the PyTorch model only", onnx_path)
+        return False
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    if meta.get("signflow.fingerprint") != load_bundle(model_path).fingerprint():
+        raise RegistryError(
+            f"{onnx_path} was exported from other weights than {model_path}; run `signflow export` again"
+        )
+    return True
+
+
+def _write_card(bundle, metrics, version, *, params: Params, split_dir: Path, tags: dict, card_path: Path) -> str:
+    from signflow.model_card import read_split_report, render_model_card
+
+    registration = {
+        "model_name": params.register.model_name,
+        "version": version,
+        "data_version": tags["signflow.data_version"],
+        "git_commit": tags["signflow.git_commit"],
+    }
+    text = render_model_card(
+        bundle, metrics, params.model_dump(mode="json"), read_split_report(split_dir), registration
+    )
+    write_atomic(card_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return str(card_path)

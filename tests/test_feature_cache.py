@@ -77,3 +77,17 @@ def test_create_runner_falls_back_when_caching_is_off_or_impossible():
     assert type(create_runner(*args, config, torch.device("cpu"), torch.Generator())) is CachedRunner
     apply_freeze_policy(model, "all")
     assert type(create_runner(*args, config, torch.device("cpu"), torch.Generator())) is PlainRunner
+
+
+def test_head_only_training_caches_pooled_features_with_channels_last():
+    """trainable_blocks 0 cuts after global pooling: (N, C) features, where channels_last does not apply."""
+    config = cfg(trainable_blocks=0, channels_last=True, cached_views=2)
+    model = create_model(config, num_classes=3)
+    apply_freeze_policy(model, 0)
+    model = model.to(memory_format=torch.channels_last)
+    prep = preprocessing_for(model, 32)
+    runner = create_runner(model, data(8, 1), data(4, 2), prep, config, torch.device("cpu"), torch.Generator())
+    assert type(runner) is CachedRunner
+    assert runner.train_views[0].dim() == 2
+    runner.train_epoch(create_optimizer(config, model), torch.Generator().manual_seed(1), 1)
+    assert runner.validate()[1] >= 0

@@ -6,6 +6,7 @@ import subprocess
 import pytest
 from mlflow import MlflowClient
 
+from flows.pipeline import SKIPPED
 from signflow import dvc_state
 from tests.conftest import make_project
 
@@ -26,6 +27,13 @@ def test_dvc_repro_runs_the_chain_and_registers_then_is_a_no_op(tmp_path, tiny_z
     assert len(_versions(project)) == 1
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert metrics["test_images"] > 0
+    for output in ("models/model.onnx", "models/model_card.md", "reports/report.md", "reports/mistakes.png"):
+        assert (project / output).is_file(), output
+    plots = subprocess.run(["dvc", "plots", "show"], cwd=project, env=venv_env, capture_output=True, text=True)
+    assert plots.returncode == 0, plots.stderr
+    html = (project / "dvc_plots" / "index.html").read_text()
+    for plot in ("learning-curves-accuracy", "learning-curves-loss", "confusion-matrix", "calibration"):
+        assert plot in html, plot
     again = subprocess.run(["dvc", "repro"], cwd=project, env=venv_env, capture_output=True, text=True)
     assert again.returncode == 0 and "Data and pipelines are up to date" in again.stdout
     assert len(_versions(project)) == 1
@@ -55,5 +63,5 @@ def test_prefect_flow_runs_the_chain_and_leaves_dvc_up_to_date(tmp_path, tiny_zi
     assert all(dvc_state.stage_is_up_to_date(s, project) for s in ("download", "split", "train", "evaluate"))
 
     second = pipeline(project_dir=str(project))
-    assert all(value is None for value in second.values()), "an unchanged pipeline skips every step"
+    assert all(value == SKIPPED for value in second.values()), "an unchanged pipeline skips every step"
     assert len(_versions(project)) == 1

@@ -1,10 +1,18 @@
 """Checks on the real Sign Language Digits archive; skipped when ../shared is absent."""
 
-import pandas as pd
+import json
+import zipfile
 
-from signflow.config import DownloadConfig, SplitConfig
+import pandas as pd
+import pytest
+
+from signflow.cli import main
+from signflow.config import DownloadConfig, EvaluateConfig, SplitConfig, parse_params
 from signflow.download import download_dataset
-from signflow.split import split_dataset
+from signflow.evaluate import evaluate
+from signflow.split import read_manifest, split_dataset
+from signflow.train import fine_tune
+from tests.conftest import tiny_params
 
 UPSTREAM_COUNTS = [205, 206, 206, 206, 207, 207, 207, 206, 208, 204]
 
@@ -21,3 +29,45 @@ def test_real_archive_downloads_and_splits_stratified(shared_dir, tmp_path):
     train = pd.read_csv(tmp_path / "split" / "train.csv")
     sideways = train[train["path"].str.contains("IMG_5874|IMG_5935|IMG_5978")]
     assert (sideways["width"] == sideways["height"]).all()
+
+
+@pytest.mark.slow
+def test_real_report_is_consistent_and_predict_reads_the_examples(shared_dir, tmp_path, capsys):
+    """A short real fine-tune (last 4 blocks, 3 epochs at 96 px); its report must agree with the test manifest and
+    predict must name the digit of most of the archive's 10 Examples/ photos."""
+    archive = shared_dir / "datasets" / "sign-language-digits.zip"
+    raw = tiny_params(archive, model="mobilenetv2_100", pretrained=True, trainable_blocks=4, image_size=96)
+    raw["train"].update(weights_file=str(shared_dir / "weights" / "mobilenetv2_100.tv_in1k.safetensors"), epochs=3)
+    raw["train"].update(batch_size=64, lr=3e-3)
+    params = parse_params(raw)
+    download_dataset(params.download, tmp_path / "raw")
+    split_dataset(tmp_path / "raw", tmp_path / "split", params.split)
+    fine_tune(params.train, tmp_path / "raw", tmp_path / "split", tmp_path / "model.pt", tmp_path / "log.csv")
+    result = evaluate(
+        EvaluateConfig(),
+        tmp_path / "model.pt",
+        tmp_path / "raw",
+        tmp_path / "split",
+        tmp_path / "reports",
+        tmp_path / "log.csv",
+    )
+    test = read_manifest(tmp_path / "split", "test")
+    predictions = pd.read_csv(tmp_path / "reports" / "predictions.csv", dtype=str)
+    assert pd.crosstab(predictions["actual"], predictions["predicted"]).to_numpy().sum() == len(test) == 310
+    per_class = pd.read_csv(tmp_path / "reports" / "per_class.csv", dtype={"class": str})
+    support = dict(zip(per_class["class"], per_class["support"], strict=True))
+    assert support == test["label"].astype(str).value_counts().to_dict()
+    assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["accuracy"] == result.accuracy
+
+    examples = tmp_path / "examples"
+    with zipfile.ZipFile(archive) as bundle:
+        for name in bundle.namelist():
+            if "/Examples/" in name and name.lower().endswith(".jpg"):
+                (examples / name.rsplit("/", 1)[1]).parent.mkdir(exist_ok=True)
+                (examples / name.rsplit("/", 1)[1]).write_bytes(bundle.read(name))
+    assert main(["predict", str(examples), "--model", str(tmp_path / "model.pt")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 10
+    right = sum(line.split(": ")[1].split()[0] == line.split("example_")[1].split(".")[0] for line in lines)
+    in_top3 = sum(line.split("example_")[1].split(".")[0] in line.split(": ")[1].split()[::2] for line in lines)
+    assert right >= 8 and in_top3 >= 9, lines

@@ -6,24 +6,10 @@ import pytest
 import torch
 
 from signflow.checkpoint import CheckpointError, load_bundle, save_bundle
-from signflow.config import EvaluateConfig, parse_params
-from signflow.download import download_dataset
+from signflow.config import EvaluateConfig
 from signflow.evaluate import evaluate
 from signflow.registry import register_model
-from signflow.split import split_dataset
 from signflow.train import fine_tune
-from tests.conftest import tiny_params
-
-
-@pytest.fixture
-def trained(tmp_path, tiny_zip):
-    """A tiny model trained end to end on the tiny dataset (library calls, no DVC, no Prefect)."""
-    params = parse_params(tiny_params(tiny_zip, epochs=3))
-    raw, split = tmp_path / "raw", tmp_path / "split"
-    download_dataset(params.download, raw)
-    split_dataset(raw, split, params.split)
-    result = fine_tune(params.train, raw, split, tmp_path / "model.pt", tmp_path / "train_log.csv")
-    return params, raw, split, result
 
 
 def test_fine_tune_writes_best_checkpoint_and_epoch_log(trained, tmp_path):

@@ -1,0 +1,142 @@
+"""Serve the pipeline flow on a Prefect server with the schedule from params.yaml.
+
+    prefect server start                                   # terminal 1 (UI at http://127.0.0.1:4200)
+    export PREFECT_API_URL=http://127.0.0.1:4200/api       # terminal 2, then:
+    python -m flows.serve                                  # schedule.* from params.yaml
+    python -m flows.serve --cron "*/30 * * * *" --set train.epochs=5
+
+This creates (or updates) the deployment `signflow-pipeline/<schedule.deployment>` with its
+schedule, a deployment concurrency limit and parameters, then keeps running and executes the runs
+the server schedules, or that are started from the UI or with `prefect deployment run`, in this
+project folder. Stop it with Ctrl-C (its schedule is paused until it is served again).
+
+`flow.serve` is used rather than `flow.deploy`: the runs need this folder (the DVC workspace,
+its data and models), which is exactly where a served flow runs, with no work pool, image or code
+storage to set up. To run on other machines, deploy the same flow to a work pool instead (README,
+"Scale-out").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+from signflow.config import ConfigError, ScheduleConfig, load_params  # noqa: E402
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+def deployment_parameters(params_path: str, project_dir: Path, overrides: dict[str, Any], refresh: bool) -> dict:
+    """The flow parameters every run of the deployment gets (each can be changed per run in the UI)."""
+    return {
+        "params_path": params_path,
+        "project_dir": str(project_dir),
+        "overrides": overrides or None,
+        "refresh_data": refresh,
+    }
+
+
+def build_deployment(schedule: ScheduleConfig, parameters: dict[str, Any]):
+    """A RunnerDeployment of the pipeline flow with `schedule`'s timing and concurrency."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+    from prefect.flows import EntrypointType
+
+    from flows.pipeline import pipeline
+
+    try:
+        if schedule.cron is not None:
+            timing = CronSchedule(cron=schedule.cron, timezone=schedule.timezone)
+        else:
+            timing = IntervalSchedule(interval=timedelta(seconds=schedule.interval_s), timezone=schedule.timezone)
+    except ValueError as error:
+        raise ConfigError(f"schedule: {error}") from None
+    return pipeline.to_deployment(
+        name=schedule.deployment,
+        schedule=timing,
+        parameters=parameters,
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=schedule.concurrency_limit,
+            collision_strategy=ConcurrencyLimitStrategy(schedule.collision_strategy),
+        ),
+        description="signflow: download → split → fine-tune → evaluate → export → register, skipping what is "
+        "up to date",
+        tags=["signflow"],
+        # The module path works from any folder where signflow is installed.
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    from flows.pipeline import _parse_override as parse
+
+    return parse(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file, relative to --project-dir")
+    parser.add_argument("--project-dir", default=".", help="project root holding dvc.yaml (default: .)")
+    timing = parser.add_mutually_exclusive_group()
+    timing.add_argument("--cron", help="cron schedule, overriding schedule.cron (e.g. '0 3 * * *')")
+    timing.add_argument("--interval", type=int, metavar="SECONDS", help="interval schedule, overriding schedule.cron")
+    parser.add_argument("--name", help="deployment name, overriding schedule.deployment")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        type=_parse_override,
+        default=[],
+        metavar="KEY=VALUE",
+        help="params override for every run of this deployment (repeatable; such runs skip nothing, see README)",
+    )
+    parser.add_argument("--no-refresh-data", action="store_true", help="let DVC skip the download step too")
+    args = parser.parse_args(argv)
+
+    project = Path(args.project_dir).resolve()
+    overrides = dict(args.overrides)
+    try:
+        params = load_params(project / args.params, overrides or None)  # validates the overrides now
+        updates: dict[str, Any] = {}
+        if args.cron:
+            updates.update(cron=args.cron, interval_s=None)
+        if args.interval:
+            updates.update(cron=None, interval_s=args.interval)
+        if args.name:
+            updates["deployment"] = args.name
+        schedule = ScheduleConfig.model_validate({**params.schedule.model_dump(), **updates})
+        refresh = schedule.refresh_data and not args.no_refresh_data
+        deployment = build_deployment(
+            schedule, deployment_parameters(args.params, project, overrides, refresh)
+        )
+    except (ConfigError, ValueError) as error:
+        print(f"flows.serve: error: {error}", file=sys.stderr)
+        return 2
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        print(
+            "flows.serve: error: PREFECT_API_URL is not set. Start a server (`prefect server start`) and "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api`, or point it at your team's server: a schedule "
+            "needs a server that outlives this process.",
+            file=sys.stderr,
+        )
+        return 2
+    from prefect import serve
+
+    serve(deployment, limit=schedule.concurrency_limit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The model card: one markdown page that says what a registered model is, how it was made, how
+well it does and what it must not be used for. Written next to the model by the register step and
+attached to the MLflow model version as its description."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from signflow.checkpoint import ModelBundle
+
+
+def _split_counts(split_report: dict[str, Any]) -> str:
+    counts = split_report.get("counts", {})
+    excluded = split_report.get("excluded", [])
+    total = sum(counts.values())
+    parts = ", ".join(f"{name} {count}" for name, count in counts.items())
+    return f"{total} usable images ({parts}); {len(excluded)} file(s) left out (unreadable or duplicates)"
+
+
+def render_model_card(
+    bundle: ModelBundle,
+    metrics: dict[str, Any],
+    params: dict[str, Any],
+    split_report: dict[str, Any],
+    registration: dict[str, Any],
+) -> str:
+    """Markdown for the card; `registration` holds model_name, version, data_version, git_commit."""
+    split = params["split"]
+    train = params["train"]
+    summary = bundle.summary
+    prep = bundle.preprocessing
+    smallest = min((min(v.values()) for v in split_report.get("per_class", {}).values() if v), default=0)
+    lines = [
+        f"# Model card: {registration['model_name']} version {registration['version']}",
+        "",
+        "## What it is",
+        f"An image classifier over {len(bundle.class_names)} classes: a timm `{bundle.model_name}` fine-tuned "
+        f"from {'ImageNet weights' if train.get('pretrained') else 'random initialisation'} with a new "
+        f"classification head (trainable blocks: {train.get('trainable_blocks')}).",
+        "",
+        f"Classes, in output order: {', '.join(f'`{name}`' for name in bundle.class_names)}.",
+        "",
+        f"Input: any image, EXIF-rotated, converted to RGB, shorter side resized to {prep.image_size} px "
+        f"({prep.interpolation}) and centre-cropped, normalised with mean {list(prep.mean)} and std {list(prep.std)}. "
+        "These settings are stored in the model file and applied by `signflow predict`.",
+        "",
+        "## Data",
+        f"- Source: `{params['download']['url']}`",
+        f"- Data version (DVC md5 of `data/raw`): `{registration['data_version']}`",
+        f"- Code version (git commit): `{registration['git_commit']}`",
+        f"- {_split_counts(split_report)}.",
+        f"- Split: stratified by class with scikit-learn, fractions train {split['train']} / valid {split['valid']} "
+        f"/ test {split['test']}, seed {split['seed']}; identical files are kept once so they never cross splits.",
+        "- The checkpoint kept is the epoch with the best validation accuracy; the test split is used only once, "
+        "for the figures below.",
+        "",
+        "## Metrics (test split)",
+        "| metric | value |",
+        "|---|---|",
+        f"| accuracy | {metrics['accuracy']:.4f} |",
+        f"| macro F1 | {metrics['macro_f1']:.4f} |",
+        f"| test images | {metrics['test_images']} |",
+        f"| mistakes | {metrics.get('mistakes', 'n/a')} |",
+        f"| expected calibration error | {metrics.get('ece', float('nan')):.4f} |",
+        f"| validation accuracy (epoch {summary.get('best_epoch', '?')}) | "
+        f"{summary.get('valid_accuracy', float('nan')):.4f} |",
+        "",
+        f"With {metrics['test_images']} test images, one mistake moves accuracy by "
+        f"{1 / max(metrics['test_images'], 1):.4f}: treat differences of a few mistakes between models as noise.",
+        "",
+        "## Training parameters",
+        "```yaml",
+        yaml.safe_dump({"train": train}, sort_keys=False).rstrip(),
+        "```",
+        "",
+        "## Intended use",
+        "Recognising the classes above in photos that look like the training data (for the reference dataset: "
+        "one hand showing a digit of Turkish Sign Language, close up, on a plain light background). For "
+        "teaching, prototyping and as a baseline to compare other models against.",
+        "",
+        "## Known limits",
+        "- It always answers with one of the classes above, even for images of something else; it has no "
+        "'none of these' output. Low top-1 probability is a hint, not a guarantee (see the calibration figure "
+        "in the evaluation report).",
+        f"- It was trained on {sum(split_report.get('counts', {}).values())} images"
+        f" (the smallest class has {smallest} in one split): backgrounds, lighting, skin tones, hands and "
+        "cameras absent from them can lower accuracy in ways the test split cannot show.",
+        *(
+            ["- Mirrored images (the other hand) may be read as another class; training did not flip images."]
+            if not train.get("augment", {}).get("hflip")
+            else []
+        ),
+        "- Not for decisions about people or safety without a separate evaluation on the target population.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def read_split_report(split_dir: str | Path) -> dict[str, Any]:
+    path = Path(split_dir) / "report.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

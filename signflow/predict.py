@@ -1,0 +1,225 @@
+"""Prediction: top-k classes for image files, with exactly the preprocessing the model was trained with.
+
+A model is named by a path (a signflow `.pt` file, an exported `.onnx` file, or a folder holding
+them) or by a registry alias or version number (`champion`, `3`), which is fetched from the MLflow
+registry that the register step writes to. The class list and preprocessing always come from the
+model file itself, never from the current params.
+
+Two backends run the same model: PyTorch (`.pt`) and ONNX Runtime (`.onnx`). `auto` uses ONNX
+Runtime when an `.onnx` file of the *same* weights is available (bench/predict_latency.py measures it
+faster on the CPU), else PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from signflow.checkpoint import CheckpointError, load_bundle
+from signflow.errors import SignflowError
+from signflow.images import is_image_name, is_junk, load_rgb
+from signflow.preprocess import image_to_uint8, normalize
+from signflow.preprocessing import Preprocessing
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnx")
+MODEL_FILE, ONNX_FILE = "model.pt", "model.onnx"
+
+
+class PredictError(SignflowError, ValueError):
+    """The model cannot be found or loaded as asked."""
+
+
+class TorchPredictor:
+    backend = "torch"
+
+    def __init__(self, model_path: Path):
+        bundle = load_bundle(model_path)
+        self.class_names, self.preprocessing = bundle.class_names, bundle.preprocessing
+        self.fingerprint = bundle.fingerprint()
+        self.model = bundle.build_model()
+        self.source = str(model_path)
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        logits = self.model(normalize(images, self.preprocessing))
+        return torch.softmax(logits.float(), dim=1).numpy()
+
+
+class OnnxPredictor:
+    backend = "onnx"
+
+    def __init__(self, onnx_path: Path):
+        from signflow.onnx_export import INPUT_NAME, onnx_session
+
+        try:
+            self.session = onnx_session(onnx_path)
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise PredictError(f"{onnx_path}: not a loadable ONNX model ({error})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.class_names = json.loads(meta["signflow.class_names"])
+            self.preprocessing = Preprocessing.from_dict(json.loads(meta["signflow.preprocessing"]))
+        except KeyError:
+            raise PredictError(
+                f"{onnx_path}: no signflow metadata (class list, preprocessing); export it with `signflow export`"
+            ) from None
+        self.fingerprint = meta.get("signflow.fingerprint", "")
+        self.input_name = INPUT_NAME
+        self.source = str(onnx_path)
+
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        logits = self.session.run(None, {self.input_name: normalize(images, self.preprocessing).numpy()})[0]
+        return torch.softmax(torch.from_numpy(logits).float(), dim=1).numpy()
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
+    """Files named on the command line as given (any extension), folders searched recursively for
+    image files, in sorted order; missing paths come back with their error."""
+    found: list[tuple[Path, str | None]] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = sorted(p for p in item.rglob("*") if p.is_file() and is_image_name(p) and not is_junk(p))
+            if not files:
+                found.append((item, "folder holds no image files"))
+            found.extend((p, None) for p in files)
+        elif item.is_file():
+            found.append((item, None))
+        else:
+            found.append((item, "no such file or folder"))
+    return found
+
+
+def choose_predictor(model_file: Path | None, onnx_file: Path | None, backend: str):
+    """The predictor for the requested backend; `auto` prefers ONNX when it holds the same weights."""
+    if backend not in BACKENDS:
+        raise PredictError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "onnx" or (backend == "auto" and model_file is None):
+        if onnx_file is None:
+            raise PredictError("no ONNX model found; run `signflow export` or use --backend torch")
+        return OnnxPredictor(onnx_file)
+    if model_file is None:
+        raise PredictError("no PyTorch model (.pt) found; use --backend onnx")
+    torch_predictor = TorchPredictor(model_file)
+    if backend == "auto" and onnx_file is not None and _onnxruntime_available():
+        onnx_predictor = OnnxPredictor(onnx_file)
+        if onnx_predictor.fingerprint == torch_predictor.fingerprint:
+            return onnx_predictor
+        log.warning("%s was exported from other weights than %s: using PyTorch", onnx_file, model_file)
+    return torch_predictor
+
+
+def _onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _files_in(folder: Path) -> tuple[Path | None, Path | None]:
+    model_file, onnx_file = folder / MODEL_FILE, folder / ONNX_FILE
+    return (model_file if model_file.is_file() else None, onnx_file if onnx_file.is_file() else None)
+
+
+def local_model_files(spec: Path) -> tuple[Path | None, Path | None]:
+    """(.pt, .onnx) for a model path: a file (with its sibling of the other kind) or a folder."""
+    if spec.is_dir():
+        files = _files_in(spec)
+        if files == (None, None):
+            raise PredictError(f"{spec}: holds neither {MODEL_FILE} nor {ONNX_FILE}")
+        return files
+    if spec.suffix == ".onnx":
+        return None, spec
+    sibling = spec.with_suffix(".onnx")
+    return spec, sibling if sibling.is_file() else None
+
+
+def is_registry_reference(spec: str) -> bool:
+    """A version number or an alias name (letters, digits, - and _), unless such a path exists."""
+    return not Path(spec).exists() and re.fullmatch(r"[A-Za-z0-9_-]+", spec) is not None
+
+
+@contextmanager
+def registry_model_files(
+    spec: str, model_name: str, tracking_uri: str
+) -> Iterator[tuple[Path | None, Path | None, str]]:
+    """Download a registered version's model folder to a temporary folder; yields (.pt, .onnx, label)."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from signflow.registry import _client
+
+    client = _client(tracking_uri)
+    try:
+        version = client.get_model_version(model_name, spec) if spec.isdigit() else None
+        version = version or client.get_model_version_by_alias(model_name, spec)
+    except MlflowException as error:
+        raise PredictError(
+            f"{model_name!r} has no version or alias {spec!r} in the registry at {tracking_uri} "
+            f"({error.message.splitlines()[0]}); run the pipeline first, or give a model file path"
+        ) from None
+    with tempfile.TemporaryDirectory(prefix="signflow-model-") as tmp:
+        folder = Path(download_artifacts(artifact_uri=version.source, dst_path=tmp, tracking_uri=tracking_uri))
+        model_file, onnx_file = _files_in(folder)
+        yield model_file, onnx_file, f"{model_name} version {version.version}"
+
+
+def _batches(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def predict_images(
+    predictor, inputs: Sequence[str | Path], top_k: int = 3, batch_size: int = 32
+) -> Iterator[Prediction]:
+    """Top-k (class, probability) per image, in input order; an unreadable file gives a Prediction
+    with its error and the others go on."""
+    if top_k < 1:
+        raise PredictError("--top-k must be at least 1")
+    k = min(top_k, len(predictor.class_names))
+    for batch in _batches(collect_images(inputs), batch_size):
+        tensors, readable, results = [], [], []
+        for path, error in batch:
+            prediction = Prediction(str(path), error=error)
+            if error is None:
+                try:
+                    tensors.append(
+                        image_to_uint8(
+                            load_rgb(path, max_side=2 * predictor.preprocessing.image_size), predictor.preprocessing
+                        )
+                    )
+                    readable.append(prediction)
+                except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for bad files
+                    prediction.error = f"cannot read image: {exc}"
+            results.append(prediction)
+        if tensors:
+            probabilities = predictor.probabilities(torch.stack(tensors))
+            for prediction, row in zip(readable, probabilities, strict=True):
+                order = np.argsort(-row, kind="stable")[:k]
+                prediction.top = [(predictor.class_names[i], float(row[i])) for i in order]
+        yield from results
+
+
+def load_predictor(model_file: Path | None, onnx_file: Path | None, backend: str):
+    try:
+        return choose_predictor(model_file, onnx_file, backend)
+    except CheckpointError as error:
+        raise PredictError(str(error)) from None

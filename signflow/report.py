@@ -1,0 +1,213 @@
+"""The evaluation report: plots and a markdown summary a person reads, from arrays already computed.
+
+Every function takes plain numbers (labels, probabilities, the epoch log) and writes one file
+atomically; nothing here runs a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from signflow.fileio import write_atomic  # noqa: E402
+from signflow.images import load_rgb  # noqa: E402
+
+
+def _save(figure, path: Path) -> None:
+    figure.tight_layout()
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)
+
+
+def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> pd.DataFrame:
+    """Per confidence bin (equal width on [0, 1]): images, mean confidence and accuracy."""
+    confidence = probabilities.max(1) if len(labels) else np.empty(0)
+    correct = probabilities.argmax(1) == labels if len(labels) else np.empty(0, dtype=bool)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # Bin i holds (edge_i, edge_i+1]; a confidence of exactly 0 cannot occur for a softmax.
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        rows.append(
+            {
+                "bin": b,
+                "lower": float(edges[b]),
+                "upper": float(edges[b + 1]),
+                "images": count,
+                "confidence": float(confidence[members].mean()) if count else float("nan"),
+                "accuracy": float(correct[members].mean()) if count else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(table: pd.DataFrame) -> float:
+    """ECE: the image-weighted mean gap between confidence and accuracy over the bins."""
+    total = table["images"].sum()
+    if total == 0:
+        return float("nan")
+    used = table[table["images"] > 0]
+    return float((used["images"] * (used["confidence"] - used["accuracy"]).abs()).sum() / total)
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> None:
+    """Two panels: counts, and rows normalised to recall (each true class sums to 1)."""
+    n = len(class_names)
+    size = max(4.5, 0.5 * n + 2)
+    figure, axes = plt.subplots(1, 2, figsize=(2 * size, size))
+    row_sums = matrix.sum(axis=1, keepdims=True)
+    normalised = np.divide(matrix, row_sums, out=np.zeros(matrix.shape, dtype=float), where=row_sums > 0)
+    panels = (
+        (axes[0], matrix, f"Counts (test, n={int(matrix.sum())})", lambda v: str(int(v))),
+        (axes[1], normalised, "Normalised by true class (recall)", lambda v: f"{v:.2f}"),
+    )
+    for ax, values, title, fmt in panels:
+        ax.imshow(values, cmap="Blues", vmin=0)
+        ax.set(
+            xticks=range(n),
+            yticks=range(n),
+            xticklabels=class_names,
+            yticklabels=class_names,
+            xlabel="predicted",
+            ylabel="true",
+            title=title,
+        )
+        ax.tick_params(axis="x", labelrotation=45 if n > 6 and max(map(len, class_names)) > 2 else 0)
+        threshold = values.max() / 2 if values.size else 0
+        for (row, col), value in np.ndenumerate(values):
+            if value:
+                ax.text(col, row, fmt(value), ha="center", va="center", color="white" if value > threshold else "black")
+    _save(figure, path)
+
+
+def plot_learning_curves(history: pd.DataFrame, path: Path) -> None:
+    """Loss and accuracy per epoch, train against valid, with the selected (best) epoch marked."""
+    figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        for split, style in (("train", "-o"), ("valid", "-s")):
+            column = f"{split}_{metric}"
+            if column in history and history[column].notna().any():
+                ax.plot(history["epoch"], history[column], style, label=split, markersize=4)
+        ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend()
+    if "valid_accuracy" in history and history["valid_accuracy"].notna().any():
+        best = history.sort_values(["valid_accuracy", "valid_loss"], ascending=[False, True]).iloc[0]
+        acc_ax.axvline(best["epoch"], color="grey", linestyle="--", linewidth=1)
+        label = f"kept: epoch {int(best['epoch'])} "
+        acc_ax.annotate(label, (best["epoch"], acc_ax.get_ylim()[0]), fontsize=8, ha="right")
+    _save(figure, path)
+
+
+def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> None:
+    """Reliability diagram: accuracy per confidence bin against the diagonal, with bin counts."""
+    figure, ax = plt.subplots(figsize=(5.5, 5))
+    used = table[table["images"] > 0]
+    width = float(table["upper"].iloc[0] - table["lower"].iloc[0]) if len(table) else 0.1
+    ax.bar(used["lower"], used["accuracy"], width=width, align="edge", edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    for _, row in used.iterrows():
+        ax.text(
+            row["lower"] + width / 2,
+            min(row["accuracy"], 0.95) + 0.02,
+            str(int(row["images"])),
+            ha="center",
+            fontsize=7,
+        )
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1.05),
+        xlabel="confidence (top-1 probability)",
+        ylabel="accuracy",
+        title=f"Reliability (ECE {ece:.4f}; numbers = images)",
+    )
+    ax.legend(loc="upper left")
+    _save(figure, path)
+
+
+def worst_mistakes(predictions: pd.DataFrame, limit: int) -> pd.DataFrame:
+    """The wrong predictions, most confident first."""
+    wrong = predictions[predictions["actual"] != predictions["predicted"]]
+    return wrong.sort_values(["probability", "path"], ascending=[False, True]).head(limit)
+
+
+def plot_mistakes(mistakes: pd.DataFrame, raw_dir: Path, total: int, path: Path) -> None:
+    """A gallery of the given mistakes: image, true label, predicted label and its probability."""
+    if mistakes.empty:
+        figure, ax = plt.subplots(figsize=(5, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"No mistakes on the {total} test images", ha="center", va="center", fontsize=12)
+        _save(figure, path)
+        return
+    columns = min(4, len(mistakes))
+    rows = -(-len(mistakes) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (_, row) in zip(axes.flat, mistakes.iterrows(), strict=False):
+        try:
+            ax.imshow(load_rgb(raw_dir / row["path"], max_side=256))
+        except (OSError, ValueError):
+            ax.text(0.5, 0.5, "image unreadable", ha="center", va="center")
+        ax.set_title(
+            f"true {row['actual']} → {row['predicted']} ({row['probability']:.2f})\n{Path(row['path']).name}",
+            fontsize=9,
+        )
+    figure.suptitle(f"Most confident mistakes ({len(mistakes)} shown, of {total} test images)")
+    _save(figure, path)
+
+
+def _markdown_table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    lines = [header, rule]
+    for _, row in frame.iterrows():
+        cells = [floats.format(v) if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(
+    metrics: dict, per_class: pd.DataFrame, mistakes: pd.DataFrame, model_summary: dict, images: dict[str, str]
+) -> str:
+    """The report as markdown: headline metrics, per-class table, worst mistakes, figure links."""
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Model `{model_summary.get('model_name', '?')}`, kept at epoch {model_summary.get('best_epoch', '?')} "
+        f"(validation accuracy {model_summary.get('valid_accuracy', float('nan')):.4f}).",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| test accuracy | {metrics['accuracy']:.4f} |",
+        f"| macro F1 | {metrics['macro_f1']:.4f} |",
+        f"| test images | {metrics['test_images']} |",
+        f"| mistakes | {metrics['mistakes']} |",
+        f"| expected calibration error | {metrics['ece']:.4f} |",
+        f"| mean confidence | {metrics['mean_confidence']:.4f} |",
+        "",
+        "## Per class",
+        "",
+        _markdown_table(per_class),
+        "",
+        "## Most confident mistakes",
+        "",
+        _markdown_table(mistakes[["path", "actual", "predicted", "probability"]])
+        if not mistakes.empty
+        else "None: every test image was classified correctly.",
+        "",
+        "## Figures",
+        "",
+    ]
+    lines += [f"- {title}: `{name}`" for title, name in images.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,212 @@
+"""What a user looks at: the evaluation report, the ONNX export, the model card and `signflow predict`."""
+
+import csv
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from signflow import report
+from signflow.checkpoint import load_bundle
+from signflow.cli import main
+from signflow.config import EvaluateConfig, ExportConfig
+from signflow.evaluate import evaluate
+from signflow.onnx_export import ExportError, export_onnx
+from signflow.predict import OnnxPredictor, TorchPredictor, predict_images
+from signflow.preprocess import load_images
+from signflow.registry import register_run
+from signflow.split import read_manifest
+from tests.conftest import CLASS_COLOURS, make_image
+
+PNG = b"\x89PNG"
+
+
+@pytest.fixture
+def evaluated(trained, tmp_path):
+    params, raw, split, _ = trained
+    result = evaluate(
+        EvaluateConfig(), tmp_path / "model.pt", raw, split, tmp_path / "reports", tmp_path / "train_log.csv"
+    )
+    return params, raw, split, result
+
+
+def test_report_files_are_consistent_with_the_test_split(evaluated, tmp_path):
+    params, raw, split, result = evaluated
+    reports = tmp_path / "reports"
+    test = read_manifest(split, "test")
+    metrics = json.loads((reports / "metrics.json").read_text())
+    predictions = pd.read_csv(reports / "predictions.csv")
+    # Confusion matrix (from the predictions dvc plots reads) sums to the test-set size.
+    confusion = pd.crosstab(predictions["actual"], predictions["predicted"])
+    assert confusion.to_numpy().sum() == len(test) == metrics["test_images"]
+    assert metrics["mistakes"] == (predictions["actual"] != predictions["predicted"]).sum() == result.mistakes
+    per_class = pd.read_csv(reports / "per_class.csv")
+    assert dict(zip(per_class["class"], per_class["support"], strict=True)) == test["label"].value_counts().to_dict()
+    calibration = pd.read_csv(reports / "calibration.csv")
+    assert calibration["images"].sum() == len(test)
+    assert 0.0 <= metrics["ece"] <= 1.0
+    for name in ("confusion.png", "learning_curves.png", "mistakes.png", "reliability.png"):
+        assert (reports / name).read_bytes()[:4] == PNG, name
+    text = (reports / "report.md").read_text()
+    assert f"| test accuracy | {metrics['accuracy']:.4f} |" in text
+    assert f"| test images | {len(test)} |" in text
+
+
+def test_worst_mistakes_are_the_most_confident_wrong_predictions():
+    predictions = pd.DataFrame(
+        {
+            "path": ["a", "b", "c", "d"],
+            "actual": ["x", "x", "y", "y"],
+            "predicted": ["y", "x", "x", "x"],
+            "probability": [0.6, 0.99, 0.9, 0.7],
+        }
+    )
+    assert list(report.worst_mistakes(predictions, 2)["path"]) == ["c", "d"]
+
+
+def test_calibration_bins_and_ece_by_hand():
+    labels = np.array([0, 0, 1, 1])
+    probabilities = np.array([[0.95, 0.05], [0.65, 0.35], [0.6, 0.4], [0.1, 0.9]])
+    table = report.calibration_bins(labels, probabilities, bins=10)
+    assert table["images"].sum() == 4
+    row = table[table["bin"] == 6].iloc[0]  # (0.6, 0.7] holds only 0.65 (right); 0.6 is in (0.5, 0.6]
+    assert row["images"] == 1 and row["accuracy"] == 1.0
+    # |0.95-1| + |0.65-1| + |0.6-0| + |0.9-1| over 4 images
+    assert report.expected_calibration_error(table) == pytest.approx((0.05 + 0.35 + 0.6 + 0.1) / 4)
+
+
+def test_onnx_export_matches_pytorch_on_real_images(trained, tmp_path):
+    params, raw, split, _ = trained
+    result = export_onnx(ExportConfig(), tmp_path / "model.pt", tmp_path / "model.onnx")
+    assert result.max_abs_difference <= 1e-4
+    bundle = load_bundle(tmp_path / "model.pt")
+    images = load_images([raw / p for p in read_manifest(split, "test")["path"]], bundle.preprocessing)
+    torch_probs = TorchPredictor(tmp_path / "model.pt")
+    onnx_probs = OnnxPredictor(tmp_path / "model.onnx")
+    assert onnx_probs.class_names == bundle.class_names and onnx_probs.preprocessing == bundle.preprocessing
+    assert onnx_probs.fingerprint == bundle.fingerprint()
+    model = bundle.build_model()
+    from signflow.preprocess import normalize
+
+    with torch.inference_mode():
+        expected = model(normalize(images, bundle.preprocessing)).numpy()
+    actual = onnx_probs.session.run(None, {"image": normalize(images, bundle.preprocessing).numpy()})[0]
+    assert np.abs(actual - expected).max() <= 1e-4
+    assert np.abs(onnx_probs.probabilities(images) - torch_probs.probabilities(images)).max() <= 1e-4
+
+
+def test_onnx_export_that_disagrees_keeps_the_previous_file(trained, tmp_path, monkeypatch):
+    export_onnx(ExportConfig(), tmp_path / "model.pt", tmp_path / "model.onnx")
+    before = (tmp_path / "model.onnx").read_bytes()
+
+    class Wrong:
+        def run(self, names, feeds):
+            return [np.zeros((len(next(iter(feeds.values()))), 3), dtype=np.float32) + 5]
+
+    monkeypatch.setattr("signflow.onnx_export.onnx_session", lambda path: Wrong())
+    with pytest.raises(ExportError, match="disagree"):
+        export_onnx(ExportConfig(), tmp_path / "model.pt", tmp_path / "model.onnx")
+    assert (tmp_path / "model.onnx").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.onnx")]
+
+
+def _odd_images(folder):
+    """Images as users have them: RGBA, grayscale, palette, EXIF-rotated, large, wrong extension, broken."""
+    colour = CLASS_COLOURS["beta"]
+    base = make_image(folder / "plain.jpg", colour, seed=1)
+    rgb = Image.open(base).convert("RGB")
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    rgb.convert("L").save(folder / "gray.png")
+    rgb.convert("P").save(folder / "palette.gif")
+    big = rgb.resize((1600, 1200))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    big.save(folder / "rotated.JPG", exif=exif)
+    rgb.save(folder / "actually_png.jpg", format="PNG")
+    (folder / "broken.jpg").write_bytes(base.read_bytes()[:200])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / ".DS_Store").write_bytes(b"junk")
+    return folder
+
+
+def test_predict_cli_prints_top_k_and_goes_on_past_bad_files(trained, tmp_path, capsys):
+    images = _odd_images(tmp_path / "incoming")
+    out = tmp_path / "predictions.csv"
+    code = main(["predict", str(images), "--model", str(tmp_path / "model.pt"), "--top-k", "2", "--csv", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1, "some files could not be read"
+    assert "broken.jpg: cannot read image" in captured.err and "empty.png: cannot read image" in captured.err
+    assert ".DS_Store" not in captured.out + captured.err
+    printed = [line for line in captured.out.splitlines() if line.startswith(str(images))]
+    assert len(printed) == 6
+    for line in printed:
+        assert line.count("%") == 2
+    rows = list(csv.DictReader(out.open()))
+    ok = [r for r in rows if not r["error"]]
+    assert len(ok) == 6 * 2 and {r["rank"] for r in ok} == {"1", "2"}
+    assert {r["path"].rsplit("/", 1)[1] for r in rows if r["error"]} == {"broken.jpg", "empty.png"}
+
+
+def test_predict_backends_agree_and_auto_uses_onnx_of_the_same_weights(trained, tmp_path):
+    params, raw, split, _ = trained
+    export_onnx(ExportConfig(), tmp_path / "model.pt", tmp_path / "model.onnx")
+    folder = raw / next(iter(CLASS_COLOURS))
+    by_torch = list(predict_images(TorchPredictor(tmp_path / "model.pt"), [folder], top_k=3))
+    by_onnx = list(predict_images(OnnxPredictor(tmp_path / "model.onnx"), [folder], top_k=3))
+    assert [p.top[0][0] for p in by_torch] == [p.top[0][0] for p in by_onnx]
+    for a, b in zip(by_torch, by_onnx, strict=True):
+        assert a.top[0][1] == pytest.approx(b.top[0][1], abs=1e-4)
+    from signflow.predict import choose_predictor
+
+    assert choose_predictor(tmp_path / "model.pt", tmp_path / "model.onnx", "auto").backend == "onnx"
+    bundle = load_bundle(tmp_path / "model.pt")
+    bundle.state_dict = {k: v + 1 if v.is_floating_point() else v for k, v in bundle.state_dict.items()}
+    from signflow.checkpoint import save_bundle
+
+    save_bundle(bundle, tmp_path / "other.pt")
+    assert choose_predictor(tmp_path / "other.pt", tmp_path / "model.onnx", "auto").backend == "torch"
+
+
+def test_register_writes_model_card_and_predict_loads_the_champion(trained, tmp_path, monkeypatch, capsys):
+    params, raw, split, _ = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    evaluate(EvaluateConfig(), tmp_path / "model.pt", raw, split, tmp_path / "reports", tmp_path / "train_log.csv")
+    export_onnx(ExportConfig(), tmp_path / "model.pt", tmp_path / "model.onnx")
+    result = register_run(
+        params,
+        tmp_path / "model.pt",
+        tmp_path / "reports",
+        tmp_path / "registered.json",
+        project_dir=tmp_path,
+        split_dir=split,
+        onnx_path=tmp_path / "model.onnx",
+        card_path=tmp_path / "model_card.md",
+    )
+    assert result.is_champion
+    card = (tmp_path / "model_card.md").read_text()
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert f"version {result.version}" in card
+    assert f"| test images | {metrics['test_images']} |" in card
+    assert "`gamma ü`" in card and "Intended use" in card and "Known limits" in card
+    from mlflow import MlflowClient
+
+    version = MlflowClient().get_model_version(params.register.model_name, result.version)
+    assert version.description.startswith("# Model card")
+
+    import yaml
+
+    from tests.conftest import tiny_params
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params("unused")))
+    image = raw / "beta" / "IMG_000.JPG"
+    code = main(["predict", str(image), "--model", "champion", "--params", str(tmp_path / "params.yaml")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.startswith(f"{image}: ")
+    assert f"model: {params.register.model_name} version {result.version} (onnx backend" in captured.err
+
+    code = main(["predict", str(image), "--model", "7", "--params", str(tmp_path / "params.yaml")])
+    assert code == 1 and "no version or alias '7'" in capsys.readouterr().err

@@ -57,6 +57,17 @@ class ModelBundle:
                 "Class indices would shift; retrain the model on this split."
             )
 
+    def check_preprocessing(self, where: str) -> None:
+        """Refuse preprocessing that is not what the model was trained with (a damaged or edited file)."""
+        prep, trained_size = self.preprocessing, self.train_params.get("image_size")
+        problems = []
+        if trained_size is not None and prep.image_size != trained_size:
+            problems.append(f"image size {prep.image_size} but trained at train.image_size {trained_size}")
+        if len(prep.mean) != 3 or len(prep.std) != 3 or any(not (0 < v < 10) for v in prep.std):
+            problems.append(f"mean {prep.mean} / std {prep.std} are not 3 channels with positive std")
+        if problems:
+            raise CheckpointError(f"{where}: preprocessing does not match the model: {'; '.join(problems)}")
+
 
 def save_bundle(bundle: ModelBundle, path: str | Path) -> Path:
     payload = {

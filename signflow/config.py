@@ -111,6 +111,8 @@ class TrainConfig(_Section):
     channels_last: bool = True
     amp: bool = True
     """bfloat16/float16 autocast on CUDA; ignored on the CPU."""
+    resume: bool = True
+    """Continue an interrupted run from its last epoch checkpoint (`<model>.resume`) when params and data match."""
 
     _coerce = field_validator("lr", "weight_decay", "label_smoothing", mode="before")(_float_from_yaml)
 

@@ -212,8 +212,11 @@ def _copy_classes(class_root: Path, dest: Path) -> tuple[dict[str, int], list[st
     skipped: list[str] = []
     for folder in sorted(p for p in class_root.iterdir() if p.is_dir() and not is_junk(p.name)):
         files = sorted(p for p in folder.rglob("*") if p.is_file() and not is_junk(p.relative_to(folder)))
+        others = [p for p in files if not is_image_name(p)]
+        skipped += [f"{p.relative_to(class_root).as_posix()}: not an image file name, left out" for p in others]
+        files = [p for p in files if is_image_name(p)]
         if not files:
-            skipped.append(f"{folder.name}/: empty class folder, left out")
+            skipped.append(f"{folder.name}/: class folder without images, left out")
             continue
         for file in files:
             target = dest / folder.name / file.relative_to(folder)

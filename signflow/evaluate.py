@@ -76,6 +76,7 @@ def evaluate(
     raw_dir, reports_dir = Path(raw_dir), Path(reports_dir)
     bundle = load_bundle(model_path)
     bundle.check_classes(read_class_names(split_dir), f"{split_dir}/classes.json")
+    bundle.check_preprocessing(str(model_path))
     manifest = read_manifest(split_dir, "test")
     images = load_images([raw_dir / p for p in manifest["path"]], bundle.preprocessing, desc="decode test")
     device = resolve_device("auto")

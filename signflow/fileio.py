@@ -23,15 +23,55 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_scratch(target: str | Path) -> list[Path]:
+    """Remove scratch files and folders of `target` left by a process that was killed.
+
+    Scratch names carry the writer's process id (`.<name>.<pid>.<random>.tmp|.partial`); only
+    those whose process no longer exists are removed, so a concurrent writer is never disturbed.
+    """
+    target = Path(target)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for candidate in target.parent.glob(f".{glob_escape(target.name)}.*"):
+        parts = candidate.name[len(target.name) + 2 :].split(".")
+        if len(parts) < 3 or parts[-1] not in ("tmp", "partial") or not parts[0].isdigit():
+            continue
+        if _pid_alive(int(parts[0])):
+            continue
+        if candidate.is_dir():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target` in one rename.
 
-    On any error the temporary file is removed and `target` keeps its previous content.
+    On any error the temporary file is removed and `target` keeps its previous content. A crash
+    (SIGKILL, power loss) can leave the temporary file; the next write of `target` removes it.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_scratch(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -74,10 +114,18 @@ def replace_dir_atomic(staged: Path, target: Path) -> None:
 
 @contextmanager
 def staging_dir(target: str | Path) -> Iterator[Path]:
-    """A scratch directory beside `target` (same filesystem, so renames are atomic); always removed."""
+    """A scratch directory beside `target` (same filesystem, so renames are atomic); always removed.
+
+    Scratch left by a killed run is removed first, and a `target` lost between the two renames of
+    `replace_dir_atomic` is restored from the copy kept beside it.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    remove_stale_scratch(target)
+    old = target.with_name(f".{target.name}.old")
+    if old.is_dir() and not target.exists():
+        os.replace(old, target)
+    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=target.parent))
     try:
         yield path
     finally:

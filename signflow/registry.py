@@ -65,11 +65,11 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def _client(tracking_uri: str):
-    import mlflow
+    # Not mlflow.set_tracking_uri: it also exports MLFLOW_TRACKING_URI to this process's environment,
+    # and every later subprocess would then register into this run's registry.
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
-    return MlflowClient(tracking_uri=tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def _experiment_id(client, name: str, tracking_uri: str) -> str:
@@ -145,10 +145,12 @@ def register_model(
     fingerprint = bundle.fingerprint()
     accuracy = float(metrics["accuracy"])
     tracking_uri = resolve_tracking_uri(cfg)
-    client = _client(tracking_uri)
-    key = hashlib.sha256(f"{tracking_uri}\n{cfg.model_name}".encode()).hexdigest()[:16]
+    # One registration per registry at a time: creating a fresh SQLite registry, checking for a
+    # duplicate and moving the champion alias are not safe to interleave between processes.
+    key = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
     lock_path = Path(tempfile.gettempdir()) / f"signflow-register-{key}.lock"
     with FileLock(str(lock_path), timeout=600):
+        client = _client(tracking_uri)
         existing = _find_version(client, cfg.model_name, fingerprint)
         if existing is None:
             reports = [Path(metrics_path), *(extra_artifacts or [])]

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from signflow.checkpoint import ModelBundle, save_bundle
-from signflow.config import TrainConfig
+from signflow.config import ConfigError, TrainConfig
 from signflow.errors import SignflowError
 from signflow.feature_cache import SplitModel, compute_features, split_model
 from signflow.fileio import write_atomic
@@ -34,6 +34,7 @@ from signflow.model import (
     set_train_mode,
 )
 from signflow.preprocess import augment, load_images, normalize
+from signflow.resume import TrainingState, load_state, resume_key, resume_path, save_state
 from signflow.split import read_class_names, read_manifest
 
 log = logging.getLogger(__name__)
@@ -214,10 +215,30 @@ def _is_better(accuracy: float, loss: float, best: tuple[float, float] | None) -
     return accuracy > best[0] or (accuracy == best[0] and loss < best[1])
 
 
+def check_image_size(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse an image size the architecture cannot take (e.g. a ViT's fixed patch grid), before any work."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device))
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise ConfigError(
+            f"train.image_size: {cfg.image_size} px is not supported by {cfg.model} ({str(error).splitlines()[0]}); "
+            "use the size the model was made for or another model"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
 def fine_tune(
     cfg: TrainConfig, raw_dir: str | Path, split_dir: str | Path, model_path: str | Path, log_path: str | Path
 ) -> TrainResult:
-    """Train as `cfg` says and write the best model to `model_path`, the epoch log to `log_path`."""
+    """Train as `cfg` says and write the best model to `model_path`, the epoch log to `log_path`.
+
+    After each epoch the full training state goes to `<model_path>.resume`; a rerun with the same
+    params and data continues from there (see signflow.resume) and removes it when done.
+    """
     raw_dir, split_dir = Path(raw_dir), Path(split_dir)
     seed_everything(cfg.seed)
     if cfg.num_threads:
@@ -233,21 +254,37 @@ def fine_tune(
     )
     prep = preprocessing_for(model, cfg.image_size)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    check_image_size(model, cfg, device)
     train_data = load_split(raw_dir, split_dir, "train", prep)
     valid_data = load_split(raw_dir, split_dir, "valid", prep)
     optimizer = create_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     generator = torch.Generator().manual_seed(cfg.seed)
+    # The runner draws its cached augmented views from `generator` first: the same on a resumed run.
     runner = create_runner(model, train_data, valid_data, prep, cfg, device, generator)
-    history, best, best_state, best_epoch, train_seconds = [], None, None, 0, 0.0
+    checkpoint, key = resume_path(model_path), resume_key(cfg, split_dir, class_names)
+    state = load_state(checkpoint, key, class_names) if cfg.resume else None
+    history, best, best_state, best_epoch, train_seconds, first_epoch = [], None, None, 0, 0.0, 1
+    if state is not None:
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        generator.set_state(state.generator)
+        history, best, best_state, best_epoch = state.history, state.best, state.best_state, state.best_epoch
+        train_seconds, first_epoch = state.train_seconds, state.epoch + 1
+        log.info("resuming from %s after epoch %d of %d", checkpoint, state.epoch, cfg.epochs)
     started = time.perf_counter()
-    for epoch in tqdm(range(1, cfg.epochs + 1), desc="fine-tune", unit="epoch"):
+    # A checkpoint is never written after the last epoch or an early stop, so there is work left.
+    epochs = range(first_epoch, cfg.epochs + 1)
+    progress = tqdm(epochs, desc="fine-tune", unit="epoch", initial=first_epoch - 1, total=cfg.epochs)
+    for epoch in progress:
         tick = time.perf_counter()
         try:
             train_loss, train_acc = runner.train_epoch(optimizer, generator, epoch)
         except TrainingError:
             if best_state is not None:
                 _save(model_path, cfg, class_names, prep, best_state, best_epoch, best, history)
+            checkpoint.unlink(missing_ok=True)  # resuming would only meet the same NaN again
             raise
         train_seconds += time.perf_counter() - tick
         scheduler.step()
@@ -274,13 +311,29 @@ def fine_tune(
         if _is_better(valid_acc, valid_loss, best):
             best, best_epoch = (valid_acc, valid_loss), epoch
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        elif cfg.early_stopping_patience and epoch - best_epoch >= cfg.early_stopping_patience:
+        stopped_early = _early_stop(cfg, epoch, best_epoch)
+        if cfg.resume and epoch < cfg.epochs and not stopped_early:
+            snapshot = TrainingState(
+                epoch,
+                {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                optimizer.state_dict(),
+                scheduler.state_dict(),
+                generator.get_state(),
+                best,
+                best_state,
+                best_epoch,
+                history,
+                train_seconds,
+            )
+            save_state(checkpoint, key, class_names, snapshot)
+        if stopped_early:
             log.info("early stop: no better validation accuracy for %d epochs", cfg.early_stopping_patience)
             break
     write_atomic(log_path, lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False))
     images_per_second = len(history) * len(train_data.labels) / max(train_seconds, 1e-9)
-    extra = {"train_images_per_second": images_per_second, "train_seconds": time.perf_counter() - started}
+    extra = {"train_images_per_second": images_per_second, "train_seconds": train_seconds}
     _save(model_path, cfg, class_names, prep, best_state, best_epoch, best, history, extra)
+    checkpoint.unlink(missing_ok=True)
     return TrainResult(
         str(model_path),
         best_epoch,
@@ -291,6 +344,10 @@ def fine_tune(
         trainable,
         total,
     )
+
+
+def _early_stop(cfg: TrainConfig, epoch: int, best_epoch: int) -> bool:
+    return bool(cfg.early_stopping_patience) and epoch - best_epoch >= cfg.early_stopping_patience
 
 
 def _save(model_path, cfg, class_names, prep, state, best_epoch, best, history, extra=None) -> None:

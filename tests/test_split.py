@@ -3,6 +3,7 @@ import shutil
 
 import pandas as pd
 import pytest
+import torch
 
 from signflow.config import SplitConfig
 from signflow.split import SplitError, read_class_names, read_manifest, split_dataset
@@ -78,3 +79,72 @@ def test_too_few_images_in_a_class_names_the_class(class_folders, tmp_path):
 def test_missing_raw_folder(tmp_path):
     with pytest.raises(SplitError, match="run the download step first"):
         split_dataset(tmp_path / "nope", tmp_path / "split", CFG)
+
+
+def test_images_of_every_kind_are_used_with_their_true_size(class_folders, tmp_path):
+    """CMYK, grayscale, RGBA, palette, 16-bit, EXIF-rotated, huge, upper-case and wrong extensions:
+    all decoded correctly and kept; every image reaches training as RGB at the model's size."""
+    import numpy as np
+    from PIL import Image
+
+    from signflow.preprocess import load_images
+    from signflow.preprocessing import Preprocessing
+
+    folder = class_folders / "beta"
+    base = Image.open(folder / "IMG_000.JPG").convert("RGB").resize((60, 40))
+    base.convert("CMYK").save(folder / "cmyk.jpg")
+    base.convert("L").save(folder / "gray.PNG")
+    base.convert("RGBA").save(folder / "rgba.png")
+    base.convert("P").save(folder / "palette.gif")
+    Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257).save(folder / "sixteen.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: stored 60x40, seen 40x60
+    base.save(folder / "rotated.JPEG", exif=exif)
+    base.resize((4000, 3000)).save(folder / "huge.jpg", quality=60)
+    base.save(folder / "png_named.jpg", format="PNG")
+    split_dataset(class_folders, tmp_path / "split", CFG)
+    used = pd.concat(manifests(tmp_path / "split").values()).set_index("path")
+    names = [
+        "cmyk.jpg",
+        "gray.PNG",
+        "rgba.png",
+        "palette.gif",
+        "sixteen.png",
+        "rotated.JPEG",
+        "huge.jpg",
+        "png_named.jpg",
+    ]
+    for name in names:
+        assert f"beta/{name}" in used.index, name
+    assert tuple(used.loc["beta/rotated.JPEG", ["width", "height"]]) == (40, 60)
+    assert tuple(used.loc["beta/huge.jpg", ["width", "height"]]) == (4000, 3000)
+    prep = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    tensors = load_images([folder / n for n in names], prep)
+    assert tensors.shape == (len(names), 3, 32, 32) and tensors.dtype == torch.uint8
+    gray = tensors[names.index("sixteen.png")]
+    assert torch.equal(gray[0], gray[1]), "16-bit grayscale becomes equal RGB channels"
+    assert gray.float().mean() > 20, "16-bit values are scaled down, not clipped to white or black"
+
+
+def test_empty_class_folder_and_readme_files_are_left_out_and_reported(class_folders, tmp_path):
+    from signflow.config import DownloadConfig
+    from signflow.download import download_dataset
+
+    (class_folders / "delta").mkdir()
+    (class_folders / "README.md").write_text("# about")
+    (class_folders / "alpha" / "README.txt").write_text("notes")
+    info = download_dataset(DownloadConfig(url=str(class_folders)), tmp_path / "raw")
+    assert "delta" not in info.class_names
+    assert any(line.startswith("delta/: class folder without images") for line in info.skipped)
+    assert any(line.startswith("alpha/README.txt: not an image") for line in info.skipped)
+    assert not (tmp_path / "raw" / "alpha" / "README.txt").exists()
+    source = json.loads((tmp_path / "raw" / "SOURCE.json").read_text())
+    assert source["skipped"] == info.skipped
+
+
+def test_class_names_with_spaces_and_non_ascii_keep_their_index_everywhere(class_folders, tmp_path):
+    result = split_dataset(class_folders, tmp_path / "split", CFG)
+    assert "gamma ü" in result.class_names
+    for frame in manifests(tmp_path / "split").values():
+        assert (frame["label_index"] == frame["label"].map(result.class_names.index)).all()
+    assert json.loads((tmp_path / "split" / "classes.json").read_text(encoding="utf-8")) == result.class_names

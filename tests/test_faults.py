@@ -1,0 +1,296 @@
+"""Faults leave the last good state intact: killed and interrupted runs, full disks, NaN losses,
+concurrent registrations, dropped connections."""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from signflow.checkpoint import CheckpointError, load_bundle, save_bundle
+from signflow.config import DownloadConfig, EvaluateConfig, parse_params
+from signflow.download import NetworkError, download_dataset
+from signflow.evaluate import evaluate
+from signflow.fileio import remove_stale_scratch
+from signflow.resume import resume_path
+from signflow.split import split_dataset
+from signflow.train import PlainRunner, TrainingError, fine_tune
+from tests.conftest import tiny_params
+
+
+@pytest.fixture
+def prepared(tmp_path, tiny_zip):
+    params = parse_params(tiny_params(tiny_zip, epochs=4, cache_frozen_features=False))
+    raw, split = tmp_path / "raw", tmp_path / "split"
+    download_dataset(params.download, raw)
+    split_dataset(raw, split, params.split)
+    return params, raw, split
+
+
+def _train(params, raw, split, out: Path):
+    return fine_tune(params.train, raw, split, out / "model.pt", out / "log.csv")
+
+
+def test_interrupted_training_resumes_from_its_checkpoint_to_the_same_model(prepared, tmp_path, monkeypatch):
+    params, raw, split = prepared
+    (tmp_path / "clean").mkdir()
+    _train(params, raw, split, tmp_path / "clean")
+    expected = load_bundle(tmp_path / "clean" / "model.pt").fingerprint()
+
+    out = tmp_path / "interrupted"
+    out.mkdir()
+    original = PlainRunner.train_epoch
+
+    def interrupt_at_epoch_3(self, optimizer, generator, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt("killed during epoch 3")
+        return original(self, optimizer, generator, epoch)
+
+    monkeypatch.setattr(PlainRunner, "train_epoch", interrupt_at_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        _train(params, raw, split, out)
+    assert resume_path(out / "model.pt").is_file() and not (out / "model.pt").exists()
+    monkeypatch.setattr(PlainRunner, "train_epoch", original)
+    result = _train(params, raw, split, out)
+    assert result.epochs_run == 4
+    assert load_bundle(out / "model.pt").fingerprint() == expected, "resumed run ends with the same weights"
+    assert not resume_path(out / "model.pt").exists(), "the checkpoint is removed once training is done"
+
+
+def test_killed_training_process_resumes_to_the_same_model(prepared, tmp_path, venv_env):
+    """SIGKILL the real `signflow train` as soon as its first epoch checkpoint exists, then rerun it."""
+    params, raw, split = prepared
+    project = tmp_path / "proj"
+    project.mkdir()
+    config = params.model_dump(mode="json")
+    config["train"].update(epochs=6)
+    (project / "params.yaml").write_text(yaml.safe_dump(config))
+    command = ["signflow", "train", "--raw", str(raw), "--split", str(split)]
+    clean = subprocess.run(
+        [*command, "--model", "clean.pt", "--train-log", "clean.csv"], cwd=project, env=venv_env, capture_output=True
+    )
+    assert clean.returncode == 0, clean.stderr.decode()[-2000:]
+
+    process = subprocess.Popen(command, cwd=project, env=venv_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = resume_path(project / "models" / "model.pt")
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    if not checkpoint.exists():
+        pytest.skip("training finished before it could be killed")
+    assert not (project / "models" / "model.pt").exists()
+    again = subprocess.run(command, cwd=project, env=venv_env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in again.stderr
+    assert load_bundle(project / "models" / "model.pt").fingerprint() == load_bundle(project / "clean.pt").fingerprint()
+
+
+def test_a_checkpoint_from_other_params_is_not_resumed(prepared, tmp_path, monkeypatch, caplog):
+    params, raw, split = prepared
+    original = PlainRunner.train_epoch
+
+    def interrupt(self, optimizer, generator, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, optimizer, generator, epoch)
+
+    monkeypatch.setattr(PlainRunner, "train_epoch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _train(params, raw, split, tmp_path)
+    monkeypatch.setattr(PlainRunner, "train_epoch", original)
+    other = params.train.model_copy(update={"lr": params.train.lr / 2})
+    with caplog.at_level("WARNING"):
+        result = fine_tune(other, raw, split, tmp_path / "model.pt", tmp_path / "log.csv")
+    assert "made with other train params or data: not resumed" in caplog.text
+    assert result.epochs_run == 4
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(prepared, tmp_path, monkeypatch):
+    params, raw, split = prepared
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save_then_fail(obj, target, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        _train(params, raw, split, tmp_path)
+    checkpoint = torch.load(resume_path(tmp_path / "model.pt"), weights_only=False)
+    assert checkpoint["epoch"] == 1, "the epoch-1 checkpoint survived the failed epoch-2 write"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_best_checkpoint(prepared, tmp_path, monkeypatch):
+    params, raw, split = prepared
+    original = torch.nn.functional.cross_entropy
+    state = {"epoch_batches": 0}
+
+    def nan_after_a_while(*args, **kwargs):
+        state["epoch_batches"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if state["epoch_batches"] > 6 and kwargs.get("label_smoothing") is not None else loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_after_a_while)
+    with pytest.raises(TrainingError, match="loss became nan.*best checkpoint so far was kept"):
+        _train(params, raw, split, tmp_path)
+    bundle = load_bundle(tmp_path / "model.pt")
+    assert bundle.summary["best_epoch"] >= 1
+    assert not resume_path(tmp_path / "model.pt").exists()
+
+
+def test_evaluate_refuses_a_model_whose_preprocessing_was_changed(trained, tmp_path):
+    params, raw, split, _ = trained
+    bundle = load_bundle(tmp_path / "model.pt")
+    from dataclasses import replace
+
+    bundle.preprocessing = replace(bundle.preprocessing, image_size=64)
+    save_bundle(bundle, tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match="preprocessing does not match.*image size 64"):
+        evaluate(EvaluateConfig(), tmp_path / "edited.pt", raw, split, tmp_path / "reports")
+
+
+def _register_in_process(args):
+    tracking, params_raw, model, accuracy, out = args
+    from signflow.registry import register_model
+
+    params = parse_params({**params_raw, "register": {**params_raw["register"], "tracking_uri": tracking}})
+    metrics = Path(out) / f"metrics-{accuracy}.json"
+    metrics.write_text(json.dumps({"accuracy": accuracy, "macro_f1": accuracy, "test_images": 9}))
+    result = register_model(
+        params.register, model, metrics, params.model_dump(mode="json"), {}, Path(out) / f"rec-{accuracy}.json"
+    )
+    return result.version, result.champion_version
+
+
+def test_two_registrations_at_the_same_moment_make_two_versions_and_the_better_champion(trained, tmp_path):
+    params, *_ = trained
+    bundle = load_bundle(tmp_path / "model.pt")
+    save_bundle(bundle, tmp_path / "a.pt")
+    bundle.state_dict = {k: v + 1 if v.is_floating_point() else v for k, v in bundle.state_dict.items()}
+    save_bundle(bundle, tmp_path / "b.pt")
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = params.model_dump(mode="json")
+    jobs = [
+        (tracking, raw, str(tmp_path / "a.pt"), 0.7, str(tmp_path)),
+        (tracking, raw, str(tmp_path / "b.pt"), 0.9, str(tmp_path)),
+    ]
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        results = pool.map(_register_in_process, jobs)
+    assert sorted(version for version, _ in results) == ["1", "2"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking)
+    champion = client.get_model_version_by_alias(params.register.model_name, "champion")
+    assert float(champion.tags["signflow.test_accuracy"]) == 0.9
+    # A retried registration of the same weights adds nothing.
+    again = _register_in_process((tracking, raw, str(tmp_path / "b.pt"), 0.9, str(tmp_path)))
+    assert again[0] in {"1", "2"}
+    assert len(client.search_model_versions(f"name = '{params.register.model_name}'")) == 2
+    assert "MLFLOW_TRACKING_URI" not in os.environ, "registering must not redirect later processes' registry"
+
+
+class _SlowArchive(BaseHTTPRequestHandler):
+    payload = b""
+    mode = "slow"
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.payload)))
+        self.end_headers()
+        if self.mode == "drop":
+            self.wfile.write(self.payload[: len(self.payload) // 3])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        for start in range(0, len(self.payload), 1024):
+            self.wfile.write(self.payload[start : start + 1024])
+            self.wfile.flush()
+            time.sleep(0.05 if self.mode == "slow" else 0)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def archive_server(tiny_zip):
+    _SlowArchive.payload = tiny_zip.read_bytes()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowArchive)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/data.zip"
+    server.shutdown()
+
+
+def test_download_killed_midway_leaves_the_previous_dataset_and_the_next_run_starts_clean(
+    archive_server, tmp_path, tiny_zip, venv_env
+):
+    project = tmp_path / "proj"
+    project.mkdir()
+    download_dataset(DownloadConfig(url=str(tiny_zip)), project / "data" / "raw")
+    before = sorted(p.relative_to(project).as_posix() for p in (project / "data" / "raw").rglob("*"))
+    params = tiny_params(archive_server)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    _SlowArchive.mode = "slow"
+    process = subprocess.Popen(
+        ["signflow", "download"], cwd=project, env=venv_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 60
+    partial = []
+    while time.monotonic() < deadline and not partial:
+        partial = [p for p in (project / "data").iterdir() if p.name.endswith(".partial") and any(p.rglob("*"))]
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert partial, "the download had started"
+    after = sorted(p.relative_to(project).as_posix() for p in (project / "data" / "raw").rglob("*"))
+    assert after == before, "a killed download leaves the previous dataset untouched"
+    _SlowArchive.mode = "fast"
+    download_dataset(parse_params(params).download, project / "data" / "raw")
+    assert not [p for p in (project / "data").iterdir() if p.name.endswith(".partial")], "stale scratch removed"
+
+
+def test_a_dropped_connection_is_a_network_error_and_keeps_the_dataset(archive_server, tmp_path, tiny_zip):
+    raw = tmp_path / "raw"
+    download_dataset(DownloadConfig(url=str(tiny_zip)), raw)
+    before = sorted(p.name for p in raw.rglob("*"))
+    _SlowArchive.mode = "drop"
+    with pytest.raises(NetworkError):
+        download_dataset(DownloadConfig(url=archive_server, retries=1), raw)
+    assert sorted(p.name for p in raw.rglob("*")) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_stale_scratch_of_a_live_process_is_kept(tmp_path):
+    target = tmp_path / "raw"
+    mine = tmp_path / f".raw.{os.getpid()}.abc.partial"
+    dead = tmp_path / ".raw.999999999.abc.partial"
+    mine.mkdir()
+    dead.mkdir()
+    assert remove_stale_scratch(target) == [dead]
+    assert mine.exists() and not dead.exists()
+
+
+def test_image_size_the_model_cannot_take_is_a_config_error(prepared, tmp_path):
+    params, raw, split = prepared
+    from signflow.config import ConfigError
+
+    cfg = params.train.model_copy(update={"model": "vit_tiny_patch16_224", "image_size": 100})
+    with pytest.raises(ConfigError, match="train.image_size: 100 px is not supported by vit_tiny_patch16_224"):
+        fine_tune(cfg, raw, split, tmp_path / "model.pt", tmp_path / "log.csv")

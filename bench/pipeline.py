@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["download", "split", "train", "evaluate", "register"]
+STAGES = ["download", "split", "train", "evaluate", "export", "register"]
 
 
 def _peak_child_rss_mb() -> float:

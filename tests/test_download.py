@@ -162,3 +162,24 @@ def test_junk_files_are_not_copied(class_folders, tmp_path):
     info = download_dataset(cfg(class_folders), tmp_path / "raw")
     assert info.counts["alpha"] == PER_CLASS
     assert not Path(tmp_path / "raw" / "alpha" / ".DS_Store").exists()
+
+
+def test_hard_links_in_tar_and_symbolic_links_in_zip_are_refused(tmp_path):
+    archive = tmp_path / "hard.tar"
+    with tarfile.open(archive, "w") as bundle:
+        member = tarfile.TarInfo("data/a/x.jpg")
+        member.size = 1
+        bundle.addfile(member, io.BytesIO(b"1"))
+        hard = tarfile.TarInfo("data/b/y.jpg")
+        hard.type, hard.linkname = tarfile.LNKTYPE, "data/a/x.jpg"
+        bundle.addfile(hard)
+    with pytest.raises(DownloadError, match="links and special files"):
+        download_dataset(cfg(archive), tmp_path / "raw")
+    archive = tmp_path / "link.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        info = zipfile.ZipInfo("data/a/link.jpg")
+        info.external_attr = 0o120777 << 16  # a symbolic link entry
+        bundle.writestr(info, "/etc/passwd")
+    with pytest.raises(DownloadError, match="symbolic link"):
+        download_dataset(cfg(archive), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()

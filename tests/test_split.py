@@ -43,6 +43,7 @@ def test_bad_files_are_reported_and_left_out(class_folders, tmp_path):
     (class_folders / "alpha" / "truncated.jpg").write_bytes(good.read_bytes()[:200])
     (class_folders / "beta" / "notes.txt").write_text("not an image")
     (class_folders / "beta" / "empty.jpg").write_bytes(b"")
+    (class_folders / "beta" / "text_named.png").write_text("not an image at all")
     shutil.copy(good, class_folders / "alpha" / "copy_of_0.jpg")
     shutil.copy(good, class_folders / "gamma ü" / "same_bytes_other_class.jpg")
     make_image(class_folders / "gamma ü" / "really_png.jpg", (40, 40, 200), seed=99, fmt="PNG")
@@ -52,6 +53,7 @@ def test_bad_files_are_reported_and_left_out(class_folders, tmp_path):
     assert reasons["alpha/truncated.jpg"].startswith("unreadable")
     assert reasons["beta/notes.txt"].startswith("unreadable")
     assert reasons["beta/empty.jpg"].startswith("unreadable")
+    assert reasons["beta/text_named.png"].startswith("unreadable")
     assert "identical file appears in classes" in reasons["alpha/IMG_000.JPG"]
     assert "identical file appears in classes" in reasons["gamma ü/same_bytes_other_class.jpg"]
     assert "duplicate of" in reasons["alpha/copy_of_0.jpg"] or "identical" in reasons["alpha/copy_of_0.jpg"]

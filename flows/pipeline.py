@@ -114,8 +114,8 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=pipeline.__doc__)
+def add_project_arguments(parser: argparse.ArgumentParser, overrides_help: str) -> None:
+    """--params, --project-dir and --set KEY=VALUE, as every flow command takes them."""
     parser.add_argument("--params", default="params.yaml", help="params file, relative to --project-dir")
     parser.add_argument("--project-dir", default=".", help="project root holding dvc.yaml (default: .)")
     parser.add_argument(
@@ -125,8 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         type=_parse_override,
         default=[],
         metavar="KEY=VALUE",
-        help="override one params key for this run (repeatable)",
+        help=overrides_help,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=pipeline.__doc__)
+    add_project_arguments(parser, "override one params key for this run (repeatable)")
     parser.add_argument("--no-dvc", action="store_true", help="neither skip up-to-date steps nor write dvc.lock")
     parser.add_argument("--force", action="store_true", help="run every step even if DVC says it is up to date")
     parser.add_argument(

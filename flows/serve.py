@@ -27,9 +27,8 @@ from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+from flows.pipeline import add_project_arguments  # noqa: E402
 from signflow.config import ConfigError, ScheduleConfig, load_params  # noqa: E402
-
-DEFAULT_PARAMS = "params.yaml"
 
 
 def deployment_parameters(params_path: str, project_dir: Path, overrides: dict[str, Any], refresh: bool) -> dict:
@@ -73,33 +72,19 @@ def build_deployment(schedule: ScheduleConfig, parameters: dict[str, Any]):
     )
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
-    from flows.pipeline import _parse_override as parse
-
-    return parse(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.serve",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file, relative to --project-dir")
-    parser.add_argument("--project-dir", default=".", help="project root holding dvc.yaml (default: .)")
+    add_project_arguments(
+        parser, "params override for every run of this deployment (repeatable; such runs skip nothing, see README)"
+    )
     timing = parser.add_mutually_exclusive_group()
     timing.add_argument("--cron", help="cron schedule, overriding schedule.cron (e.g. '0 3 * * *')")
     timing.add_argument("--interval", type=int, metavar="SECONDS", help="interval schedule, overriding schedule.cron")
     parser.add_argument("--name", help="deployment name, overriding schedule.deployment")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        type=_parse_override,
-        default=[],
-        metavar="KEY=VALUE",
-        help="params override for every run of this deployment (repeatable; such runs skip nothing, see README)",
-    )
     parser.add_argument("--no-refresh-data", action="store_true", help="let DVC skip the download step too")
     args = parser.parse_args(argv)
 
@@ -116,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             updates["deployment"] = args.name
         schedule = ScheduleConfig.model_validate({**params.schedule.model_dump(), **updates})
         refresh = schedule.refresh_data and not args.no_refresh_data
-        deployment = build_deployment(
-            schedule, deployment_parameters(args.params, project, overrides, refresh)
-        )
+        deployment = build_deployment(schedule, deployment_parameters(args.params, project, overrides, refresh))
     except (ConfigError, ValueError) as error:
         print(f"flows.serve: error: {error}", file=sys.stderr)
         return 2

@@ -38,3 +38,18 @@ def test_flow_cli_rejects_a_malformed_override():
         [sys.executable, "-m", "flows.pipeline", "--set", "train.epochs"], capture_output=True, text=True
     )
     assert run.returncode == 2 and "expected KEY=VALUE" in run.stderr
+
+
+def test_serve_refuses_a_bad_schedule_a_bad_override_and_a_missing_server(tmp_path, capsys, monkeypatch):
+    from flows.serve import main as serve
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tmp_path / "data.zip")))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert serve(["--project-dir", str(tmp_path), "--cron", "99 * * * *"]) == 2
+    assert "cron" in capsys.readouterr().err.lower()
+    assert serve(["--project-dir", str(tmp_path), "--set", "train.epochz=3"]) == 2
+    assert "train.epochz: unknown key" in capsys.readouterr().err
+    assert serve(["--project-dir", str(tmp_path), "--interval", "30"]) == 2
+    assert "interval_s" in capsys.readouterr().err
+    assert serve(["--project-dir", str(tmp_path)]) == 2
+    assert "PREFECT_API_URL is not set" in capsys.readouterr().err

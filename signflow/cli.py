@@ -66,6 +66,12 @@ def cmd_register(params: Params, args: argparse.Namespace):
     )
 
 
+def cmd_sweep(params: Params, args: argparse.Namespace):
+    from signflow.sweep import sweep
+
+    return sweep(args.params, args.raw, args.split, args.sweep_dir, args.project_dir)
+
+
 def _add_paths(parser: argparse.ArgumentParser, *names: str) -> None:
     options = {
         "raw": ("--raw", layout.RAW_DIR, "raw dataset folder (<class>/<images>)"),
@@ -76,6 +82,7 @@ def _add_paths(parser: argparse.ArgumentParser, *names: str) -> None:
         "receipt": ("--receipt", layout.RECEIPT_PATH, "JSON record of the registered version"),
         "onnx": ("--onnx", layout.ONNX_PATH, "ONNX model file"),
         "card": ("--card", layout.MODEL_CARD_PATH, "model card (markdown)"),
+        "sweep_dir": ("--sweep-dir", layout.SWEEP_DIR, "folder for trials, comparison table and the winner"),
         "project_dir": (
             "--project-dir",
             Path("."),
@@ -111,6 +118,12 @@ COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
         "register the model (and its ONNX file) in MLflow, write its model card, and move the champion "
         "alias if it is better",
         ("model", "reports", "receipt", "project_dir", "split", "onnx", "card"),
+    ),
+    "sweep": (
+        cmd_sweep,
+        "train every combination of sweep.grid on the split, compare them, and evaluate and register the "
+        "winner (best validation accuracy); finished trials are skipped on a rerun",
+        ("raw", "split", "sweep_dir", "project_dir"),
     ),
 }
 

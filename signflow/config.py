@@ -185,6 +185,36 @@ class ScheduleConfig(_Section):
         return self
 
 
+def _default_grid() -> dict[str, list[Any]]:
+    return {"train.trainable_blocks": [2, 4, 8, 12], "train.lr": [1.0e-3, 5.0e-4]}
+
+
+class SweepConfig(_Section):
+    """`signflow sweep` / `python -m flows.sweep`: the train params to try, and the budget."""
+
+    grid: dict[str, list[Any]] = Field(default_factory=_default_grid)
+    """Dotted `train.*` keys and the values to try; every combination is a trial, in order."""
+    max_trials: int = Field(default=8, ge=1, le=1000)
+    max_minutes: float = Field(default=15.0, gt=0)
+    """No trial starts after this many minutes (the first always runs); running ones finish."""
+    workers: int = Field(default=1, ge=1, le=64)
+    """Trials at once in the Prefect flow's task runner (each uses train.num_threads threads)."""
+
+    _coerce = field_validator("max_minutes", mode="before")(_float_from_yaml)
+
+    @field_validator("grid")
+    @classmethod
+    def _train_keys_only(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if not grid:
+            raise ValueError("name at least one train.* key and its values")
+        for key, values in grid.items():
+            if not key.startswith("train.") or key == "train.":
+                raise ValueError(f"{key!r}: a sweep varies train.* keys only (all trials share one split)")
+            if not values:
+                raise ValueError(f"{key!r}: give at least one value")
+        return grid
+
+
 # BaseModel inherits ABC's `register` method; the params section of that name is meant to shadow it.
 warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)
 
@@ -197,6 +227,7 @@ class Params(_Section):
     export: ExportConfig = ExportConfig()
     register: RegisterConfig
     schedule: ScheduleConfig = ScheduleConfig()
+    sweep: SweepConfig = SweepConfig()
 
 
 def _format_errors(source: str, error: ValidationError) -> str:

@@ -15,3 +15,4 @@ REPORTS_DIR = Path("reports")
 TRAIN_LOG = REPORTS_DIR / "train_log.csv"
 METRICS_PATH = REPORTS_DIR / "metrics.json"
 RUN_LOCK = Path(".signflow-run.lock")
+SWEEP_DIR = Path("sweep")

@@ -65,3 +65,19 @@ def test_prefect_flow_runs_the_chain_and_leaves_dvc_up_to_date(tmp_path, tiny_zi
     second = pipeline(project_dir=str(project))
     assert all(value == SKIPPED for value in second.values()), "an unchanged pipeline skips every step"
     assert len(_versions(project)) == 1
+
+
+def test_sweep_flow_runs_trials_through_the_task_runner_and_registers_the_winner(tmp_path, tiny_zip, prefect_server):
+    import yaml
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.sweep import sweep_flow
+
+    project = make_project(tmp_path, tiny_zip)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["sweep"] = {"grid": {"train.lr": [3e-3, 1e-3]}, "max_trials": 2, "max_minutes": 30, "workers": 2}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    winner = sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))(project_dir=str(project))
+    assert winner["registered_version"] == "1"
+    assert len((project / "sweep" / "results.csv").read_text().strip().splitlines()) == 3
+    assert (project / "sweep" / "winner" / "model.onnx").is_file()

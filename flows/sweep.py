@@ -1,0 +1,120 @@
+"""The sweep as a Prefect flow: download → split (skipped when DVC says up to date) → one task per
+trial, run through the flow's task runner → comparison → evaluate, export and register the winner.
+
+    python -m flows.sweep                       # sweep.* from params.yaml, sweep.workers trials at once
+    python -m flows.sweep --workers 2
+
+Trials are submitted to the task runner, so the same flow fans out further with another runner
+(e.g. `prefect-dask`'s DaskTaskRunner or `prefect-ray`'s RayTaskRunner via `--task-runner`
+in your own wrapper, or by deploying it to a work pool whose workers run the trials).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.cache_policies import NONE  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+from flows.pipeline import _run_stage, add_project_arguments  # noqa: E402
+from signflow import dvc_state, layout, sweep  # noqa: E402
+from signflow.config import ConfigError, load_params, read_params_file  # noqa: E402
+from signflow.errors import SignflowError  # noqa: E402
+from tasks.pipeline import download_task, evaluate_task, export_task, register_task, split_task  # noqa: E402
+
+
+@task(name="trial", cache_policy=NONE)
+def trial_task(trial: sweep.Trial, raw_dir: Path, split_dir: Path, sweep_dir: Path, deadline: float | None):
+    return sweep.run_trial(trial, raw_dir, split_dir, sweep_dir, deadline)
+
+
+@task(name="compare", cache_policy=NONE)
+def compare_task(results: list[dict[str, Any]], sweep_dir: Path) -> dict[str, Any]:
+    winner = sweep.pick_winner(results)
+    table = sweep.comparison_table(results, winner)
+    paths = sweep.write_comparison(table, sweep_dir)
+    create_table_artifact(
+        key="sweep-comparison",
+        table=table.drop(columns=["reproduce"]).where(table.notna(), None).to_dict(orient="records"),
+        description=f"One row per trial; winner {winner['trial']} (best validation accuracy)",
+    )
+    create_markdown_artifact(
+        key="sweep-winner",
+        markdown=f"Winner **{winner['trial']}**, validation accuracy {winner['valid_accuracy']:.4f}.\n\n"
+        f"Reproduce it as the pipeline's train step: `{winner['reproduce']}`\n\nTable: `{paths['markdown']}`, "
+        f"plot: `{paths['plot']}`\n",
+    )
+    return winner
+
+
+@flow(name="signflow-sweep", log_prints=True)
+def sweep_flow(params_path: str = "params.yaml", project_dir: str = ".") -> dict[str, Any]:
+    """Run `sweep.grid` (see signflow.sweep) and register the winner; returns the winner's row."""
+    logger = get_run_logger()
+    root = Path(project_dir).resolve()
+    params = load_params(root / params_path)
+    raw, split, sweep_dir = root / layout.RAW_DIR, root / layout.SPLIT_DIR, root / layout.SWEEP_DIR
+    use_dvc = dvc_state.is_dvc_project(root)
+    _run_stage("download", root, use_dvc, False, lambda: download_task(params.download, raw))
+    _run_stage("split", root, use_dvc, False, lambda: split_task(params.split, raw, split))
+    trials = sweep.plan_trials(read_params_file(root / params_path), params.sweep, root)
+    logger.info("%d trials, %d at a time", len(trials), params.sweep.workers)
+
+    def submit(trials: list[sweep.Trial], deadline: float) -> list[dict[str, Any]]:
+        futures = [
+            trial_task.submit(trial, raw, split, sweep_dir, None if index == 0 else deadline)
+            for index, trial in enumerate(trials)
+        ]
+        return [future.result() for future in futures]
+
+    results = sweep.run_trials(trials, raw, split, sweep_dir, params.sweep.max_minutes, runner=submit)
+    winner = compare_task(results, sweep_dir)
+    chosen = sweep.winner_params(trials, winner)
+    out = sweep_dir / "winner"
+    trial_log = Path(winner["model_path"]).with_name("train_log.csv")
+    evaluate_task(chosen.evaluate, Path(winner["model_path"]), raw, split, out / "reports", trial_log)
+    export_task(chosen.export, Path(winner["model_path"]), out / "model.onnx")
+    registration = register_task(
+        chosen,
+        Path(winner["model_path"]),
+        out / "reports",
+        out / "registered.json",
+        root,
+        split,
+        out / "model.onnx",
+        out / "model_card.md",
+    )
+    return {**winner, "registered_version": registration.version}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_project_arguments(parser, argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, help="trials at once (default: sweep.workers)")
+    args = parser.parse_args(argv)
+    if args.overrides:
+        parser.error(
+            "--set is not supported here: edit sweep.* in params.yaml (a trial is params.yaml + its grid values)"
+        )
+    try:
+        workers = args.workers or load_params(Path(args.project_dir) / args.params).sweep.workers
+        runner = ThreadPoolTaskRunner(max_workers=workers)
+        sweep_flow.with_options(task_runner=runner)(args.params, args.project_dir)
+    except SignflowError as error:
+        print(f"flows.sweep: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

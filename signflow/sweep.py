@@ -1,0 +1,286 @@
+"""Sweep: train every combination of the `sweep.grid` values on one split, pick the winner on the
+validation split, and leave a comparison a person can read.
+
+Each trial is the train step with some `train.*` keys overridden, written to
+`<sweep dir>/trials/<name>/` (model, epoch log, `result.json`). `result.json` is written last and
+records the trial's exact train params: a rerun skips every trial whose result exists for the same
+params, so an interrupted sweep continues where it stopped. The winner has the best validation
+accuracy; ties go to the cheaper trial (less training time). Only the winner sees the test split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from signflow.config import (  # noqa: E402
+    Params,
+    SweepConfig,
+    TrainConfig,
+    apply_overrides,
+    parse_params,
+    resolve_relative_paths,
+)
+from signflow.errors import SignflowError  # noqa: E402
+from signflow.fileio import write_atomic, write_json_atomic  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+
+
+class SweepError(SignflowError, RuntimeError):
+    """The sweep cannot run or produced no usable trial."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    name: str
+    overrides: dict[str, Any]
+    params: Params
+
+    @property
+    def train(self) -> TrainConfig:
+        return self.params.train
+
+    def dvc_command(self) -> str:
+        """The `dvc exp run` that reproduces this trial as the pipeline's own train step."""
+        sets = " ".join(f"-S '{key}={json.dumps(value)}'" for key, value in self.overrides.items())
+        return f"dvc exp run {sets}"
+
+
+def plan_trials(raw_params: dict[str, Any], cfg: SweepConfig, base_dir: str | Path = ".") -> list[Trial]:
+    """Every combination of the grid, in order, up to `max_trials`; each checked by the typed config
+    (relative paths in params resolve against `base_dir`, the params file's folder)."""
+    keys = list(cfg.grid)
+    trials = []
+    for values in itertools.islice(itertools.product(*cfg.grid.values()), cfg.max_trials):
+        overrides = dict(zip(keys, values, strict=True))
+        params = parse_params(apply_overrides(raw_params, overrides), source=f"sweep trial {overrides}")
+        params = resolve_relative_paths(params, Path(base_dir))
+        digest = hashlib.sha256(params.train.model_dump_json().encode()).hexdigest()[:10]
+        label = "-".join(f"{key.split('.')[-1]}={value}" for key, value in overrides.items())
+        trials.append(Trial(f"{label}-{digest}", overrides, params))
+    return trials
+
+
+def trial_dir(sweep_dir: str | Path, trial: Trial) -> Path:
+    return Path(sweep_dir) / "trials" / trial.name
+
+
+def finished_result(sweep_dir: str | Path, trial: Trial) -> dict[str, Any] | None:
+    path = trial_dir(sweep_dir, trial) / RESULT_FILE
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text(encoding="utf-8"))
+    return result if result.get("train") == trial.train.model_dump(mode="json") else None
+
+
+def run_trial(
+    trial: Trial, raw_dir: str | Path, split_dir: str | Path, sweep_dir: str | Path, deadline: float | None = None
+) -> dict[str, Any]:
+    """Train one trial (or return its earlier result); a trial past `deadline` (epoch seconds) is not run."""
+    from signflow.train import fine_tune
+
+    done = finished_result(sweep_dir, trial)
+    if done is not None:
+        log.info("trial %s: already finished, skipped", trial.name)
+        return {**done, "status": "done earlier"}
+    if deadline is not None and time.time() > deadline:
+        log.info("trial %s: not run, sweep.max_minutes is used up", trial.name)
+        return {"trial": trial.name, "overrides": trial.overrides, "status": "not run (budget)"}
+    folder = trial_dir(sweep_dir, trial)
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = fine_tune(trial.train, raw_dir, split_dir, folder / "model.pt", folder / "train_log.csv")
+    record = {
+        "trial": trial.name,
+        "overrides": trial.overrides,
+        "valid_accuracy": result.best_valid_accuracy,
+        "best_epoch": result.best_epoch,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "trainable_parameters": result.trainable_parameters,
+        "total_parameters": result.total_parameters,
+        "model_path": str(folder / "model.pt"),
+        "reproduce": trial.dvc_command(),
+        "train": trial.train.model_dump(mode="json"),
+    }
+    write_json_atomic(folder / RESULT_FILE, record)
+    return {**record, "status": "ran"}
+
+
+def pick_winner(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Best validation accuracy; ties to the lower training time."""
+    finished = [r for r in results if "valid_accuracy" in r]
+    if not finished:
+        raise SweepError("no trial finished: raise sweep.max_minutes or check the trials' errors")
+    return max(finished, key=lambda r: (r["valid_accuracy"], -r["train_seconds"]))
+
+
+def comparison_table(results: list[dict[str, Any]], winner: dict[str, Any]) -> pd.DataFrame:
+    rows = []
+    for r in results:
+        rows.append(
+            {
+                "trial": r["trial"],
+                **{key: json.dumps(value) for key, value in r["overrides"].items()},
+                "status": r["status"],
+                "valid_accuracy": r.get("valid_accuracy"),
+                "best_epoch": r.get("best_epoch"),
+                "train_seconds": r.get("train_seconds"),
+                "trainable_parameters": r.get("trainable_parameters"),
+                "winner": r["trial"] == winner["trial"],
+                "reproduce": r.get("reproduce", ""),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def write_comparison(table: pd.DataFrame, sweep_dir: str | Path) -> dict[str, Path]:
+    """results.csv, results.md and trials.png (validation accuracy against trainable parameters and
+    against training time, one point per trial, the winner circled)."""
+    sweep_dir = Path(sweep_dir)
+    paths = {"csv": sweep_dir / "results.csv", "markdown": sweep_dir / "results.md", "plot": sweep_dir / "trials.png"}
+    write_atomic(paths["csv"], lambda tmp: table.to_csv(tmp, index=False))
+    write_atomic(paths["markdown"], lambda tmp: tmp.write_text(markdown_table(table), encoding="utf-8"))
+    ran = table[table["valid_accuracy"].notna()]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, column, label in (
+        (axes[0], "trainable_parameters", "trainable parameters"),
+        (axes[1], "train_seconds", "training time (s)"),
+    ):
+        ax.scatter(ran[column], ran["valid_accuracy"])
+        for _, row in ran.iterrows():
+            ax.annotate(row["trial"].rsplit("-", 1)[0], (row[column], row["valid_accuracy"]), fontsize=7)
+        best = ran[ran["winner"]]
+        ax.scatter(best[column], best["valid_accuracy"], s=200, facecolors="none", edgecolors="red", label="winner")
+        ax.set(xlabel=label, ylabel="validation accuracy", title=f"validation accuracy vs {label}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    figure.tight_layout()
+    write_atomic(paths["plot"], lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)
+    return paths
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    shown = table.drop(columns=["reproduce"])
+    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
+    for _, row in shown.iterrows():
+        cells = [f"{v:.4f}" if isinstance(v, float) and v == v else ("" if v != v else str(v)) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_trials(
+    trials: list[Trial],
+    raw_dir: str | Path,
+    split_dir: str | Path,
+    sweep_dir: str | Path,
+    max_minutes: float,
+    runner: Callable[..., list[dict[str, Any]]] | None = None,
+) -> list[dict[str, Any]]:
+    """All trials, one after another (or through `runner(trials, deadline)`, e.g. Prefect tasks)."""
+    deadline = time.time() + max_minutes * 60
+    if runner is not None:
+        return runner(trials, deadline)
+    results = []
+    for index, trial in enumerate(trials):
+        # The first trial always runs, so even a tiny budget yields a winner.
+        results.append(run_trial(trial, raw_dir, split_dir, sweep_dir, None if index == 0 else deadline))
+        log.info("trial %d/%d %s: %s", index + 1, len(trials), trial.name, results[-1]["status"])
+    return results
+
+
+def winner_params(trials: list[Trial], winner: dict[str, Any]) -> Params:
+    return next(t.params for t in trials if t.name == winner["trial"])
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    trials: int
+    ran: int
+    winner: str
+    winner_valid_accuracy: float
+    winner_test_accuracy: float
+    registered_version: str
+    table: str
+
+
+def require_split(split_dir: str | Path) -> None:
+    if not (Path(split_dir) / "classes.json").is_file():
+        raise SweepError(f"{split_dir}: no split found; run `dvc repro split` (or the pipeline) first")
+
+
+def sweep(
+    params_path: str | Path,
+    raw_dir: str | Path,
+    split_dir: str | Path,
+    sweep_dir: str | Path,
+    project_dir: str | Path,
+) -> SweepResult:
+    """The whole sweep, one trial after another: trials, comparison, then the winner evaluated on
+    the test split, exported and registered exactly as the pipeline's own steps do."""
+    from signflow.config import read_params_file
+    from signflow.evaluate import evaluate
+    from signflow.onnx_export import export_onnx
+    from signflow.registry import register_run
+
+    require_split(split_dir)
+    params_path, sweep_dir = Path(params_path), Path(sweep_dir)
+    params = parse_params(read_params_file(params_path), str(params_path))
+    trials = plan_trials(read_params_file(params_path), params.sweep, params_path.parent)
+    results = run_trials(trials, raw_dir, split_dir, sweep_dir, params.sweep.max_minutes)
+    winner = pick_winner(results)
+    table = comparison_table(results, winner)
+    paths = write_comparison(table, sweep_dir)
+    chosen = winner_params(trials, winner)
+    out = sweep_dir / "winner"
+    evaluation = evaluate(
+        chosen.evaluate,
+        winner["model_path"],
+        raw_dir,
+        split_dir,
+        out / "reports",
+        trial_dir(sweep_dir, next(t for t in trials if t.name == winner["trial"])) / "train_log.csv",
+    )
+    export_onnx(chosen.export, winner["model_path"], out / "model.onnx")
+    registration = register_run(
+        chosen,
+        winner["model_path"],
+        out / "reports",
+        out / "registered.json",
+        project_dir=project_dir,
+        split_dir=split_dir,
+        onnx_path=out / "model.onnx",
+        card_path=out / "model_card.md",
+    )
+    log.info(
+        "sweep winner %s: valid %.4f, test %.4f, registered as version %s",
+        winner["trial"],
+        winner["valid_accuracy"],
+        evaluation.accuracy,
+        registration.version,
+    )
+    return SweepResult(
+        trials=len(trials),
+        ran=sum(r["status"] == "ran" for r in results),
+        winner=winner["trial"],
+        winner_valid_accuracy=winner["valid_accuracy"],
+        winner_test_accuracy=evaluation.accuracy,
+        registered_version=registration.version,
+        table=str(paths["markdown"]),
+    )

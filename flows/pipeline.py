@@ -29,6 +29,7 @@ from signflow import dvc_state, layout
 from signflow.config import ConfigError, Params, load_params
 from signflow.errors import SignflowError
 from tasks.pipeline import (
+    SKIPPED,
     download_task,
     evaluate_task,
     export_task,
@@ -39,8 +40,6 @@ from tasks.pipeline import (
     summary_task,
     train_task,
 )
-
-SKIPPED = "skipped (up to date)"
 
 
 def _run_stage(stage: str, project_dir: Path, use_dvc: bool, force: bool, step: Callable[[], Any]) -> Any:
@@ -114,10 +113,12 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
-def add_project_arguments(parser: argparse.ArgumentParser, overrides_help: str) -> None:
-    """--params, --project-dir and --set KEY=VALUE, as every flow command takes them."""
+def add_project_arguments(parser: argparse.ArgumentParser, overrides_help: str | None) -> None:
+    """--params, --project-dir and (unless `overrides_help` is None) --set KEY=VALUE."""
     parser.add_argument("--params", default="params.yaml", help="params file, relative to --project-dir")
     parser.add_argument("--project-dir", default=".", help="project root holding dvc.yaml (default: .)")
+    if overrides_help is None:
+        return
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -138,17 +139,25 @@ def main(argv: list[str] | None = None) -> int:
         "--refresh-data", action="store_true", help="re-run the download step to notice new data at download.url"
     )
     args = parser.parse_args(argv)
-    try:
-        pipeline(
+    return run_reporting_errors(
+        "flows.pipeline",
+        lambda: pipeline(
             args.params,
             args.project_dir,
             dict(args.overrides) or None,
             not args.no_dvc,
             args.force,
             args.refresh_data,
-        )
+        ),
+    )
+
+
+def run_reporting_errors(prog: str, call: Callable[[], Any]) -> int:
+    """Run a flow for a command line: exit 0, or one message and 2 (bad params) / 1 (other errors)."""
+    try:
+        call()
     except SignflowError as error:
-        print(f"flows.pipeline: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1
     return 0
 

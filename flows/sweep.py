@@ -4,9 +4,9 @@ trial, run through the flow's task runner → comparison → evaluate, export an
     python -m flows.sweep                       # sweep.* from params.yaml, sweep.workers trials at once
     python -m flows.sweep --workers 2
 
-Trials are submitted to the task runner, so the same flow fans out further with another runner
-(e.g. `prefect-dask`'s DaskTaskRunner or `prefect-ray`'s RayTaskRunner via `--task-runner`
-in your own wrapper, or by deploying it to a work pool whose workers run the trials).
+Trials are submitted to the flow's task runner (a thread pool of `--workers`). To fan out
+further, call `sweep_flow.with_options(task_runner=...)` with `prefect-dask`'s DaskTaskRunner or
+`prefect-ray`'s RayTaskRunner, or deploy the flow to a work pool.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from prefect.cache_policies import NONE  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from flows.pipeline import _run_stage, add_project_arguments  # noqa: E402
+from flows.pipeline import _run_stage, add_project_arguments, run_reporting_errors  # noqa: E402
 from signflow import dvc_state, layout, sweep  # noqa: E402
-from signflow.config import ConfigError, load_params, read_params_file  # noqa: E402
-from signflow.errors import SignflowError  # noqa: E402
+from signflow.config import load_params, read_params_file  # noqa: E402
 from tasks.pipeline import download_task, evaluate_task, export_task, register_task, split_task  # noqa: E402
 
 
@@ -68,23 +67,20 @@ def sweep_flow(params_path: str = "params.yaml", project_dir: str = ".") -> dict
     trials = sweep.plan_trials(read_params_file(root / params_path), params.sweep, root)
     logger.info("%d trials, %d at a time", len(trials), params.sweep.workers)
 
-    def submit(trials: list[sweep.Trial], deadline: float) -> list[dict[str, Any]]:
-        futures = [
-            trial_task.submit(trial, raw, split, sweep_dir, None if index == 0 else deadline)
-            for index, trial in enumerate(trials)
-        ]
+    def submit(jobs: list[tuple[sweep.Trial, float | None]]) -> list[dict[str, Any]]:
+        futures = [trial_task.submit(trial, raw, split, sweep_dir, deadline) for trial, deadline in jobs]
         return [future.result() for future in futures]
 
     results = sweep.run_trials(trials, raw, split, sweep_dir, params.sweep.max_minutes, runner=submit)
     winner = compare_task(results, sweep_dir)
     chosen = sweep.winner_params(trials, winner)
     out = sweep_dir / "winner"
-    trial_log = Path(winner["model_path"]).with_name("train_log.csv")
-    evaluate_task(chosen.evaluate, Path(winner["model_path"]), raw, split, out / "reports", trial_log)
-    export_task(chosen.export, Path(winner["model_path"]), out / "model.onnx")
+    model = Path(winner["model_path"])
+    evaluate_task(chosen.evaluate, model, raw, split, out / "reports", sweep.winner_train_log(winner))
+    export_task(chosen.export, model, out / "model.onnx")
     registration = register_task(
         chosen,
-        Path(winner["model_path"]),
+        model,
         out / "reports",
         out / "registered.json",
         root,
@@ -99,21 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_project_arguments(parser, argparse.SUPPRESS)
+    add_project_arguments(parser, None)  # a trial is params.yaml plus its grid values: no --set
     parser.add_argument("--workers", type=int, help="trials at once (default: sweep.workers)")
     args = parser.parse_args(argv)
-    if args.overrides:
-        parser.error(
-            "--set is not supported here: edit sweep.* in params.yaml (a trial is params.yaml + its grid values)"
-        )
-    try:
+
+    def run() -> None:
         workers = args.workers or load_params(Path(args.project_dir) / args.params).sweep.workers
-        runner = ThreadPoolTaskRunner(max_workers=workers)
-        sweep_flow.with_options(task_runner=runner)(args.params, args.project_dir)
-    except SignflowError as error:
-        print(f"flows.sweep: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ConfigError) else 1
-    return 0
+        sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(args.params, args.project_dir)
+
+    return run_reporting_errors("flows.sweep", run)
 
 
 if __name__ == "__main__":

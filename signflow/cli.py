@@ -203,11 +203,11 @@ def run_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from signflow.fileio import write_atomic
-    from signflow.predict import load_predictor, predict_images
+    from signflow.predict import choose_predictor, predict_images
 
     failures, rows = 0, []
     with _model_files(args) as (model_file, onnx_file, label):
-        predictor = load_predictor(model_file, onnx_file, args.backend)
+        predictor = choose_predictor(model_file, onnx_file, args.backend)
         print(f"model: {label} ({predictor.backend} backend, {predictor.source})", file=sys.stderr)
         for prediction in predict_images(predictor, args.inputs, args.top_k, args.batch_size):
             if prediction.error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -43,7 +44,7 @@ def remove_stale_scratch(target: str | Path) -> list[Path]:
     removed = []
     if not target.parent.is_dir():
         return removed
-    for candidate in target.parent.glob(f".{glob_escape(target.name)}.*"):
+    for candidate in target.parent.glob(f".{glob.escape(target.name)}.*"):
         parts = candidate.name[len(target.name) + 2 :].split(".")
         if len(parts) < 3 or parts[-1] not in ("tmp", "partial") or not parts[0].isdigit():
             continue
@@ -55,10 +56,6 @@ def remove_stale_scratch(target: str | Path) -> list[Path]:
             candidate.unlink(missing_ok=True)
         removed.append(candidate)
     return removed
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 @contextmanager

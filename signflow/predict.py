@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from signflow.checkpoint import CheckpointError, load_bundle
+from signflow.checkpoint import load_bundle
 from signflow.errors import SignflowError
 from signflow.images import is_image_name, is_junk, load_rgb
 from signflow.preprocess import image_to_uint8, normalize
@@ -118,20 +118,12 @@ def choose_predictor(model_file: Path | None, onnx_file: Path | None, backend: s
     if model_file is None:
         raise PredictError("no PyTorch model (.pt) found; use --backend onnx")
     torch_predictor = TorchPredictor(model_file)
-    if backend == "auto" and onnx_file is not None and _onnxruntime_available():
+    if backend == "auto" and onnx_file is not None:
         onnx_predictor = OnnxPredictor(onnx_file)
         if onnx_predictor.fingerprint == torch_predictor.fingerprint:
             return onnx_predictor
         log.warning("%s was exported from other weights than %s: using PyTorch", onnx_file, model_file)
     return torch_predictor
-
-
-def _onnxruntime_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _files_in(folder: Path) -> tuple[Path | None, Path | None]:
@@ -216,10 +208,3 @@ def predict_images(
                 order = np.argsort(-row, kind="stable")[:k]
                 prediction.top = [(predictor.class_names[i], float(row[i])) for i in order]
         yield from results
-
-
-def load_predictor(model_file: Path | None, onnx_file: Path | None, backend: str):
-    try:
-        return choose_predictor(model_file, onnx_file, backend)
-    except CheckpointError as error:
-        raise PredictError(str(error)) from None

@@ -143,6 +143,9 @@ def register_model(
     bundle = load_bundle(model_path)
     metrics = json.loads(Path(metrics_path).read_text(encoding="utf-8"))
     fingerprint = bundle.fingerprint()
+    for extra in extra_model_files or []:
+        if Path(extra).suffix == ".onnx":
+            _check_exported_from(Path(extra), fingerprint, model_path)
     accuracy = float(metrics["accuracy"])
     tracking_uri = resolve_tracking_uri(cfg)
     # One registration per registry at a time: creating a fresh SQLite registry, checking for a
@@ -219,7 +222,9 @@ def register_run(
         "signflow.git_commit": git_commit(project_dir),
     }
     reports = [reports_dir / name for name in REPORT_ARTIFACTS]
-    model_files = [Path(onnx_path)] if onnx_path and _onnx_matches(Path(onnx_path), model_path) else []
+    model_files = [Path(onnx_path)] if onnx_path and Path(onnx_path).is_file() else []
+    if onnx_path and not model_files:
+        log.info("%s not found: registering the PyTorch model only", onnx_path)
     card = partial(_write_card, params=params, split_dir=Path(split_dir), tags=tags, card_path=Path(card_path))
     return register_model(
         params.register,
@@ -246,19 +251,15 @@ REPORT_ARTIFACTS = (
 )
 
 
-def _onnx_matches(onnx_path: Path, model_path: str | Path) -> bool:
-    """True when `onnx_path` exists and was exported from exactly these weights."""
-    if not onnx_path.is_file():
-        log.info("%s not found: registering the PyTorch model only", onnx_path)
-        return False
+def _check_exported_from(onnx_path: Path, fingerprint: str, model_path: str | Path) -> None:
+    """Refuse an ONNX file exported from other weights than the model being registered."""
     import onnx
 
     meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-    if meta.get("signflow.fingerprint") != load_bundle(model_path).fingerprint():
+    if meta.get("signflow.fingerprint") != fingerprint:
         raise RegistryError(
             f"{onnx_path} was exported from other weights than {model_path}; run `signflow export` again"
         )
-    return True
 
 
 def _write_card(bundle, metrics, version, *, params: Params, split_dir: Path, tags: dict, card_path: Path) -> str:

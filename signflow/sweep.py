@@ -191,18 +191,23 @@ def run_trials(
     split_dir: str | Path,
     sweep_dir: str | Path,
     max_minutes: float,
-    runner: Callable[..., list[dict[str, Any]]] | None = None,
+    runner: Callable[[list[tuple[Trial, float | None]]], list[dict[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
-    """All trials, one after another (or through `runner(trials, deadline)`, e.g. Prefect tasks)."""
+    """All trials, one after another, or through `runner([(trial, deadline), ...])` (e.g. Prefect
+    tasks). The first trial has no deadline, so even a tiny budget yields a winner."""
     deadline = time.time() + max_minutes * 60
+    jobs = [(trial, None if index == 0 else deadline) for index, trial in enumerate(trials)]
     if runner is not None:
-        return runner(trials, deadline)
+        return runner(jobs)
     results = []
-    for index, trial in enumerate(trials):
-        # The first trial always runs, so even a tiny budget yields a winner.
-        results.append(run_trial(trial, raw_dir, split_dir, sweep_dir, None if index == 0 else deadline))
+    for index, (trial, trial_deadline) in enumerate(jobs):
+        results.append(run_trial(trial, raw_dir, split_dir, sweep_dir, trial_deadline))
         log.info("trial %d/%d %s: %s", index + 1, len(trials), trial.name, results[-1]["status"])
     return results
+
+
+def winner_train_log(winner: dict[str, Any]) -> Path:
+    return Path(winner["model_path"]).with_name("train_log.csv")
 
 
 def winner_params(trials: list[Trial], winner: dict[str, Any]) -> Params:
@@ -241,9 +246,10 @@ def sweep(
 
     require_split(split_dir)
     params_path, sweep_dir = Path(params_path), Path(sweep_dir)
-    params = parse_params(read_params_file(params_path), str(params_path))
-    trials = plan_trials(read_params_file(params_path), params.sweep, params_path.parent)
-    results = run_trials(trials, raw_dir, split_dir, sweep_dir, params.sweep.max_minutes)
+    raw_params = read_params_file(params_path)
+    cfg = parse_params(raw_params, str(params_path)).sweep
+    trials = plan_trials(raw_params, cfg, params_path.parent)
+    results = run_trials(trials, raw_dir, split_dir, sweep_dir, cfg.max_minutes)
     winner = pick_winner(results)
     table = comparison_table(results, winner)
     paths = write_comparison(table, sweep_dir)
@@ -255,7 +261,7 @@ def sweep(
         raw_dir,
         split_dir,
         out / "reports",
-        trial_dir(sweep_dir, next(t for t in trials if t.name == winner["trial"])) / "train_log.csv",
+        winner_train_log(winner),
     )
     export_onnx(chosen.export, winner["model_path"], out / "model.onnx")
     registration = register_run(

@@ -119,13 +119,17 @@ def record_stage_task(stage: str, project_dir: Path) -> None:
     dvc_state.record_stage(stage, project_dir)
 
 
+SKIPPED = "skipped (up to date)"
+"""What the flow records for a step DVC reported up to date."""
+
+
 @task(name="summary", cache_policy=NONE)
 def summary_task(results: dict[str, Any]) -> str:
     """Say what this run did, in the log and as a markdown artifact on the run's page."""
     lines = ["| step | outcome |", "|---|---|"]
     for stage, result in results.items():
-        lines.append(f"| {stage} | {result if isinstance(result, str) else describe(result)} |")
-    ran = [stage for stage, result in results.items() if not isinstance(result, str)]
+        lines.append(f"| {stage} | {result if result == SKIPPED else describe(result)} |")
+    ran = [stage for stage, result in results.items() if result != SKIPPED]
     if ran in ([], ["download"]):
         headline = "Nothing changed since the last successful run (same data, same params): no new model."
     else:

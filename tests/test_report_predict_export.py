@@ -210,3 +210,28 @@ def test_register_writes_model_card_and_predict_loads_the_champion(trained, tmp_
 
     code = main(["predict", str(image), "--model", "7", "--params", str(tmp_path / "params.yaml")])
     assert code == 1 and "no version or alias '7'" in capsys.readouterr().err
+
+
+def test_register_refuses_an_onnx_file_from_other_weights(trained, tmp_path, monkeypatch):
+    from signflow.checkpoint import save_bundle
+    from signflow.registry import RegistryError
+
+    params, raw, split, _ = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    evaluate(EvaluateConfig(), tmp_path / "model.pt", raw, split, tmp_path / "reports", tmp_path / "train_log.csv")
+    export_onnx(ExportConfig(), tmp_path / "model.pt", tmp_path / "model.onnx")
+    bundle = load_bundle(tmp_path / "model.pt")
+    bundle.state_dict = {k: v + 1 if v.is_floating_point() else v for k, v in bundle.state_dict.items()}
+    save_bundle(bundle, tmp_path / "retrained.pt")
+    with pytest.raises(RegistryError, match="exported from other weights"):
+        register_run(
+            params,
+            tmp_path / "retrained.pt",
+            tmp_path / "reports",
+            tmp_path / "registered.json",
+            project_dir=tmp_path,
+            split_dir=split,
+            onnx_path=tmp_path / "model.onnx",
+            card_path=tmp_path / "model_card.md",
+        )
+    assert not (tmp_path / "registered.json").exists()

@@ -105,6 +105,8 @@ class TrainConfig(_Section):
     """Run the frozen layers once per image view and train only the trainable tail (see README)."""
     cached_views: int = Field(default=4, ge=1, le=64)
     """Augmented views of each training image cached when cache_frozen_features is on; epochs cycle them."""
+    cache_runtime: Literal["auto", "onnxruntime", "torch"] = "auto"
+    """What runs the frozen layers for the cache: auto = ONNX Runtime on the CPU, PyTorch on CUDA."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = Field(default=0, ge=0)
     """torch intra-op threads; 0 keeps torch's default (one per core)."""

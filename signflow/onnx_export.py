@@ -7,6 +7,7 @@ from. `signflow predict` reads them from there, so an .onnx file is usable on it
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import warnings
@@ -56,12 +57,34 @@ def parity_inputs(bundle: ModelBundle, count: int = 8, seed: int = 0) -> torch.T
     return normalize(images, bundle.preprocessing)
 
 
-def onnx_session(path: str | Path):
+def onnx_session(model: str | Path | bytes, threads: int | None = None):
+    """A CPU ONNX Runtime session for a model file or serialized model; `threads` intra-op threads."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if threads:
+        options.intra_op_num_threads = threads
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def export_module(module: torch.nn.Module, example: torch.Tensor, target: str | Path | io.BytesIO, opset: int) -> None:
+    """Export `module` (one image batch in, one tensor out) with a dynamic batch size."""
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated but exports these CNNs in ~1 s; the torch.export
+        # one needs onnxscript and takes ~15 s for the same graph on 2 cores.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example,),
+            target if isinstance(target, io.BytesIO) else str(target),
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset,
+        )
 
 
 def export_onnx(cfg: ExportConfig, model_path: str | Path, onnx_path: str | Path) -> ExportResult:
@@ -76,20 +99,7 @@ def export_onnx(cfg: ExportConfig, model_path: str | Path, onnx_path: str | Path
     with torch.inference_mode():
         expected = model(inputs).numpy()
     with atomic_path(onnx_path) as tmp:
-        with warnings.catch_warnings():
-            # The TorchScript exporter is deprecated but exports these CNNs in ~1 s; the torch.export
-            # one needs onnxscript and takes ~15 s for the same graph on 2 cores.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (inputs[:1],),
-                str(tmp),
-                dynamo=False,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                opset_version=cfg.opset,
-            )
+        export_module(model, inputs[:1], tmp, cfg.opset)
         proto = onnx.load(str(tmp))
         onnx.checker.check_model(proto)
         for key, value in metadata_for(bundle, fingerprint).items():

@@ -47,12 +47,13 @@ class TorchPredictor:
         bundle = load_bundle(model_path)
         self.class_names, self.preprocessing = bundle.class_names, bundle.preprocessing
         self.fingerprint = bundle.fingerprint()
-        self.model = bundle.build_model()
+        # channels_last: MobileNet-style CNNs ran about twice as fast with it on the CPU (same logits)
+        self.model = bundle.build_model().to(memory_format=torch.channels_last)
         self.source = str(model_path)
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
-        logits = self.model(normalize(images, self.preprocessing))
+        logits = self.model(normalize(images, self.preprocessing).contiguous(memory_format=torch.channels_last))
         return torch.softmax(logits.float(), dim=1).numpy()
 
 

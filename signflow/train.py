@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from signflow.checkpoint import ModelBundle, save_bundle
 from signflow.config import ConfigError, TrainConfig
 from signflow.errors import SignflowError
-from signflow.feature_cache import SplitModel, compute_features, split_model
+from signflow.feature_cache import SplitModel, compute_features, onnx_prefix, split_model
 from signflow.fileio import write_atomic
 from signflow.inference import autocast_for, predict_logits
 from signflow.model import (
@@ -157,9 +157,14 @@ class CachedRunner(PlainRunner):
         self.split = split
         views = cfg.cached_views if cfg.augment.enabled else 1
         augment_cfg = cfg.augment if cfg.augment.enabled else None
+        prefix = split.prefix
+        if cfg.cache_runtime == "onnxruntime" or (cfg.cache_runtime == "auto" and device.type == "cpu"):
+            example = normalize(train_data.images[:2].float(), prep)
+            prefix = onnx_prefix(split.prefix, example, torch.get_num_threads()) or split.prefix
+        self.prefix_runtime = "torch" if prefix is split.prefix else "onnxruntime"
         features = partial(
             compute_features,
-            split.prefix,
+            prefix,
             prep=prep,
             batch_size=cfg.batch_size * 2,
             device=device,
@@ -173,7 +178,11 @@ class CachedRunner(PlainRunner):
         ]
         self.valid_features = features(valid_data.images)
         log.info(
-            "cached frozen features before %s: %d view(s) of %d images", split.cut_name, views, len(train_data.labels)
+            "cached frozen features before %s (%s): %d view(s) of %d images",
+            split.cut_name,
+            self.prefix_runtime,
+            views,
+            len(train_data.labels),
         )
 
     def trained_module(self) -> nn.Module:

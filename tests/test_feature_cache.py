@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from signflow.config import TrainConfig
-from signflow.feature_cache import split_model
+from signflow.feature_cache import onnx_prefix, split_model
 from signflow.model import apply_freeze_policy, create_model, preprocessing_for
 from signflow.train import CachedRunner, PlainRunner, SplitTensors, create_optimizer, create_runner
 
@@ -47,7 +47,7 @@ def _train_one_epoch(runner_cls, config: TrainConfig):
 
 
 def test_cached_tail_training_equals_the_plain_loop_without_augmentation():
-    config = cfg(augment={"enabled": False})
+    config = cfg(augment={"enabled": False}, cache_runtime="torch")
     plain, plain_loss, plain_valid = _train_one_epoch(PlainRunner, config)
     cached, cached_loss, cached_valid = _train_one_epoch(CachedRunner, config)
     assert cached_loss == pytest.approx(plain_loss, rel=1e-4)
@@ -91,3 +91,66 @@ def test_head_only_training_caches_pooled_features_with_channels_last():
     assert runner.train_views[0].dim() == 2
     runner.train_epoch(create_optimizer(config, model), torch.Generator().manual_seed(1), 1)
     assert runner.validate()[1] >= 0
+
+
+def test_onnx_runtime_prefix_gives_the_torch_features_and_the_same_training():
+    """cache_runtime onnxruntime (the CPU default) and torch cache the same features, train the same."""
+    config = cfg(cached_views=2, trainable_blocks=2, lr=1e-4)
+    results = {}
+    for runtime in ("torch", "onnxruntime"):
+        torch.manual_seed(0)
+        model = create_model(config, num_classes=3)
+        apply_freeze_policy(model, config.trainable_blocks)
+        prep = preprocessing_for(model, 32)
+        runner = create_runner(
+            model,
+            data(24, 1),
+            data(8, 2),
+            prep,
+            config.model_copy(update={"cache_runtime": runtime}),
+            torch.device("cpu"),
+            torch.Generator().manual_seed(3),
+        )
+        assert type(runner) is CachedRunner and runner.prefix_runtime == runtime
+        loss, _ = runner.train_epoch(create_optimizer(config, model), torch.Generator().manual_seed(9), 1)
+        results[runtime] = (runner.train_views, runner.valid_features, loss)
+    for a, b in zip(results["torch"][0], results["onnxruntime"][0], strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert torch.allclose(results["torch"][1], results["onnxruntime"][1], atol=1e-4)
+    assert results["onnxruntime"][2] == pytest.approx(results["torch"][2], rel=1e-3)
+
+
+def test_onnx_prefix_falls_back_to_none_when_export_fails(caplog):
+    class NotExportable(torch.nn.Module):
+        def forward(self, x):
+            return torch.from_numpy(x.numpy() * 2)  # leaves the graph: the exporter cannot trace it
+
+    with caplog.at_level("WARNING"):
+        assert onnx_prefix(NotExportable(), torch.randn(2, 3, 8, 8), threads=1) is None
+    assert "using PyTorch" in caplog.text
+
+
+def test_augment_matches_an_affine_grid_crop_and_flip_mirrors():
+    import math
+
+    from signflow.config import AugmentConfig
+    from signflow.preprocess import augment
+
+    images = torch.randint(0, 256, (4, 3, 12, 10), generator=torch.Generator().manual_seed(0)).float()
+    config = AugmentConfig(scale_min=0.5, color_jitter=0.0)
+    crop = augment(images.clone(), config, torch.Generator().manual_seed(1))
+    # the same draws, through torch's affine_grid (what the broadcast grid replaces)
+    rand = torch.Generator().manual_seed(1)
+    area = 0.5 + 0.5 * torch.rand(4, generator=rand)
+    ratio = torch.exp((torch.rand(4, generator=rand) * 2 - 1) * math.log(4 / 3))
+    sx, sy = torch.sqrt(area * ratio).clamp(max=1.0), torch.sqrt(area / ratio).clamp(max=1.0)
+    tx, ty = (torch.rand(4, generator=rand) * 2 - 1) * (1 - sx), (torch.rand(4, generator=rand) * 2 - 1) * (1 - sy)
+    theta = torch.zeros(4, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    expected = torch.nn.functional.grid_sample(images, grid, padding_mode="reflection", align_corners=False)
+    assert torch.allclose(crop, expected, atol=1e-3)
+    mirrored = augment(images.clone(), config.model_copy(update={"hflip": 1.0}), torch.Generator().manual_seed(1))
+    assert torch.allclose(mirrored, crop.flip(-1), atol=1e-3)
+    jittered = augment(images.clone(), AugmentConfig(scale_min=0.5, color_jitter=0.5), torch.Generator())
+    assert jittered.shape == images.shape and 0 <= jittered.min() and jittered.max() <= 255

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from signflow.config import TrainConfig
-from signflow.feature_cache import onnx_prefix, split_model
+from signflow.feature_cache import compute_features, onnx_prefix, split_model
 from signflow.model import apply_freeze_policy, create_model, preprocessing_for
 from signflow.train import CachedRunner, PlainRunner, SplitTensors, create_optimizer, create_runner
 
@@ -154,3 +154,28 @@ def test_augment_matches_an_affine_grid_crop_and_flip_mirrors():
     assert torch.allclose(mirrored, crop.flip(-1), atol=1e-3)
     jittered = augment(images.clone(), AugmentConfig(scale_min=0.5, color_jitter=0.5), torch.Generator())
     assert jittered.shape == images.shape and 0 <= jittered.min() and jittered.max() <= 255
+
+
+@pytest.mark.parametrize("name", ["vgg16", "mobilenetv3_large_100"])
+def test_other_families_cache_through_onnx_runtime_and_train(name):
+    """No weights, small images: the ONNX Runtime cache path is exact enough and trains for these too."""
+    config = cfg(model=name, trainable_blocks=1, cached_views=1)
+    model = create_model(config, num_classes=3)
+    apply_freeze_policy(model, config.trainable_blocks)
+    prep = preprocessing_for(model, 32)
+    train = data(8, 1)
+    runner = create_runner(model, train, data(4, 2), prep, config, torch.device("cpu"), torch.Generator())
+    assert type(runner) is CachedRunner and runner.prefix_runtime == "onnxruntime"
+    torch_view = compute_features(
+        runner.split.prefix,
+        train.images,
+        prep,
+        batch_size=8,
+        device=torch.device("cpu"),
+        memory_format=torch.contiguous_format,
+        augment_cfg=config.augment,
+        generator=torch.Generator(),
+    )
+    assert torch.allclose(runner.train_views[0], torch_view, atol=1e-3, rtol=1e-3)
+    loss, _ = runner.train_epoch(create_optimizer(config, model), torch.Generator().manual_seed(1), 1)
+    assert loss == loss and runner.validate()[1] >= 0  # finite loss, a validation accuracy

@@ -4,8 +4,8 @@
         --weights ../shared/weights/mobilenetv2_100.tv_in1k.safetensors --seeds 1 2 3 --out bench/results.json
 
 For each seed it makes a fresh project (this repo's dvc.yaml and params.yaml, with download.url,
-train.weights_file and split.seed/train.seed set), runs one whole `dvc repro`,
-and records its wall seconds and those of each step, peak RSS of the step's processes, test accuracy, macro F1 and
+train.weights_file and split.seed/train.seed set), runs one whole `dvc repro`, and records its wall
+seconds and those of each step, peak RSS of the step's processes, test accuracy, macro F1 and
 training images/s (through the epochs only; the step's seconds include decoding and caching).
 Then it trains the notebook recipe (MobileNet at 224 px, batch 10, Adam 1e-4, all but the last
 blocks frozen, plain loop) for `--notebook-epochs` epochs on the first seed's
@@ -61,17 +61,20 @@ def run_pipeline(project: Path) -> dict:
     for it to the next one (DVC's own start-up and hashing count towards the step they precede or
     follow). RSS is the peak of any child process so far."""
     marks: list[tuple[str, float]] = []
+    errors = project / "repro-stderr.log"
     start = time.perf_counter()
-    with subprocess.Popen(
-        ["dvc", "repro"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    ) as process:
+    with (
+        errors.open("w") as stderr,
+        subprocess.Popen(["dvc", "repro"], cwd=project, stdout=subprocess.PIPE, stderr=stderr, text=True) as process,
+    ):
         for line in process.stdout:
             match = re.match(r"Running stage '([\w-]+)'", line)
             if match:
                 marks.append((match.group(1), time.perf_counter()))
     total = time.perf_counter() - start
     if process.returncode != 0:
-        raise SystemExit(f"dvc repro failed in {project} (exit {process.returncode}); rerun it there to see why")
+        tail = "".join(errors.read_text(errors="replace").splitlines(keepends=True)[-30:])
+        raise SystemExit(f"dvc repro failed (exit {process.returncode}); the end of its stderr:\n{tail}")
     ran = [name for name, _ in marks]
     if sorted(ran) != sorted(STAGES):
         raise SystemExit(f"dvc repro ran stages {ran}, expected {STAGES}")

@@ -43,6 +43,11 @@ class ModelBundle:
             )
         return digest.hexdigest()
 
+    @property
+    def channels_last(self) -> bool:
+        """Whether to run the model channels_last, as it was trained (train.channels_last; on by default)."""
+        return bool(self.train_params.get("channels_last", True))
+
     def build_model(self) -> nn.Module:
         import timm
 

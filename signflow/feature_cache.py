@@ -16,6 +16,7 @@ outputs differ from PyTorch's by ~1e-5 (checked on every run, see `onnx_prefix`)
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 
@@ -89,16 +90,18 @@ class OnnxPrefix:
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
 
 
+# The prefix graph never leaves memory: any opset the installed ONNX Runtime runs will do.
+PREFIX_OPSET = 17
+
+
 def onnx_prefix(prefix: nn.Module, example: torch.Tensor, threads: int) -> OnnxPrefix | None:
     """`prefix` exported to ONNX Runtime, or None (logged) if that fails or does not match PyTorch."""
-    import io
-
     try:
         from signflow.onnx_export import INPUT_NAME, export_module, onnx_session
 
         buffer = io.BytesIO()
         example = example.detach().float().cpu().contiguous()
-        export_module(prefix, example, buffer, opset=17)
+        export_module(prefix, example, buffer, opset=PREFIX_OPSET)
         runner = OnnxPrefix(onnx_session(buffer.getvalue(), threads=threads), INPUT_NAME)
         with torch.inference_mode():
             expected = prefix(example)

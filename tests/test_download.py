@@ -62,21 +62,32 @@ def test_zip_entry_escaping_the_target_is_refused(tmp_path):
     assert not (tmp_path / "escaped.jpg").exists() and not (tmp_path / "raw").exists()
 
 
-def test_absolute_and_link_entries_in_tar_are_refused(tmp_path):
-    archive = tmp_path / "evil.tar"
+def _file(name: str) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    member = tarfile.TarInfo(name)
+    member.size = 1
+    return member, io.BytesIO(b"1")
+
+
+def _link(name: str, kind: bytes, target: str) -> tuple[tarfile.TarInfo, None]:
+    member = tarfile.TarInfo(name)
+    member.type, member.linkname = kind, target
+    return member, None
+
+
+def _tar(archive, *entries: tuple[tarfile.TarInfo, io.BytesIO | None]):
+    """A tar archive of `entries` ((member, data) pairs from _file/_link)."""
     with tarfile.open(archive, "w") as bundle:
-        link = tarfile.TarInfo("data/a/link.jpg")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        bundle.addfile(link)
+        for member, data in entries:
+            bundle.addfile(member, data)
+    return archive
+
+
+def test_absolute_and_link_entries_in_tar_are_refused(tmp_path):
+    archive = _tar(tmp_path / "evil.tar", _link("data/a/link.jpg", tarfile.SYMTYPE, "/etc/passwd"))
     with pytest.raises(DownloadError, match="links and special files"):
         download_dataset(cfg(archive), tmp_path / "raw")
-    archive2 = tmp_path / "abs.tar"
-    with tarfile.open(archive2, "w") as bundle:
-        member = tarfile.TarInfo("/tmp/abs.jpg")
-        member.size = 1
-        bundle.addfile(member, io.BytesIO(b"1"))
     with pytest.raises(DownloadError, match="outside the target"):
-        download_dataset(cfg(archive2), tmp_path / "raw")
+        download_dataset(cfg(_tar(tmp_path / "abs.tar", _file("/tmp/abs.jpg"))), tmp_path / "raw")
 
 
 def test_not_an_archive_and_truncated_archive(tiny_zip, tmp_path):
@@ -165,14 +176,7 @@ def test_junk_files_are_not_copied(class_folders, tmp_path):
 
 
 def test_hard_links_in_tar_and_symbolic_links_in_zip_are_refused(tmp_path):
-    archive = tmp_path / "hard.tar"
-    with tarfile.open(archive, "w") as bundle:
-        member = tarfile.TarInfo("data/a/x.jpg")
-        member.size = 1
-        bundle.addfile(member, io.BytesIO(b"1"))
-        hard = tarfile.TarInfo("data/b/y.jpg")
-        hard.type, hard.linkname = tarfile.LNKTYPE, "data/a/x.jpg"
-        bundle.addfile(hard)
+    archive = _tar(tmp_path / "hard.tar", _file("data/a/x.jpg"), _link("data/b/y.jpg", tarfile.LNKTYPE, "data/a/x.jpg"))
     with pytest.raises(DownloadError, match="links and special files"):
         download_dataset(cfg(archive), tmp_path / "raw")
     archive = tmp_path / "link.zip"

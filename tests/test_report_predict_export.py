@@ -170,14 +170,17 @@ def test_predict_backends_agree_and_auto_uses_onnx_of_the_same_weights(trained, 
     assert choose_predictor(tmp_path / "other.pt", tmp_path / "model.onnx", "auto").backend == "torch"
 
 
-def test_register_writes_model_card_and_predict_loads_the_champion(trained, tmp_path, monkeypatch, capsys):
-    params, raw, split, _ = trained
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def _evaluate_and_export(raw, split, tmp_path):
+    """The evaluate and export steps on tmp_path/model.pt, writing into tmp_path."""
     evaluate(EvaluateConfig(), tmp_path / "model.pt", raw, split, tmp_path / "reports", tmp_path / "train_log.csv")
     export_onnx(ExportConfig(), tmp_path / "model.pt", tmp_path / "model.onnx")
-    result = register_run(
+
+
+def _register(params, model_path, split, tmp_path):
+    """The register step for `model_path` with the report, ONNX file and card in tmp_path."""
+    return register_run(
         params,
-        tmp_path / "model.pt",
+        model_path,
         tmp_path / "reports",
         tmp_path / "registered.json",
         project_dir=tmp_path,
@@ -185,6 +188,13 @@ def test_register_writes_model_card_and_predict_loads_the_champion(trained, tmp_
         onnx_path=tmp_path / "model.onnx",
         card_path=tmp_path / "model_card.md",
     )
+
+
+def test_register_writes_model_card_and_predict_loads_the_champion(trained, tmp_path, monkeypatch, capsys):
+    params, raw, split, _ = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _evaluate_and_export(raw, split, tmp_path)
+    result = _register(params, tmp_path / "model.pt", split, tmp_path)
     assert result.is_champion
     card = (tmp_path / "model_card.md").read_text()
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
@@ -218,20 +228,10 @@ def test_register_refuses_an_onnx_file_from_other_weights(trained, tmp_path, mon
 
     params, raw, split, _ = trained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    evaluate(EvaluateConfig(), tmp_path / "model.pt", raw, split, tmp_path / "reports", tmp_path / "train_log.csv")
-    export_onnx(ExportConfig(), tmp_path / "model.pt", tmp_path / "model.onnx")
+    _evaluate_and_export(raw, split, tmp_path)
     bundle = load_bundle(tmp_path / "model.pt")
     bundle.state_dict = {k: v + 1 if v.is_floating_point() else v for k, v in bundle.state_dict.items()}
     save_bundle(bundle, tmp_path / "retrained.pt")
     with pytest.raises(RegistryError, match="exported from other weights"):
-        register_run(
-            params,
-            tmp_path / "retrained.pt",
-            tmp_path / "reports",
-            tmp_path / "registered.json",
-            project_dir=tmp_path,
-            split_dir=split,
-            onnx_path=tmp_path / "model.onnx",
-            card_path=tmp_path / "model_card.md",
-        )
+        _register(params, tmp_path / "retrained.pt", split, tmp_path)
     assert not (tmp_path / "registered.json").exists()

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from signflow.checkpoint import load_bundle
+from signflow._images import is_image_name
+from signflow._model_file import load_bundle
+from signflow._preprocessing import load_images
 from signflow.config import ExportConfig
-from signflow.images import is_image_name
-from signflow.onnx_export import export_onnx
+from signflow.export import export_onnx
 from signflow.predict import OnnxPredictor, TorchPredictor
-from signflow.preprocess import load_images
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -19,16 +19,13 @@ storage to set up. To run on other machines, deploy the same flow to a work pool
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
-from flows.pipeline import add_project_arguments  # noqa: E402
-from signflow.config import ConfigError, ScheduleConfig, load_params  # noqa: E402
+from flows._cli import add_project_arguments
+from signflow.config import ConfigError, ScheduleConfig, load_params
 
 
 def deployment_parameters(params_path: str, project_dir: Path, overrides: dict[str, Any], refresh: bool) -> dict:
@@ -72,7 +69,7 @@ def build_deployment(schedule: ScheduleConfig, parameters: dict[str, Any]):
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m flows.serve",
         description=__doc__,
@@ -86,20 +83,28 @@ def main(argv: list[str] | None = None) -> int:
     timing.add_argument("--interval", type=int, metavar="SECONDS", help="interval schedule, overriding schedule.cron")
     parser.add_argument("--name", help="deployment name, overriding schedule.deployment")
     parser.add_argument("--no-refresh-data", action="store_true", help="let DVC skip the download step too")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def schedule_from(args: argparse.Namespace, schedule: ScheduleConfig) -> ScheduleConfig:
+    """params.yaml's schedule with --cron / --interval / --name applied (validated again)."""
+    updates: dict[str, Any] = {}
+    if args.cron:
+        updates.update(cron=args.cron, interval_s=None)
+    if args.interval:
+        updates.update(cron=None, interval_s=args.interval)
+    if args.name:
+        updates["deployment"] = args.name
+    return ScheduleConfig.model_validate({**schedule.model_dump(), **updates})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     project = Path(args.project_dir).resolve()
     overrides = dict(args.overrides)
     try:
         params = load_params(project / args.params, overrides or None)  # validates the overrides now
-        updates: dict[str, Any] = {}
-        if args.cron:
-            updates.update(cron=args.cron, interval_s=None)
-        if args.interval:
-            updates.update(cron=None, interval_s=args.interval)
-        if args.name:
-            updates["deployment"] = args.name
-        schedule = ScheduleConfig.model_validate({**params.schedule.model_dump(), **updates})
+        schedule = schedule_from(args, params.schedule)
         refresh = schedule.refresh_data and not args.no_refresh_data
         deployment = build_deployment(schedule, deployment_parameters(args.params, project, overrides, refresh))
     except (ConfigError, ValueError) as error:

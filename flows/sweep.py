@@ -12,22 +12,21 @@ further, call `sweep_flow.with_options(task_runner=...)` with `prefect-dask`'s D
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
-from prefect.cache_policies import NONE  # noqa: E402
-from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
-
-from flows.pipeline import _run_stage, add_project_arguments, run_reporting_errors  # noqa: E402
-from signflow import dvc_state, layout, sweep  # noqa: E402
-from signflow.config import load_params, read_params_file  # noqa: E402
-from tasks.pipeline import download_task, evaluate_task, export_task, register_task, split_task  # noqa: E402
+from flows._cli import add_project_arguments, run_reporting_errors
+from signflow import _dvc_state as dvc_state
+from signflow import sweep
+from signflow.config import load_params, read_params_file
+from signflow.layout import Workspace
+from tasks.pipeline import download_task, evaluate_task, export_task, register_task, run_stage, split_task
 
 
 @task(name="trial", cache_policy=NONE)
@@ -57,15 +56,14 @@ def compare_task(results: list[dict[str, Any]], sweep_dir: Path) -> dict[str, An
 @flow(name="signflow-sweep", log_prints=True)
 def sweep_flow(params_path: str = "params.yaml", project_dir: str = ".") -> dict[str, Any]:
     """Run `sweep.grid` (see signflow.sweep) and register the winner; returns the winner's row."""
-    logger = get_run_logger()
-    root = Path(project_dir).resolve()
-    params = load_params(root / params_path)
-    raw, split, sweep_dir = root / layout.RAW_DIR, root / layout.SPLIT_DIR, root / layout.SWEEP_DIR
-    use_dvc = dvc_state.is_dvc_project(root)
-    _run_stage("download", root, use_dvc, False, lambda: download_task(params.download, raw))
-    _run_stage("split", root, use_dvc, False, lambda: split_task(params.split, raw, split))
-    trials = sweep.plan_trials(read_params_file(root / params_path), params.sweep, root)
-    logger.info("%d trials, %d at a time", len(trials), params.sweep.workers)
+    workspace = Workspace(Path(project_dir).resolve())
+    params = load_params(workspace.root / params_path)
+    raw, split, sweep_dir = workspace.raw, workspace.split, workspace.sweep
+    use_dvc = dvc_state.is_dvc_project(workspace.root)
+    run_stage("download", workspace.root, use_dvc, False, lambda: download_task(params.download, raw))
+    run_stage("split", workspace.root, use_dvc, False, lambda: split_task(params.split, raw, split))
+    trials = sweep.plan_trials(read_params_file(workspace.root / params_path), params.sweep, workspace.root)
+    get_run_logger().info("%d trials, %d at a time", len(trials), params.sweep.workers)
 
     def submit(jobs: list[tuple[sweep.Trial, float | None]]) -> list[dict[str, Any]]:
         futures = [trial_task.submit(trial, raw, split, sweep_dir, deadline) for trial, deadline in jobs]
@@ -73,21 +71,8 @@ def sweep_flow(params_path: str = "params.yaml", project_dir: str = ".") -> dict
 
     results = sweep.run_trials(trials, raw, split, sweep_dir, params.sweep.max_minutes, runner=submit)
     winner = compare_task(results, sweep_dir)
-    chosen = sweep.winner_params(trials, winner)
-    out = sweep_dir / "winner"
-    model = Path(winner["model_path"])
-    evaluate_task(chosen.evaluate, model, raw, split, out / "reports", sweep.winner_train_log(winner))
-    export_task(chosen.export, model, out / "model.onnx")
-    registration = register_task(
-        chosen,
-        model,
-        out / "reports",
-        out / "registered.json",
-        root,
-        split,
-        out / "model.onnx",
-        out / "model_card.md",
-    )
+    steps = sweep.WinnerSteps(evaluate_task, export_task, register_task)
+    _, registration, _ = sweep.publish_winner(trials, winner, raw, split, sweep_dir, workspace.root, steps)
     return {**winner, "registered_version": registration.version}
 
 

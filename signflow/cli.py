@@ -46,24 +46,17 @@ def cmd_evaluate(params: Params, args: argparse.Namespace):
 
 
 def cmd_export(params: Params, args: argparse.Namespace):
-    from signflow.onnx_export import export_onnx
+    from signflow.export import export_onnx
 
     return export_onnx(params.export, args.model, args.onnx)
 
 
 def cmd_register(params: Params, args: argparse.Namespace):
-    from signflow.registry import register_run
+    from signflow.layout import ModelOutputs
+    from signflow.register import register_run
 
-    return register_run(
-        params,
-        args.model,
-        args.reports,
-        args.receipt,
-        project_dir=args.project_dir,
-        split_dir=args.split,
-        onnx_path=args.onnx,
-        card_path=args.card,
-    )
+    outputs = ModelOutputs(reports=args.reports, onnx=args.onnx, model_card=args.card, receipt=args.receipt)
+    return register_run(params, args.model, outputs, project_dir=args.project_dir, split_dir=args.split)
 
 
 def cmd_sweep(params: Params, args: argparse.Namespace):
@@ -73,16 +66,17 @@ def cmd_sweep(params: Params, args: argparse.Namespace):
 
 
 def _add_paths(parser: argparse.ArgumentParser, *names: str) -> None:
+    here, outputs = layout.Workspace(), layout.Workspace().outputs
     options = {
-        "raw": ("--raw", layout.RAW_DIR, "raw dataset folder (<class>/<images>)"),
-        "split": ("--split", layout.SPLIT_DIR, "folder of split manifests"),
-        "model": ("--model", layout.MODEL_PATH, "model file"),
-        "train_log": ("--train-log", layout.TRAIN_LOG, "per-epoch metrics CSV"),
-        "reports": ("--reports", layout.REPORTS_DIR, "folder for metrics, tables and plots"),
-        "receipt": ("--receipt", layout.RECEIPT_PATH, "JSON record of the registered version"),
-        "onnx": ("--onnx", layout.ONNX_PATH, "ONNX model file"),
-        "card": ("--card", layout.MODEL_CARD_PATH, "model card (markdown)"),
-        "sweep_dir": ("--sweep-dir", layout.SWEEP_DIR, "folder for trials, comparison table and the winner"),
+        "raw": ("--raw", here.raw, "raw dataset folder (<class>/<images>)"),
+        "split": ("--split", here.split, "folder of split manifests"),
+        "model": ("--model", here.model, "model file"),
+        "train_log": ("--train-log", here.train_log, "per-epoch metrics CSV"),
+        "reports": ("--reports", outputs.reports, "folder for metrics, tables and plots"),
+        "receipt": ("--receipt", outputs.receipt, "JSON record of the registered version"),
+        "onnx": ("--onnx", outputs.onnx, "ONNX model file"),
+        "card": ("--card", outputs.model_card, "model card (markdown)"),
+        "sweep_dir": ("--sweep-dir", here.sweep, "folder for trials, comparison table and the winner"),
         "project_dir": (
             "--project-dir",
             Path("."),
@@ -176,69 +170,22 @@ def add_predict_parser(commands) -> None:
     )
 
 
-def _model_files(args: argparse.Namespace):
-    """A context manager yielding (.pt, .onnx, label) for --model."""
-    from contextlib import nullcontext
-
-    from signflow.predict import PredictError, is_registry_reference, local_model_files, registry_model_files
-
-    if is_registry_reference(args.model):
-        if not args.params.is_file():
-            raise PredictError(
-                f"--model {args.model}: a registry reference needs {args.params} for register.model_name and "
-                "the tracking URI; give --params or a model file path"
-            )
-        from signflow.registry import resolve_tracking_uri
-
-        register = load_params(args.params).register
-        return registry_model_files(args.model, register.model_name, resolve_tracking_uri(register))
-    path = Path(args.model)
-    if not path.exists():
-        raise PredictError(f"--model {args.model}: no such file or folder")
-    model_file, onnx_file = local_model_files(path)
-    return nullcontext((model_file, onnx_file, str(path)))
-
-
 def run_predict(args: argparse.Namespace) -> int:
-    import pandas as pd
+    from signflow.predict import choose_predictor, model_files, predict_images, write_predictions_csv
 
-    from signflow.fileio import write_atomic
-    from signflow.predict import choose_predictor, predict_images
-
-    failures, rows = 0, []
-    with _model_files(args) as (model_file, onnx_file, label):
+    predictions = []
+    with model_files(args.model, args.params) as (model_file, onnx_file, label):
         predictor = choose_predictor(model_file, onnx_file, args.backend)
         print(f"model: {label} ({predictor.backend} backend, {predictor.source})", file=sys.stderr)
         for prediction in predict_images(predictor, args.inputs, args.top_k, args.batch_size):
             if prediction.error:
-                failures += 1
                 print(f"signflow predict: {prediction.path}: {prediction.error}", file=sys.stderr)
-                rows.append(
-                    {
-                        "path": prediction.path,
-                        "rank": None,
-                        "class": None,
-                        "probability": None,
-                        "error": prediction.error,
-                    }
-                )
-                continue
-            ranked = ", ".join(f"{name} {probability:.1%}" for name, probability in prediction.top)
-            print(f"{prediction.path}: {ranked}", flush=True)
-            rows += [
-                {
-                    "path": prediction.path,
-                    "rank": rank,
-                    "class": name,
-                    "probability": round(probability, 6),
-                    "error": None,
-                }
-                for rank, (name, probability) in enumerate(prediction.top, start=1)
-            ]
+            else:
+                print(prediction.line(), flush=True)
+            predictions.append(prediction)
     if args.csv:
-        frame = pd.DataFrame(rows, columns=["path", "rank", "class", "probability", "error"])
-        frame["rank"] = frame["rank"].astype("Int64")
-        write_atomic(args.csv, lambda tmp: frame.to_csv(tmp, index=False))
+        write_predictions_csv(predictions, args.csv)
+    failures = sum(p.error is not None for p in predictions)
     if failures:
         print(f"signflow predict: {failures} file(s) could not be read", file=sys.stderr)
     return 1 if failures else 0

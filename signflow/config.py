@@ -1,7 +1,9 @@
 """One typed config for the whole pipeline, parsed from `params.yaml`.
 
-Every hyperparameter lives in `params.yaml`; this module only says what is allowed. Unknown keys
-and wrong types fail at load time with the key's full path (`train.lr: ...`).
+Every hyperparameter lives in `params.yaml`, and only there: no field here has a default, so a key
+missing from a user's params file is an error naming it, never a silent change of recipe (a test
+checks that every field is required). This module only says what is allowed. Unknown keys and
+wrong types fail at load time with the key's full path (`train.lr: ...`).
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ def _float_from_yaml(value: Any) -> Any:
 class DownloadConfig(_Section):
     url: str = Field(min_length=1)
     """Archive URL (https://, file://, any fsspec URL), a local archive path, or a local folder."""
-    sha256: str | None = None
-    class_root: str | None = None
+    sha256: str | None
+    class_root: str | None
     """Folder inside the source that holds the class folders; None finds it."""
-    retries: int = Field(default=3, ge=0, le=20)
-    timeout_s: float = Field(default=60.0, gt=0)
+    retries: int = Field(ge=0, le=20)
+    timeout_s: float = Field(gt=0)
 
     @field_validator("sha256")
     @classmethod
@@ -60,7 +62,7 @@ class SplitConfig(_Section):
     train: float = Field(gt=0, lt=1)
     valid: float = Field(ge=0, lt=1)
     test: float = Field(gt=0, lt=1)
-    seed: int = 42
+    seed: int
 
     _coerce = field_validator("train", "valid", "test", mode="before")(_float_from_yaml)
 
@@ -73,50 +75,56 @@ class SplitConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    enabled: bool = True
-    scale_min: float = Field(default=0.8, gt=0, le=1)
+    enabled: bool
+    scale_min: float = Field(gt=0, le=1)
     """Smallest area fraction kept by the random resized crop."""
-    hflip: float = Field(default=0.0, ge=0, le=1)
+    hflip: float = Field(ge=0, le=1)
     """Probability of a horizontal flip. Off by default: a mirrored hand can be another sign."""
-    color_jitter: float = Field(default=0.1, ge=0, le=1)
+    color_jitter: float = Field(ge=0, le=1)
 
     _coerce = field_validator("scale_min", "hflip", "color_jitter", mode="before")(_float_from_yaml)
 
 
 class TrainConfig(_Section):
     model: str = Field(min_length=1)
-    pretrained: bool = True
-    weights_file: str | None = None
+    pretrained: bool
+    weights_file: str | None
     """Local weights in timm's layout (safetensors or .pth); used instead of the hub when set."""
-    trainable_blocks: int | Literal["all"] = 2
+    trainable_blocks: int | Literal["all"]
     """Trailing parameter groups (timm's group_matcher) that train besides the new head; 0 = head only."""
     image_size: int = Field(ge=32, le=1024)
     batch_size: int = Field(ge=1, le=4096)
     epochs: int = Field(ge=1, le=1000)
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "adam", "sgd"]
     lr: float = Field(gt=0, le=10)
-    weight_decay: float = Field(default=0.0, ge=0)
-    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    early_stopping_patience: int = Field(default=0, ge=0)
+    momentum: float = Field(ge=0, lt=1)
+    """SGD's (Nesterov) momentum; Adam and AdamW ignore it."""
+    lr_schedule: Literal["cosine", "constant"]
+    """cosine: the learning rate follows a cosine from `lr` down to 0 over `epochs`; constant: it stays at `lr`."""
+    weight_decay: float = Field(ge=0)
+    label_smoothing: float = Field(ge=0, lt=1)
+    early_stopping_patience: int = Field(ge=0)
     """Stop after this many epochs without a better validation accuracy; 0 = never stop early."""
-    seed: int = 42
-    augment: AugmentConfig = AugmentConfig()
-    cache_frozen_features: bool = True
+    seed: int
+    augment: AugmentConfig
+    cache_frozen_features: bool
     """Run the frozen layers once per image view and train only the trainable tail (see README)."""
-    cached_views: int = Field(default=4, ge=1, le=64)
+    inference_batch_size: int = Field(ge=1, le=4096)
+    """Images per forward pass where no gradients are needed: frozen-feature caching and validation."""
+    cached_views: int = Field(ge=1, le=64)
     """Augmented views of each training image cached when cache_frozen_features is on; epochs cycle them."""
-    cache_runtime: Literal["auto", "onnxruntime", "torch"] = "auto"
+    cache_runtime: Literal["auto", "onnxruntime", "torch"]
     """What runs the frozen layers for the cache: auto = ONNX Runtime on the CPU, PyTorch on CUDA."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_threads: int = Field(default=0, ge=0)
+    device: Literal["auto", "cpu", "cuda"]
+    num_threads: int = Field(ge=0)
     """torch intra-op threads; 0 keeps torch's default (one per core)."""
-    channels_last: bool = True
-    amp: bool = True
+    channels_last: bool
+    amp: bool
     """bfloat16/float16 autocast on CUDA; ignored on the CPU."""
-    resume: bool = True
+    resume: bool
     """Continue an interrupted run from its last epoch checkpoint (`<model>.resume`) when params and data match."""
 
-    _coerce = field_validator("lr", "weight_decay", "label_smoothing", mode="before")(_float_from_yaml)
+    _coerce = field_validator("lr", "momentum", "weight_decay", "label_smoothing", mode="before")(_float_from_yaml)
 
     @field_validator("trainable_blocks", mode="before")
     @classmethod
@@ -127,17 +135,17 @@ class TrainConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    batch_size: int = Field(default=64, ge=1, le=4096)
-    gallery_size: int = Field(default=12, ge=0, le=200)
+    batch_size: int = Field(ge=1, le=4096)
+    gallery_size: int = Field(ge=0, le=200)
     """How many of the most confident mistakes `mistakes.png` shows."""
-    calibration_bins: int = Field(default=10, ge=2, le=100)
+    calibration_bins: int = Field(ge=2, le=100)
     """Equal-width confidence bins for the reliability diagram and the ECE."""
 
 
 class ExportConfig(_Section):
-    opset: int = Field(default=17, ge=9, le=23)
+    opset: int = Field(ge=9, le=23)
     """ONNX opset of the exported model."""
-    tolerance: float = Field(default=1e-4, gt=0, le=1)
+    tolerance: float = Field(gt=0, le=1)
     """Largest |ONNX Runtime - PyTorch| logit difference accepted; export fails above it."""
 
     _coerce = field_validator("tolerance", mode="before")(_float_from_yaml)
@@ -146,10 +154,10 @@ class ExportConfig(_Section):
 class RegisterConfig(_Section):
     model_name: str = Field(min_length=1)
     """Registered-model name in the MLflow registry."""
-    tracking_uri: str = "sqlite:///mlflow.db"
+    tracking_uri: str
     """Used unless MLFLOW_TRACKING_URI is set in the environment."""
-    experiment: str = "signflow"
-    min_accuracy: float = Field(default=0.0, ge=0, le=1)
+    experiment: str
+    min_accuracy: float = Field(ge=0, le=1)
     """The `champion` alias only moves to a model whose test accuracy reaches this gate."""
 
     _coerce = field_validator("min_accuracy", mode="before")(_float_from_yaml)
@@ -159,17 +167,17 @@ class ScheduleConfig(_Section):
     """How `python -m flows.serve` schedules the pipeline on a Prefect server (not a hyperparameter:
     no DVC stage reads this section)."""
 
-    deployment: str = Field(default="scheduled", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    deployment: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     """Deployment name; the UI shows it as `signflow-pipeline/<deployment>`."""
-    cron: str | None = "0 3 * * *"
+    cron: str | None
     """Cron expression (5 fields), or null to use `interval_s`."""
-    interval_s: int | None = Field(default=None, ge=60)
-    timezone: str = "UTC"
-    concurrency_limit: int = Field(default=1, ge=1, le=16)
+    interval_s: int | None = Field(ge=60)
+    timezone: str
+    concurrency_limit: int = Field(ge=1, le=16)
     """Runs of the deployment at once; 1 keeps two runs from sharing the workspace."""
-    collision_strategy: Literal["ENQUEUE", "CANCEL_NEW"] = "ENQUEUE"
+    collision_strategy: Literal["ENQUEUE", "CANCEL_NEW"]
     """What a run that would exceed the limit does: wait for the running one, or be cancelled."""
-    refresh_data: bool = True
+    refresh_data: bool
     """Scheduled runs always re-run the download step, so new data at download.url is noticed."""
 
     @field_validator("cron")
@@ -187,19 +195,15 @@ class ScheduleConfig(_Section):
         return self
 
 
-def _default_grid() -> dict[str, list[Any]]:
-    return {"train.trainable_blocks": [2, 4, 8, 12], "train.lr": [1.0e-3, 5.0e-4]}
-
-
 class SweepConfig(_Section):
     """`signflow sweep` / `python -m flows.sweep`: the train params to try, and the budget."""
 
-    grid: dict[str, list[Any]] = Field(default_factory=_default_grid)
+    grid: dict[str, list[Any]]
     """Dotted `train.*` keys and the values to try; every combination is a trial, in order."""
-    max_trials: int = Field(default=8, ge=1, le=1000)
-    max_minutes: float = Field(default=15.0, gt=0)
+    max_trials: int = Field(ge=1, le=1000)
+    max_minutes: float = Field(gt=0)
     """No trial starts after this many minutes (the first always runs); running ones finish."""
-    workers: int = Field(default=1, ge=1, le=64)
+    workers: int = Field(ge=1, le=64)
     """Trials at once in the Prefect flow's task runner (each uses train.num_threads threads)."""
 
     _coerce = field_validator("max_minutes", mode="before")(_float_from_yaml)
@@ -218,18 +222,19 @@ class SweepConfig(_Section):
 
 
 # BaseModel inherits ABC's `register` method; the params section of that name is meant to shadow it.
-warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)
 
-
-class Params(_Section):
-    download: DownloadConfig
-    split: SplitConfig
-    train: TrainConfig
-    evaluate: EvaluateConfig = EvaluateConfig()
-    export: ExportConfig = ExportConfig()
-    register: RegisterConfig
-    schedule: ScheduleConfig = ScheduleConfig()
-    sweep: SweepConfig = SweepConfig()
+    class Params(_Section):
+        download: DownloadConfig
+        split: SplitConfig
+        train: TrainConfig
+        evaluate: EvaluateConfig
+        export: ExportConfig
+        # Without an explicit Field(), pydantic takes the inherited method as this field's default.
+        register: RegisterConfig = Field()
+        schedule: ScheduleConfig
+        sweep: SweepConfig
 
 
 def _format_errors(source: str, error: ValidationError) -> str:

@@ -24,10 +24,12 @@ from urllib.parse import unquote, urlparse
 
 from tqdm.auto import tqdm
 
+from signflow._fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
+from signflow._images import is_image_name, is_junk
 from signflow.config import DownloadConfig
 from signflow.errors import SignflowError
-from signflow.fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
-from signflow.images import is_image_name, is_junk
+
+__all__ = ["DatasetInfo", "DownloadError", "NetworkError", "download_dataset", "extract_archive", "find_class_root"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,9 @@ class DatasetInfo:
     @property
     def num_images(self) -> int:
         return sum(self.counts.values())
+
+    def summary_line(self) -> str:
+        return f"{self.num_images} images, {len(self.class_names)} classes"
 
 
 def _local_path(url: str) -> Path | None:

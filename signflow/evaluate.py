@@ -1,10 +1,10 @@
 """Evaluate step: the model on the test split only, and the report a person reads.
 
-Writes into the reports folder: `metrics.json` (accuracy, macro F1, test-set size, mistakes,
-expected calibration error), `per_class.csv`, `predictions.csv` (one row per test image),
-`calibration.csv`, `confusion.png` (counts and row-normalised), `learning_curves.png` (from the
-train step's epoch log), `mistakes.png` (the most confident mistakes), `reliability.png` and
-`report.md` tying them together.
+Writes into the reports folder (names in `signflow.layout`): `metrics.json` (accuracy, macro F1,
+test-set size, mistakes, expected calibration error), `per_class.csv`, `predictions.csv` (one row
+per test image), `calibration.csv`, `confusion.png` (counts and row-normalised),
+`learning_curves.png` (from the train step's epoch log), `mistakes.png` (the most confident
+mistakes), `reliability.png` and `report.md` tying them together.
 """
 
 from __future__ import annotations
@@ -18,14 +18,17 @@ import pandas as pd
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from signflow import report
-from signflow.checkpoint import load_bundle
+from signflow import _report as report
+from signflow import layout
+from signflow._fileio import write_atomic, write_json_atomic, write_text_atomic
+from signflow._forward import predict_logits
+from signflow._model import resolve_device
+from signflow._model_file import ModelBundle, load_bundle
+from signflow._preprocessing import load_images
 from signflow.config import EvaluateConfig
-from signflow.fileio import write_atomic, write_json_atomic
-from signflow.inference import predict_logits
-from signflow.model import resolve_device
-from signflow.preprocess import load_images
 from signflow.split import read_class_names, read_manifest
+
+__all__ = ["EvaluationResult", "evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -40,27 +43,19 @@ class EvaluationResult:
     metrics_path: str
     report_path: str
 
-
-def compute_metrics(labels: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> tuple[dict, pd.DataFrame]:
-    indices = list(range(len(class_names)))
-    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=indices, zero_division=0)
-    per_class = pd.DataFrame(
-        {"class": class_names, "precision": precision, "recall": recall, "f1": f1, "support": support}
-    )
-    metrics = {
-        "accuracy": float(accuracy_score(labels, predicted)),
-        "macro_f1": float(f1_score(labels, predicted, labels=indices, average="macro", zero_division=0)),
-        "test_images": int(len(labels)),
-    }
-    return metrics, per_class
+    def summary_line(self) -> str:
+        return f"test accuracy {self.accuracy:.4f} on {self.test_images} images"
 
 
-REPORT_FILES = {
-    "confusion matrix": "confusion.png",
-    "learning curves": "learning_curves.png",
-    "most confident mistakes": "mistakes.png",
-    "reliability diagram": "reliability.png",
-}
+@dataclass(frozen=True)
+class Scores:
+    """Everything the report shows, computed from the test labels and the model's probabilities."""
+
+    metrics: dict
+    per_class: pd.DataFrame
+    predictions: pd.DataFrame
+    calibration: pd.DataFrame
+    confusion: np.ndarray
 
 
 def evaluate(
@@ -78,21 +73,59 @@ def evaluate(
     bundle.check_classes(read_class_names(split_dir), f"{split_dir}/classes.json")
     bundle.check_preprocessing(str(model_path))
     manifest = read_manifest(split_dir, "test")
-    images = load_images([raw_dir / p for p in manifest["path"]], bundle.preprocessing, desc="decode test")
+    probabilities = probabilities_for(bundle, [raw_dir / p for p in manifest["path"]], cfg.batch_size)
+    scores = score(manifest, probabilities, bundle.class_names, cfg.calibration_bins)
+    write_report(scores, bundle, cfg, raw_dir, reports_dir, train_log)
+    metrics = scores.metrics
+    log.info(
+        "test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images",
+        *(metrics[k] for k in ("accuracy", "macro_f1", "ece", "test_images")),
+    )
+    return EvaluationResult(
+        metrics["accuracy"],
+        metrics["macro_f1"],
+        metrics["test_images"],
+        metrics["mistakes"],
+        metrics["ece"],
+        str(reports_dir / layout.METRICS),
+        str(reports_dir / layout.REPORT_MARKDOWN),
+    )
+
+
+def probabilities_for(bundle: ModelBundle, paths: list[Path], batch_size: int) -> np.ndarray:
+    """Softmax probabilities (float64) of the model for each image, run as it was trained
+    (channels_last: MobileNet-style CNNs ran about twice as fast with it on the CPU)."""
+    images = load_images(paths, bundle.preprocessing, desc="decode test")
     device = resolve_device("auto")
-    # channels_last (as trained): MobileNet-style CNNs ran about twice as fast with it on the CPU
     memory_format = torch.channels_last if bundle.channels_last else torch.contiguous_format
     model = bundle.build_model().to(device, memory_format=memory_format)
-    logits = predict_logits(model, images, bundle.preprocessing, cfg.batch_size, device, bundle.channels_last)
-    probabilities = torch.softmax(logits, dim=1).numpy().astype(np.float64)
-    predicted = probabilities.argmax(1)
+    logits = predict_logits(model, images, bundle.preprocessing, batch_size, device, bundle.channels_last)
+    return torch.softmax(logits, dim=1).numpy().astype(np.float64)
+
+
+def compute_metrics(labels: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> tuple[dict, pd.DataFrame]:
+    indices = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=indices, zero_division=0)
+    per_class = pd.DataFrame(
+        {"class": class_names, "precision": precision, "recall": recall, "f1": f1, "support": support}
+    )
+    metrics = {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "macro_f1": float(f1_score(labels, predicted, labels=indices, average="macro", zero_division=0)),
+        "test_images": int(len(labels)),
+        "mistakes": int((predicted != labels).sum()),
+    }
+    return metrics, per_class
+
+
+def score(manifest: pd.DataFrame, probabilities: np.ndarray, class_names: list[str], bins: int) -> Scores:
     labels = manifest["label_index"].to_numpy()
-    metrics, per_class = compute_metrics(labels, predicted, bundle.class_names)
-    calibration = report.calibration_bins(labels, probabilities, cfg.calibration_bins)
-    metrics["mistakes"] = int((predicted != labels).sum())
+    predicted = probabilities.argmax(1)
+    metrics, per_class = compute_metrics(labels, predicted, class_names)
+    calibration = report.calibration_bins(labels, probabilities, bins)
     metrics["ece"] = report.expected_calibration_error(calibration)
     metrics["mean_confidence"] = float(probabilities.max(1).mean())
-    names = np.array(bundle.class_names)
+    names = np.array(class_names)
     predictions = pd.DataFrame(
         {
             "path": manifest["path"],
@@ -102,38 +135,34 @@ def evaluate(
             "probability_actual": probabilities[np.arange(len(labels)), labels].round(6),
         }
     )
-    matrix = confusion_matrix(labels, predicted, labels=list(range(len(names))))
-    mistakes = report.worst_mistakes(predictions, cfg.gallery_size)
+    confusion = confusion_matrix(labels, predicted, labels=list(range(len(names))))
+    return Scores(metrics, per_class, predictions, calibration, confusion)
 
-    write_json_atomic(reports_dir / "metrics.json", metrics)
-    write_atomic(reports_dir / "per_class.csv", lambda tmp: per_class.to_csv(tmp, index=False, float_format="%.6f"))
-    write_atomic(reports_dir / "predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
-    used_bins = calibration[calibration["images"] > 0]
-    write_atomic(reports_dir / "calibration.csv", lambda tmp: used_bins.to_csv(tmp, index=False))
-    report.plot_confusion(matrix, bundle.class_names, reports_dir / REPORT_FILES["confusion matrix"])
-    history = _read_history(train_log)
-    report.plot_learning_curves(history, reports_dir / REPORT_FILES["learning curves"])
-    report.plot_mistakes(mistakes, raw_dir, len(labels), reports_dir / REPORT_FILES["most confident mistakes"])
-    report.plot_reliability(calibration, metrics["ece"], reports_dir / REPORT_FILES["reliability diagram"])
+
+def write_report(
+    scores: Scores,
+    bundle: ModelBundle,
+    cfg: EvaluateConfig,
+    raw_dir: Path,
+    reports_dir: Path,
+    train_log: str | Path | None,
+) -> None:
+    """Every report file, each written atomically."""
+    figures = {title: reports_dir / name for title, name in layout.FIGURES.items()}
+    mistakes = report.worst_mistakes(scores.predictions, cfg.gallery_size)
+    tables = dict(zip(layout.TABLES, (scores.per_class, scores.predictions, scores.calibration), strict=True))
+    tables["calibration.csv"] = scores.calibration[scores.calibration["images"] > 0]
+    write_json_atomic(reports_dir / layout.METRICS, scores.metrics)
+    for name, table in tables.items():
+        floats = "%.6f" if name == "per_class.csv" else None
+        write_atomic(reports_dir / name, lambda tmp, t=table, f=floats: t.to_csv(tmp, index=False, float_format=f))
+    report.plot_confusion(scores.confusion, bundle.class_names, figures["confusion matrix"])
+    report.plot_learning_curves(_read_history(train_log), figures["learning curves"])
+    report.plot_mistakes(mistakes, raw_dir, scores.metrics["test_images"], figures["most confident mistakes"])
+    report.plot_reliability(scores.calibration, scores.metrics["ece"], figures["reliability diagram"])
     summary = {"model_name": bundle.model_name, **bundle.summary}
-    markdown = report.markdown_report(metrics, per_class, mistakes, summary, REPORT_FILES)
-    write_atomic(reports_dir / "report.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
-    log.info(
-        "test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images",
-        metrics["accuracy"],
-        metrics["macro_f1"],
-        metrics["ece"],
-        len(labels),
-    )
-    return EvaluationResult(
-        metrics["accuracy"],
-        metrics["macro_f1"],
-        metrics["test_images"],
-        metrics["mistakes"],
-        metrics["ece"],
-        str(reports_dir / "metrics.json"),
-        str(reports_dir / "report.md"),
-    )
+    markdown = report.markdown_report(scores.metrics, scores.per_class, mistakes, summary, layout.FIGURES)
+    write_text_atomic(reports_dir / layout.REPORT_MARKDOWN, markdown)
 
 
 def _read_history(train_log: str | Path | None) -> pd.DataFrame:

@@ -1,18 +1,104 @@
-"""Where each step reads and writes, relative to the project root. `dvc.yaml` names the same paths
-(a test checks it), and every CLI command takes an option to change each one.
+"""Where each step reads and writes: the one place that names the project's files.
+
+`dvc.yaml` names the same paths (tests check that its stages' deps and outs are exactly these),
+every CLI command takes an option to change each one, and the Prefect flows and the sweep build
+theirs from the same `Workspace` and `ModelOutputs`.
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
-RAW_DIR = Path("data/raw")
-SPLIT_DIR = Path("data/split")
-MODEL_PATH = Path("models/model.pt")
-RECEIPT_PATH = Path("models/registered.json")
-ONNX_PATH = Path("models/model.onnx")
-MODEL_CARD_PATH = Path("models/model_card.md")
-REPORTS_DIR = Path("reports")
-TRAIN_LOG = REPORTS_DIR / "train_log.csv"
-METRICS_PATH = REPORTS_DIR / "metrics.json"
-RUN_LOCK = Path(".signflow-run.lock")
-SWEEP_DIR = Path("sweep")
+RUN_LOCK = ".signflow-run.lock"
+
+METRICS = "metrics.json"
+"""The evaluate step's headline metrics (test accuracy, macro F1, ...), in the reports folder."""
+REPORT_MARKDOWN = "report.md"
+TABLES = ("per_class.csv", "predictions.csv", "calibration.csv")
+FIGURES = {
+    "confusion matrix": "confusion.png",
+    "learning curves": "learning_curves.png",
+    "most confident mistakes": "mistakes.png",
+    "reliability diagram": "reliability.png",
+}
+REPORT_FILES = (REPORT_MARKDOWN, *TABLES, *FIGURES.values())
+"""Everything the evaluate step writes into the reports folder besides `METRICS`."""
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    """What evaluate, export and register write for one trained model."""
+
+    reports: Path
+    onnx: Path
+    model_card: Path
+    receipt: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.reports / METRICS
+
+    @property
+    def report_markdown(self) -> Path:
+        return self.reports / REPORT_MARKDOWN
+
+    def report_files(self) -> list[Path]:
+        """Every report file (metrics first), in the order they are attached to a registered version."""
+        return [self.metrics, *(self.reports / name for name in REPORT_FILES)]
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A project's files under `root`: the layout `dvc repro` and the Prefect flow both use."""
+
+    root: Path = Path(".")
+
+    @property
+    def params(self) -> Path:
+        return self.root / PARAMS
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def split(self) -> Path:
+        return self.root / "data" / "split"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "models" / "model.pt"
+
+    @property
+    def train_log(self) -> Path:
+        return self.root / "reports" / "train_log.csv"
+
+    @property
+    def outputs(self) -> ModelOutputs:
+        return ModelOutputs(
+            reports=self.root / "reports",
+            onnx=self.root / "models" / "model.onnx",
+            model_card=self.root / "models" / "model_card.md",
+            receipt=self.root / "models" / "registered.json",
+        )
+
+    @property
+    def sweep(self) -> Path:
+        return self.root / "sweep"
+
+    @property
+    def run_lock(self) -> Path:
+        return self.root / RUN_LOCK
+
+
+def winner_outputs(sweep_dir: Path) -> ModelOutputs:
+    """Where the sweep's winner gets its report, ONNX file, model card and receipt."""
+    folder = Path(sweep_dir) / "winner"
+    return ModelOutputs(
+        reports=folder / "reports",
+        onnx=folder / "model.onnx",
+        model_card=folder / "model_card.md",
+        receipt=folder / "registered.json",
+    )

@@ -18,14 +18,15 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
+from signflow._fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
+from signflow._images import check_image, is_junk
 from signflow.config import SplitConfig
 from signflow.errors import SignflowError
-from signflow.fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
-from signflow.images import check_image, is_junk
+
+__all__ = ["SplitError", "SplitResult", "read_class_names", "read_manifest", "split_dataset"]
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
 MANIFEST_COLUMNS = ["path", "label", "label_index", "sha256", "width", "height"]
 
 
@@ -38,6 +39,9 @@ class SplitResult:
     class_names: list[str]
     counts: dict[str, int]
     excluded: int
+
+    def summary_line(self) -> str:
+        return f"{self.counts}"
 
 
 def _check_file(file: Path) -> tuple[int, int, str] | Exception:

@@ -20,22 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from signflow.config import (  # noqa: E402
+from signflow._fileio import write_atomic, write_json_atomic, write_text_atomic
+from signflow._report import new_figure, save_figure
+from signflow.config import (
     Params,
     SweepConfig,
     TrainConfig,
     apply_overrides,
     parse_params,
+    read_params_file,
     resolve_relative_paths,
 )
-from signflow.errors import SignflowError  # noqa: E402
-from signflow.fileio import write_atomic, write_json_atomic  # noqa: E402
+from signflow.errors import SignflowError
+from signflow.layout import ModelOutputs, winner_outputs
+
+__all__ = ["SweepError", "SweepResult", "Trial", "WinnerSteps", "plan_trials", "publish_winner", "run_trials", "sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +156,9 @@ def write_comparison(table: pd.DataFrame, sweep_dir: str | Path) -> dict[str, Pa
     sweep_dir = Path(sweep_dir)
     paths = {"csv": sweep_dir / "results.csv", "markdown": sweep_dir / "results.md", "plot": sweep_dir / "trials.png"}
     write_atomic(paths["csv"], lambda tmp: table.to_csv(tmp, index=False))
-    write_atomic(paths["markdown"], lambda tmp: tmp.write_text(markdown_table(table), encoding="utf-8"))
+    write_text_atomic(paths["markdown"], markdown_table(table))
     ran = table[table["valid_accuracy"].notna()]
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, axes = new_figure(1, 2, figsize=(11, 4.2))
     for ax, column, label in (
         (axes[0], "trainable_parameters", "trainable parameters"),
         (axes[1], "train_seconds", "training time (s)"),
@@ -170,9 +171,7 @@ def write_comparison(table: pd.DataFrame, sweep_dir: str | Path) -> dict[str, Pa
         ax.set(xlabel=label, ylabel="validation accuracy", title=f"validation accuracy vs {label}")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
-    figure.tight_layout()
-    write_atomic(paths["plot"], lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-    plt.close(figure)
+    save_figure(figure, paths["plot"])
     return paths
 
 
@@ -230,6 +229,36 @@ def require_split(split_dir: str | Path) -> None:
         raise SweepError(f"{split_dir}: no split found; run `dvc repro split` (or the pipeline) first")
 
 
+@dataclass(frozen=True)
+class WinnerSteps:
+    """The pipeline's evaluate, export and register steps, as the caller runs them: plain
+    functions for `signflow sweep`, Prefect tasks for the sweep flow (so they show in its UI)."""
+
+    evaluate: Callable[..., Any]
+    export: Callable[..., Any]
+    register: Callable[..., Any]
+
+
+def publish_winner(
+    trials: list[Trial],
+    winner: dict[str, Any],
+    raw_dir: str | Path,
+    split_dir: str | Path,
+    sweep_dir: str | Path,
+    project_dir: str | Path,
+    steps: WinnerSteps,
+) -> tuple[Any, Any, ModelOutputs]:
+    """Evaluate the winner on the test split, export it and register it, with the winner's params,
+    into `winner_outputs(sweep_dir)`; returns (evaluation, registration, outputs)."""
+    chosen = winner_params(trials, winner)
+    outputs = winner_outputs(Path(sweep_dir))
+    model = Path(winner["model_path"])
+    evaluation = steps.evaluate(chosen.evaluate, model, raw_dir, split_dir, outputs.reports, winner_train_log(winner))
+    steps.export(chosen.export, model, outputs.onnx)
+    registration = steps.register(chosen, model, outputs, project_dir=project_dir, split_dir=split_dir)
+    return evaluation, registration, outputs
+
+
 def sweep(
     params_path: str | Path,
     raw_dir: str | Path,
@@ -239,10 +268,9 @@ def sweep(
 ) -> SweepResult:
     """The whole sweep, one trial after another: trials, comparison, then the winner evaluated on
     the test split, exported and registered exactly as the pipeline's own steps do."""
-    from signflow.config import read_params_file
     from signflow.evaluate import evaluate
-    from signflow.onnx_export import export_onnx
-    from signflow.registry import register_run
+    from signflow.export import export_onnx
+    from signflow.register import register_run
 
     require_split(split_dir)
     params_path, sweep_dir = Path(params_path), Path(sweep_dir)
@@ -253,27 +281,8 @@ def sweep(
     winner = pick_winner(results)
     table = comparison_table(results, winner)
     paths = write_comparison(table, sweep_dir)
-    chosen = winner_params(trials, winner)
-    out = sweep_dir / "winner"
-    evaluation = evaluate(
-        chosen.evaluate,
-        winner["model_path"],
-        raw_dir,
-        split_dir,
-        out / "reports",
-        winner_train_log(winner),
-    )
-    export_onnx(chosen.export, winner["model_path"], out / "model.onnx")
-    registration = register_run(
-        chosen,
-        winner["model_path"],
-        out / "reports",
-        out / "registered.json",
-        project_dir=project_dir,
-        split_dir=split_dir,
-        onnx_path=out / "model.onnx",
-        card_path=out / "model_card.md",
-    )
+    steps = WinnerSteps(evaluate, export_onnx, register_run)
+    evaluation, registration, _ = publish_winner(trials, winner, raw_dir, split_dir, sweep_dir, project_dir, steps)
     log.info(
         "sweep winner %s: valid %.4f, test %.4f, registered as version %s",
         winner["trial"],

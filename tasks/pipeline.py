@@ -6,6 +6,7 @@ Prefect's own result caching is off (`cache_policy=NONE`): DVC decides what is u
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,13 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from signflow import dvc_state
+from signflow import _dvc_state as dvc_state
 from signflow.config import DownloadConfig, EvaluateConfig, ExportConfig, Params, SplitConfig, TrainConfig
 from signflow.download import DatasetInfo, NetworkError, download_dataset
 from signflow.evaluate import EvaluationResult, evaluate
-from signflow.onnx_export import ExportResult, export_onnx
-from signflow.registry import Registration, register_run
+from signflow.export import ExportResult, export_onnx
+from signflow.layout import ModelOutputs
+from signflow.register import Registration, register_run
 from signflow.split import SplitResult, split_dataset
 from signflow.train import TrainResult, fine_tune
 
@@ -80,25 +82,9 @@ def export_task(cfg: ExportConfig, model_path: Path, onnx_path: Path) -> ExportR
 
 @task(name="register", cache_policy=NONE)
 def register_task(
-    params: Params,
-    model_path: Path,
-    reports_dir: Path,
-    receipt_path: Path,
-    project_dir: Path,
-    split_dir: Path,
-    onnx_path: Path,
-    card_path: Path,
+    params: Params, model_path: Path, outputs: ModelOutputs, *, project_dir: Path, split_dir: Path
 ) -> Registration:
-    result = register_run(
-        params,
-        model_path,
-        reports_dir,
-        receipt_path,
-        project_dir=project_dir,
-        split_dir=split_dir,
-        onnx_path=onnx_path,
-        card_path=card_path,
-    )
+    result = register_run(params, model_path, outputs, project_dir=project_dir, split_dir=split_dir)
     create_markdown_artifact(
         key="registration",
         markdown=(
@@ -120,7 +106,18 @@ def record_stage_task(stage: str, project_dir: Path) -> None:
 
 
 SKIPPED = "skipped (up to date)"
-"""What the flow records for a step DVC reported up to date."""
+"""What a flow records for a step DVC reported up to date."""
+
+
+def run_stage(stage: str, project_dir: Path, use_dvc: bool, force: bool, step: Callable[[], Any]) -> Any:
+    """Run one step's task unless DVC says the stage is up to date; record it in dvc.lock after it ran."""
+    if use_dvc and not force and stage_up_to_date_task(stage, project_dir):
+        get_run_logger().info("%s: up to date (dvc.lock), skipped", stage)
+        return SKIPPED
+    result = step()
+    if use_dvc:
+        record_stage_task(stage, project_dir)
+    return result
 
 
 @task(name="summary", cache_policy=NONE)
@@ -128,7 +125,7 @@ def summary_task(results: dict[str, Any]) -> str:
     """Say what this run did, in the log and as a markdown artifact on the run's page."""
     lines = ["| step | outcome |", "|---|---|"]
     for stage, result in results.items():
-        lines.append(f"| {stage} | {result if result == SKIPPED else describe(result)} |")
+        lines.append(f"| {stage} | {result if result == SKIPPED else result.summary_line()} |")
     ran = [stage for stage, result in results.items() if result != SKIPPED]
     if ran in ([], ["download"]):
         headline = "Nothing changed since the last successful run (same data, same params): no new model."
@@ -138,22 +135,3 @@ def summary_task(results: dict[str, Any]) -> str:
     get_run_logger().info(headline)
     create_markdown_artifact(key="pipeline-summary", markdown=markdown, description="What this run did")
     return headline
-
-
-def describe(result: Any) -> str:
-    """One line for a step's result dataclass."""
-    if isinstance(result, Registration):
-        return (
-            f"{result.model_name} v{result.version}, champion v{result.champion_version}, new: {result.newly_created}"
-        )
-    if isinstance(result, EvaluationResult):
-        return f"test accuracy {result.accuracy:.4f} on {result.test_images} images"
-    if isinstance(result, TrainResult):
-        return f"best epoch {result.best_epoch}, valid accuracy {result.best_valid_accuracy:.4f}"
-    if isinstance(result, SplitResult):
-        return f"{result.counts}"
-    if isinstance(result, DatasetInfo):
-        return f"{result.num_images} images, {len(result.class_names)} classes"
-    if isinstance(result, ExportResult):
-        return f"max |ONNX - PyTorch| {result.max_abs_difference:.1e}"
-    return "done"

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from signflow.cli import COMMANDS, main
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

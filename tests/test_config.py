@@ -2,11 +2,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from signflow import layout
 from signflow.cli import COMMANDS, build_parser
 from signflow.config import ConfigError, Params, load_params, parse_params
-from tests.conftest import ROOT, tiny_params
+from tests.helpers import ROOT, tiny_params
 
 
 def test_params_yaml_of_the_project_is_valid():
@@ -91,7 +92,42 @@ def test_dvc_yaml_matches_params_and_cli():
             assert any(path == p or path.startswith(p + "/") for p in paths), f"{name}: {path} is not a path it uses"
 
 
-def test_layout_paths_appear_in_dvc_yaml():
-    text = (ROOT / "dvc.yaml").read_text()
-    for path in (layout.RAW_DIR, layout.SPLIT_DIR, layout.MODEL_PATH, layout.METRICS_PATH, layout.RECEIPT_PATH):
-        assert str(path) in text
+def test_every_setting_is_required_so_params_yaml_is_the_only_source_of_defaults():
+    """No field has a default in code: a key missing from params.yaml is an error, never a silent default."""
+
+    def optional_fields(model, prefix=""):
+        for name, info in model.model_fields.items():
+            if not info.is_required():
+                yield f"{prefix}{name}"
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                yield from optional_fields(annotation, f"{prefix}{name}.")
+
+    assert list(optional_fields(Params)) == []
+    raw = tiny_params("x.zip")
+    del raw["train"]["label_smoothing"], raw["train"]["augment"]["hflip"]
+    with pytest.raises(ConfigError) as error:
+        parse_params(raw)
+    assert "train.label_smoothing: required key is missing" in str(error.value)
+    assert "train.augment.hflip: required key is missing" in str(error.value)
+
+
+def _declared(stage: dict, kind: str) -> set[str]:
+    return {next(iter(entry)) if isinstance(entry, dict) else entry for entry in stage.get(kind, [])}
+
+
+def test_dvc_yaml_paths_are_the_layouts():
+    """The stages' deps and outs are exactly the paths signflow.layout gives the steps."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    here = layout.Workspace()
+    outputs = here.outputs
+    reports = {str(path) for path in outputs.report_files()}
+    assert _declared(stages["download"], "outs") == {str(here.raw)}
+    assert _declared(stages["split"], "outs") == {str(here.split)}
+    assert _declared(stages["train"], "outs") == {str(here.model), str(here.train_log)}
+    assert _declared(stages["evaluate"], "outs") | _declared(stages["evaluate"], "metrics") == reports
+    assert _declared(stages["export"], "outs") == {str(outputs.onnx)}
+    assert _declared(stages["register"], "outs") == {str(outputs.receipt), str(outputs.model_card)}
+    assert {str(outputs.metrics), str(outputs.report_markdown), str(outputs.onnx)} <= _declared(
+        stages["register"], "deps"
+    )

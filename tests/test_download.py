@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from signflow._fileio import sha256_file
 from signflow.config import DownloadConfig
 from signflow.download import DownloadError, NetworkError, download_dataset, fetch_with_retries
-from signflow.fileio import sha256_file
-from tests.conftest import CLASS_COLOURS, PER_CLASS
+from tests.helpers import CLASS_COLOURS, PER_CLASS, section
 
 
 def cfg(url, **kw) -> DownloadConfig:
-    return DownloadConfig(url=str(url), retries=kw.pop("retries", 0), **kw)
+    return section("download", url=str(url), retries=kw.pop("retries", 0), **kw)
 
 
 def test_upstream_layout_zip_finds_classes_and_leaves_examples_out(tiny_zip, tmp_path):

@@ -14,19 +14,21 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 
-from signflow.checkpoint import CheckpointError, load_bundle, save_bundle
-from signflow.config import DownloadConfig, EvaluateConfig, parse_params
+from signflow._fileio import remove_stale_scratch
+from signflow._model_file import CheckpointError, load_bundle, save_bundle
+from signflow._runners import PlainRunner
+from signflow._training_state import resume_path
+from signflow.config import parse_params
 from signflow.download import NetworkError, download_dataset
 from signflow.evaluate import evaluate
-from signflow.fileio import remove_stale_scratch
-from signflow.resume import resume_path
 from signflow.split import split_dataset
-from signflow.train import PlainRunner, TrainingError, fine_tune
-from tests.conftest import tiny_params
+from signflow.train import TrainingError, fine_tune
+from tests.helpers import section, tiny_params
 
 
 @pytest.fixture
@@ -132,27 +134,48 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(prepared, t
     monkeypatch.setattr(torch, "save", save_then_fail)
     with pytest.raises(OSError, match="No space left"):
         _train(params, raw, split, tmp_path)
-    checkpoint = torch.load(resume_path(tmp_path / "model.pt"), weights_only=False)
-    assert checkpoint["epoch"] == 1, "the epoch-1 checkpoint survived the failed epoch-2 write"
+    checkpoint = torch.load(resume_path(tmp_path / "model.pt"), weights_only=True)
+    assert checkpoint["state"]["epoch"] == 1, "the epoch-1 checkpoint survived the failed epoch-2 write"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_best_checkpoint(prepared, tmp_path, monkeypatch):
-    params, raw, split = prepared
+def _nan_loss_after(monkeypatch, batches: int) -> None:
+    """Make the training loss NaN from the `batches`+1-th training batch on."""
     original = torch.nn.functional.cross_entropy
-    state = {"epoch_batches": 0}
+    seen = {"batches": 0}
 
-    def nan_after_a_while(*args, **kwargs):
-        state["epoch_batches"] += 1
+    def nan_later(*args, **kwargs):
         loss = original(*args, **kwargs)
-        return loss * float("nan") if state["epoch_batches"] > 6 and kwargs.get("label_smoothing") is not None else loss
+        if kwargs.get("label_smoothing") is None:
+            return loss  # validation
+        seen["batches"] += 1
+        return loss * float("nan") if seen["batches"] > batches else loss
 
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_after_a_while)
-    with pytest.raises(TrainingError, match="loss became nan.*best checkpoint so far was kept"):
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_later)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_previous_model(prepared, tmp_path, monkeypatch):
+    """A NaN in epoch 3 neither replaces the model of an earlier run nor writes a train log; a NaN in
+    epoch 1 of a first run saves nothing at all."""
+    params, raw, split = prepared
+    _train(params, raw, split, tmp_path)
+    previous = (tmp_path / "model.pt").read_bytes()
+    log_before = (tmp_path / "log.csv").read_bytes()
+    batches_per_epoch = -(-len(pd.read_csv(split / "train.csv")) // params.train.batch_size)
+    _nan_loss_after(monkeypatch, 2 * batches_per_epoch + 1)
+    with pytest.raises(TrainingError, match=f"epoch 3: loss became nan.*Nothing was saved: {tmp_path / 'model.pt'}"):
         _train(params, raw, split, tmp_path)
-    bundle = load_bundle(tmp_path / "model.pt")
-    assert bundle.summary["best_epoch"] >= 1
+    assert (tmp_path / "model.pt").read_bytes() == previous
+    assert (tmp_path / "log.csv").read_bytes() == log_before
     assert not resume_path(tmp_path / "model.pt").exists()
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    monkeypatch.undo()
+    _nan_loss_after(monkeypatch, 0)
+    with pytest.raises(TrainingError, match="epoch 1: loss became nan.*Nothing was saved"):
+        _train(params, raw, split, fresh)
+    assert sorted(p.name for p in fresh.iterdir()) == []
 
 
 def test_evaluate_refuses_a_model_whose_preprocessing_was_changed(trained, tmp_path):
@@ -163,19 +186,18 @@ def test_evaluate_refuses_a_model_whose_preprocessing_was_changed(trained, tmp_p
     bundle.preprocessing = replace(bundle.preprocessing, image_size=64)
     save_bundle(bundle, tmp_path / "edited.pt")
     with pytest.raises(CheckpointError, match="preprocessing does not match.*image size 64"):
-        evaluate(EvaluateConfig(), tmp_path / "edited.pt", raw, split, tmp_path / "reports")
+        evaluate(section("evaluate"), tmp_path / "edited.pt", raw, split, tmp_path / "reports")
 
 
 def _register_in_process(args):
     tracking, params_raw, model, accuracy, out = args
-    from signflow.registry import register_model
+    from signflow.register import Candidate, register_model
 
     params = parse_params({**params_raw, "register": {**params_raw["register"], "tracking_uri": tracking}})
     metrics = Path(out) / f"metrics-{accuracy}.json"
     metrics.write_text(json.dumps({"accuracy": accuracy, "macro_f1": accuracy, "test_images": 9}))
-    result = register_model(
-        params.register, model, metrics, params.model_dump(mode="json"), {}, Path(out) / f"rec-{accuracy}.json"
-    )
+    candidate = Candidate.from_files(model, metrics, params.model_dump(mode="json"), {})
+    result = register_model(params.register, candidate, Path(out) / f"rec-{accuracy}.json")
     return result.version, result.champion_version
 
 
@@ -242,7 +264,7 @@ def test_download_killed_midway_leaves_the_previous_dataset_and_the_next_run_sta
 ):
     project = tmp_path / "proj"
     project.mkdir()
-    download_dataset(DownloadConfig(url=str(tiny_zip)), project / "data" / "raw")
+    download_dataset(section("download", url=str(tiny_zip)), project / "data" / "raw")
     before = sorted(p.relative_to(project).as_posix() for p in (project / "data" / "raw").rglob("*"))
     params = tiny_params(archive_server)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
@@ -268,11 +290,11 @@ def test_download_killed_midway_leaves_the_previous_dataset_and_the_next_run_sta
 
 def test_a_dropped_connection_is_a_network_error_and_keeps_the_dataset(archive_server, tmp_path, tiny_zip):
     raw = tmp_path / "raw"
-    download_dataset(DownloadConfig(url=str(tiny_zip)), raw)
+    download_dataset(section("download", url=str(tiny_zip)), raw)
     before = sorted(p.name for p in raw.rglob("*"))
     _SlowArchive.mode = "drop"
     with pytest.raises(NetworkError):
-        download_dataset(DownloadConfig(url=archive_server, retries=1), raw)
+        download_dataset(section("download", url=archive_server, retries=1), raw)
     assert sorted(p.name for p in raw.rglob("*")) == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
 

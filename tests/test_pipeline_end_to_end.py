@@ -6,9 +6,9 @@ import subprocess
 import pytest
 from mlflow import MlflowClient
 
-from flows.pipeline import SKIPPED
-from signflow import dvc_state
-from tests.conftest import make_project
+from signflow import _dvc_state as dvc_state
+from tasks.pipeline import SKIPPED
+from tests.helpers import make_project
 
 pytestmark = pytest.mark.slow
 

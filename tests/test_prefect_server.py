@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_project
+from tests.helpers import make_project
 
 pytestmark = pytest.mark.slow
 
@@ -68,10 +68,10 @@ def _stop(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """`prefect server start` on a free port with its own PREFECT_HOME and SQLite database."""
-    from tests.conftest import _venv_path
+    from tests.helpers import venv_path
 
     tmp_path = tmp_path_factory.mktemp("prefect-server")
-    venv_env = {**os.environ, "PATH": _venv_path()}
+    venv_env = {**os.environ, "PATH": venv_path()}
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**venv_env, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}

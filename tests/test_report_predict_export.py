@@ -9,17 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from signflow import report
-from signflow.checkpoint import load_bundle
+from signflow import _report as report
+from signflow._model_file import load_bundle
+from signflow._preprocessing import load_images
 from signflow.cli import main
-from signflow.config import EvaluateConfig, ExportConfig
 from signflow.evaluate import evaluate
-from signflow.onnx_export import ExportError, export_onnx
+from signflow.export import ExportError, export_onnx
+from signflow.layout import ModelOutputs
 from signflow.predict import OnnxPredictor, TorchPredictor, predict_images
-from signflow.preprocess import load_images
-from signflow.registry import register_run
+from signflow.register import register_run
 from signflow.split import read_manifest
-from tests.conftest import CLASS_COLOURS, make_image
+from tests.helpers import CLASS_COLOURS, make_image, section
 
 PNG = b"\x89PNG"
 
@@ -28,7 +28,7 @@ PNG = b"\x89PNG"
 def evaluated(trained, tmp_path):
     params, raw, split, _ = trained
     result = evaluate(
-        EvaluateConfig(), tmp_path / "model.pt", raw, split, tmp_path / "reports", tmp_path / "train_log.csv"
+        section("evaluate"), tmp_path / "model.pt", raw, split, tmp_path / "reports", tmp_path / "train_log.csv"
     )
     return params, raw, split, result
 
@@ -80,7 +80,7 @@ def test_calibration_bins_and_ece_by_hand():
 
 def test_onnx_export_matches_pytorch_on_real_images(trained, tmp_path):
     params, raw, split, _ = trained
-    result = export_onnx(ExportConfig(), tmp_path / "model.pt", tmp_path / "model.onnx")
+    result = export_onnx(section("export"), tmp_path / "model.pt", tmp_path / "model.onnx")
     assert result.max_abs_difference <= 1e-4
     bundle = load_bundle(tmp_path / "model.pt")
     images = load_images([raw / p for p in read_manifest(split, "test")["path"]], bundle.preprocessing)
@@ -89,7 +89,7 @@ def test_onnx_export_matches_pytorch_on_real_images(trained, tmp_path):
     assert onnx_probs.class_names == bundle.class_names and onnx_probs.preprocessing == bundle.preprocessing
     assert onnx_probs.fingerprint == bundle.fingerprint()
     model = bundle.build_model()
-    from signflow.preprocess import normalize
+    from signflow._preprocessing import normalize
 
     with torch.inference_mode():
         expected = model(normalize(images, bundle.preprocessing)).numpy()
@@ -99,16 +99,16 @@ def test_onnx_export_matches_pytorch_on_real_images(trained, tmp_path):
 
 
 def test_onnx_export_that_disagrees_keeps_the_previous_file(trained, tmp_path, monkeypatch):
-    export_onnx(ExportConfig(), tmp_path / "model.pt", tmp_path / "model.onnx")
+    export_onnx(section("export"), tmp_path / "model.pt", tmp_path / "model.onnx")
     before = (tmp_path / "model.onnx").read_bytes()
 
     class Wrong:
         def run(self, names, feeds):
             return [np.zeros((len(next(iter(feeds.values()))), 3), dtype=np.float32) + 5]
 
-    monkeypatch.setattr("signflow.onnx_export.onnx_session", lambda path: Wrong())
+    monkeypatch.setattr("signflow.export.onnx_session", lambda path: Wrong())
     with pytest.raises(ExportError, match="disagree"):
-        export_onnx(ExportConfig(), tmp_path / "model.pt", tmp_path / "model.onnx")
+        export_onnx(section("export"), tmp_path / "model.pt", tmp_path / "model.onnx")
     assert (tmp_path / "model.onnx").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.onnx")]
 
@@ -152,7 +152,7 @@ def test_predict_cli_prints_top_k_and_goes_on_past_bad_files(trained, tmp_path, 
 
 def test_predict_backends_agree_and_auto_uses_onnx_of_the_same_weights(trained, tmp_path):
     params, raw, split, _ = trained
-    export_onnx(ExportConfig(), tmp_path / "model.pt", tmp_path / "model.onnx")
+    export_onnx(section("export"), tmp_path / "model.pt", tmp_path / "model.onnx")
     folder = raw / next(iter(CLASS_COLOURS))
     by_torch = list(predict_images(TorchPredictor(tmp_path / "model.pt"), [folder], top_k=3))
     by_onnx = list(predict_images(OnnxPredictor(tmp_path / "model.onnx"), [folder], top_k=3))
@@ -164,7 +164,7 @@ def test_predict_backends_agree_and_auto_uses_onnx_of_the_same_weights(trained, 
     assert choose_predictor(tmp_path / "model.pt", tmp_path / "model.onnx", "auto").backend == "onnx"
     bundle = load_bundle(tmp_path / "model.pt")
     bundle.state_dict = {k: v + 1 if v.is_floating_point() else v for k, v in bundle.state_dict.items()}
-    from signflow.checkpoint import save_bundle
+    from signflow._model_file import save_bundle
 
     save_bundle(bundle, tmp_path / "other.pt")
     assert choose_predictor(tmp_path / "other.pt", tmp_path / "model.onnx", "auto").backend == "torch"
@@ -172,22 +172,19 @@ def test_predict_backends_agree_and_auto_uses_onnx_of_the_same_weights(trained, 
 
 def _evaluate_and_export(raw, split, tmp_path):
     """The evaluate and export steps on tmp_path/model.pt, writing into tmp_path."""
-    evaluate(EvaluateConfig(), tmp_path / "model.pt", raw, split, tmp_path / "reports", tmp_path / "train_log.csv")
-    export_onnx(ExportConfig(), tmp_path / "model.pt", tmp_path / "model.onnx")
+    evaluate(section("evaluate"), tmp_path / "model.pt", raw, split, tmp_path / "reports", tmp_path / "train_log.csv")
+    export_onnx(section("export"), tmp_path / "model.pt", tmp_path / "model.onnx")
 
 
 def _register(params, model_path, split, tmp_path):
     """The register step for `model_path` with the report, ONNX file and card in tmp_path."""
-    return register_run(
-        params,
-        model_path,
-        tmp_path / "reports",
-        tmp_path / "registered.json",
-        project_dir=tmp_path,
-        split_dir=split,
-        onnx_path=tmp_path / "model.onnx",
-        card_path=tmp_path / "model_card.md",
+    outputs = ModelOutputs(
+        reports=tmp_path / "reports",
+        onnx=tmp_path / "model.onnx",
+        model_card=tmp_path / "model_card.md",
+        receipt=tmp_path / "registered.json",
     )
+    return register_run(params, model_path, outputs, project_dir=tmp_path, split_dir=split)
 
 
 def test_register_writes_model_card_and_predict_loads_the_champion(trained, tmp_path, monkeypatch, capsys):
@@ -208,7 +205,7 @@ def test_register_writes_model_card_and_predict_loads_the_champion(trained, tmp_
 
     import yaml
 
-    from tests.conftest import tiny_params
+    from tests.helpers import tiny_params
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params("unused")))
     image = raw / "beta" / "IMG_000.JPG"
@@ -223,8 +220,8 @@ def test_register_writes_model_card_and_predict_loads_the_champion(trained, tmp_
 
 
 def test_register_refuses_an_onnx_file_from_other_weights(trained, tmp_path, monkeypatch):
-    from signflow.checkpoint import save_bundle
-    from signflow.registry import RegistryError
+    from signflow._model_file import save_bundle
+    from signflow.register import RegistryError
 
     params, raw, split, _ = trained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -7,24 +7,24 @@ import pandas as pd
 import pytest
 
 from signflow.cli import main
-from signflow.config import DownloadConfig, EvaluateConfig, SplitConfig, parse_params
+from signflow.config import SplitConfig, parse_params
 from signflow.download import download_dataset
 from signflow.evaluate import evaluate
 from signflow.split import read_manifest, split_dataset
 from signflow.train import fine_tune
-from tests.conftest import tiny_params
+from tests.helpers import section, tiny_params
 
 UPSTREAM_COUNTS = [205, 206, 206, 206, 207, 207, 207, 206, 208, 204]
 
 
 def test_real_archive_downloads_and_splits_stratified(shared_dir, tmp_path):
     info = download_dataset(
-        DownloadConfig(url=str(shared_dir / "datasets" / "sign-language-digits.zip")), tmp_path / "raw"
+        section("download", url=str(shared_dir / "datasets" / "sign-language-digits.zip")), tmp_path / "raw"
     )
     assert info.class_names == [str(d) for d in range(10)]
     assert [info.counts[c] for c in info.class_names] == UPSTREAM_COUNTS
     assert not list((tmp_path / "raw").rglob("example_*"))
-    result = split_dataset(tmp_path / "raw", tmp_path / "split", SplitConfig(train=0.7, valid=0.15, test=0.15))
+    result = split_dataset(tmp_path / "raw", tmp_path / "split", SplitConfig(train=0.7, valid=0.15, test=0.15, seed=42))
     assert sum(result.counts.values()) + result.excluded == 2062
     train = pd.read_csv(tmp_path / "split" / "train.csv")
     sideways = train[train["path"].str.contains("IMG_5874|IMG_5935|IMG_5978")]
@@ -44,7 +44,7 @@ def test_real_report_is_consistent_and_predict_reads_the_examples(shared_dir, tm
     split_dataset(tmp_path / "raw", tmp_path / "split", params.split)
     fine_tune(params.train, tmp_path / "raw", tmp_path / "split", tmp_path / "model.pt", tmp_path / "log.csv")
     result = evaluate(
-        EvaluateConfig(),
+        section("evaluate"),
         tmp_path / "model.pt",
         tmp_path / "raw",
         tmp_path / "split",

@@ -7,7 +7,7 @@ import torch
 
 from signflow.config import SplitConfig
 from signflow.split import SplitError, read_class_names, read_manifest, split_dataset
-from tests.conftest import CLASS_COLOURS, PER_CLASS, make_image
+from tests.helpers import CLASS_COLOURS, PER_CLASS, make_image, section
 
 CFG = SplitConfig(train=0.5, valid=0.25, test=0.25, seed=3)
 
@@ -45,6 +45,7 @@ def test_bad_files_are_reported_and_left_out(class_folders, tmp_path):
     (class_folders / "beta" / "empty.jpg").write_bytes(b"")
     (class_folders / "beta" / "text_named.png").write_text("not an image at all")
     shutil.copy(good, class_folders / "alpha" / "copy_of_0.jpg")
+    shutil.copy(class_folders / "beta" / "IMG_003.JPG", class_folders / "beta" / "copy_of_3.jpg")
     shutil.copy(good, class_folders / "gamma ü" / "same_bytes_other_class.jpg")
     make_image(class_folders / "gamma ü" / "really_png.jpg", (40, 40, 200), seed=99, fmt="PNG")
     split_dataset(class_folders, tmp_path / "split", CFG)
@@ -56,7 +57,8 @@ def test_bad_files_are_reported_and_left_out(class_folders, tmp_path):
     assert reasons["beta/text_named.png"].startswith("unreadable")
     assert "identical file appears in classes" in reasons["alpha/IMG_000.JPG"]
     assert "identical file appears in classes" in reasons["gamma ü/same_bytes_other_class.jpg"]
-    assert "duplicate of" in reasons["alpha/copy_of_0.jpg"] or "identical" in reasons["alpha/copy_of_0.jpg"]
+    assert "identical file appears in classes" in reasons["alpha/copy_of_0.jpg"], "all three copies go"
+    assert reasons["beta/copy_of_3.jpg"] == "duplicate of beta/IMG_003.JPG", "one copy within a class is kept"
     used = pd.concat(manifests(tmp_path / "split").values())
     assert "gamma ü/really_png.jpg" in set(used["path"]), "a PNG with a .jpg name is still a good image"
     assert not set(reasons) & set(used["path"])
@@ -89,8 +91,7 @@ def test_images_of_every_kind_are_used_with_their_true_size(class_folders, tmp_p
     import numpy as np
     from PIL import Image
 
-    from signflow.preprocess import load_images
-    from signflow.preprocessing import Preprocessing
+    from signflow._preprocessing import Preprocessing, load_images
 
     folder = class_folders / "beta"
     base = Image.open(folder / "IMG_000.JPG").convert("RGB").resize((60, 40))
@@ -129,13 +130,12 @@ def test_images_of_every_kind_are_used_with_their_true_size(class_folders, tmp_p
 
 
 def test_empty_class_folder_and_readme_files_are_left_out_and_reported(class_folders, tmp_path):
-    from signflow.config import DownloadConfig
     from signflow.download import download_dataset
 
     (class_folders / "delta").mkdir()
     (class_folders / "README.md").write_text("# about")
     (class_folders / "alpha" / "README.txt").write_text("notes")
-    info = download_dataset(DownloadConfig(url=str(class_folders)), tmp_path / "raw")
+    info = download_dataset(section("download", url=str(class_folders)), tmp_path / "raw")
     assert "delta" not in info.class_names
     assert any(line.startswith("delta/: class folder without images") for line in info.skipped)
     assert any(line.startswith("alpha/README.txt: not an image") for line in info.skipped)

@@ -8,11 +8,11 @@ import pytest
 import yaml
 
 import signflow.train
-from signflow.config import ConfigError, SweepConfig
+from signflow.config import ConfigError
 from signflow.download import download_dataset
 from signflow.split import split_dataset
 from signflow.sweep import plan_trials, sweep
-from tests.conftest import tiny_params
+from tests.helpers import section, tiny_params
 
 GRID = {"train.trainable_blocks": [1, "all"], "train.lr": [3e-3, 1e-3]}
 
@@ -38,7 +38,7 @@ def _sweep(project):
 
 
 def test_plan_is_every_combination_in_order_up_to_max_trials():
-    trials = plan_trials(tiny_params("x.zip"), SweepConfig(grid=GRID, max_trials=3))
+    trials = plan_trials(tiny_params("x.zip"), section("sweep", grid=GRID, max_trials=3))
     assert [t.overrides for t in trials] == [
         {"train.trainable_blocks": 1, "train.lr": 3e-3},
         {"train.trainable_blocks": 1, "train.lr": 1e-3},
@@ -51,9 +51,9 @@ def test_plan_is_every_combination_in_order_up_to_max_trials():
 
 def test_bad_grids_are_refused_with_the_key_or_trial_named():
     with pytest.raises(ValueError, match="train.\\* keys only"):
-        SweepConfig(grid={"split.seed": [1, 2]})
+        section("sweep", grid={"split.seed": [1, 2]})
     with pytest.raises(ConfigError, match="sweep trial .*train.lr"):
-        plan_trials(tiny_params("x.zip"), SweepConfig(grid={"train.lr": [1e-3, -1]}))
+        plan_trials(tiny_params("x.zip"), section("sweep", grid={"train.lr": [1e-3, -1]}))
 
 
 def test_sweep_picks_the_best_validation_trial_writes_the_comparison_and_registers_it(project):
@@ -72,7 +72,11 @@ def test_sweep_picks_the_best_validation_trial_writes_the_comparison_and_registe
     metrics = json.loads((project / "sweep" / "winner" / "reports" / "metrics.json").read_text())
     assert metrics["accuracy"] == result.winner_test_accuracy
     recorded = json.loads((project / "sweep" / "trials" / winner["trial"] / "result.json").read_text())
-    assert recorded["train"]["trainable_blocks"] in (1, "all"), "each trial records its exact train params"
+    grid_values = {key: json.loads(str(winner[key])) for key in GRID}
+    assert recorded["overrides"] == grid_values, "each trial records the grid values it ran with"
+    expected = plan_trials(yaml.safe_load((project / "params.yaml").read_text()), section("sweep", grid=GRID))
+    expected_train = next(t.train for t in expected if t.name == winner["trial"]).model_dump(mode="json")
+    assert recorded["train"] == expected_train, "and its exact train params"
 
 
 def test_an_interrupted_sweep_skips_the_trials_it_finished(project, monkeypatch):

@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 import torch
 
-from signflow.checkpoint import CheckpointError, load_bundle, save_bundle
-from signflow.config import EvaluateConfig
+from signflow._model_file import CheckpointError, load_bundle, save_bundle
 from signflow.evaluate import evaluate
-from signflow.registry import register_model
+from signflow.register import Candidate, register_model
 from signflow.train import fine_tune
+from tests.helpers import section
 
 
 def test_fine_tune_writes_best_checkpoint_and_epoch_log(trained, tmp_path):
@@ -35,7 +35,7 @@ def test_training_is_reproducible_for_a_seed(trained, tmp_path):
 
 def test_evaluate_reports_match_the_test_split(trained, tmp_path):
     params, raw, split, _ = trained
-    result = evaluate(EvaluateConfig(), tmp_path / "model.pt", raw, split, tmp_path / "reports")
+    result = evaluate(section("evaluate"), tmp_path / "model.pt", raw, split, tmp_path / "reports")
     test = pd.read_csv(split / "test.csv")
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert metrics["test_images"] == len(test) == result.test_images
@@ -53,14 +53,15 @@ def test_evaluate_refuses_a_model_with_another_class_list(trained, tmp_path):
     bundle.class_names = list(reversed(bundle.class_names))
     save_bundle(bundle, tmp_path / "shifted.pt")
     with pytest.raises(CheckpointError, match="class list mismatch"):
-        evaluate(EvaluateConfig(), tmp_path / "shifted.pt", raw, split, tmp_path / "reports")
+        evaluate(section("evaluate"), tmp_path / "shifted.pt", raw, split, tmp_path / "reports")
 
 
 def _register(params, tmp_path, model, accuracy):
     metrics = tmp_path / f"metrics-{accuracy}.json"
     metrics.write_text(json.dumps({"accuracy": accuracy, "macro_f1": accuracy, "test_images": 9}))
     tags = {"signflow.data_version": "abc.dir", "signflow.git_commit": "none"}
-    return register_model(params.register, model, metrics, params.model_dump(mode="json"), tags, tmp_path / "rec.json")
+    candidate = Candidate.from_files(model, metrics, params.model_dump(mode="json"), tags)
+    return register_model(params.register, candidate, tmp_path / "rec.json")
 
 
 def test_register_versions_champion_gate_and_no_duplicates(trained, tmp_path, monkeypatch):

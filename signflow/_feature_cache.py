@@ -24,9 +24,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from signflow._augment import augment
+from signflow._onnx import INPUT_NAME, export_module, onnx_session
+from signflow._preprocessing import Preprocessing, normalize
 from signflow.config import AugmentConfig
-from signflow.preprocess import augment, normalize
-from signflow.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,6 @@ PREFIX_OPSET = 17
 def onnx_prefix(prefix: nn.Module, example: torch.Tensor, threads: int) -> OnnxPrefix | None:
     """`prefix` exported to ONNX Runtime, or None (logged) if that fails or does not match PyTorch."""
     try:
-        from signflow.onnx_export import INPUT_NAME, export_module, onnx_session
-
         buffer = io.BytesIO()
         example = example.detach().float().cpu().contiguous()
         export_module(prefix, example, buffer, opset=PREFIX_OPSET)

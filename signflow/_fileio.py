@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -12,6 +13,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 
@@ -127,3 +130,21 @@ def staging_dir(target: str | Path) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def held_lock(path: str | Path, timeout_s: float, waiting_message: str) -> Iterator[None]:
+    """Hold the file lock at `path`, logging `waiting_message` once if another process holds it;
+    raise filelock.Timeout after `timeout_s` seconds of waiting."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path), timeout=timeout_s)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info(waiting_message)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

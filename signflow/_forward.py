@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from signflow.preprocess import normalize
-from signflow.preprocessing import Preprocessing
+from signflow._preprocessing import Preprocessing, normalize
 
 
 def autocast_for(device: torch.device, enabled: bool):

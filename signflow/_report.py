@@ -9,21 +9,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from signflow.fileio import write_atomic  # noqa: E402
-from signflow.images import load_rgb  # noqa: E402
+from signflow._fileio import write_atomic
+from signflow._images import load_rgb
 
 
-def _save(figure, path: Path) -> None:
+def new_figure(rows: int = 1, columns: int = 1, *, figsize: tuple[float, float], squeeze: bool = True):
+    """A figure and its axes, without pyplot: no global backend or figure registry is touched."""
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(rows, columns, squeeze=squeeze)
+
+
+def save_figure(figure: Figure, path: Path) -> None:
     figure.tight_layout()
     write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-    plt.close(figure)
 
 
 def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> pd.DataFrame:
@@ -63,7 +65,7 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -
     """Two panels: counts, and rows normalised to recall (each true class sums to 1)."""
     n = len(class_names)
     size = max(4.5, 0.5 * n + 2)
-    figure, axes = plt.subplots(1, 2, figsize=(2 * size, size))
+    figure, axes = new_figure(1, 2, figsize=(2 * size, size))
     row_sums = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, row_sums, out=np.zeros(matrix.shape, dtype=float), where=row_sums > 0)
     panels = (
@@ -86,12 +88,12 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -
         for (row, col), value in np.ndenumerate(values):
             if value:
                 ax.text(col, row, fmt(value), ha="center", va="center", color="white" if value > threshold else "black")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_learning_curves(history: pd.DataFrame, path: Path) -> None:
     """Loss and accuracy per epoch, train against valid, with the selected (best) epoch marked."""
-    figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (loss_ax, acc_ax) = new_figure(1, 2, figsize=(11, 4))
     for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         for split, style in (("train", "-o"), ("valid", "-s")):
             column = f"{split}_{metric}"
@@ -106,12 +108,12 @@ def plot_learning_curves(history: pd.DataFrame, path: Path) -> None:
         acc_ax.axvline(best["epoch"], color="grey", linestyle="--", linewidth=1)
         label = f"kept: epoch {int(best['epoch'])} "
         acc_ax.annotate(label, (best["epoch"], acc_ax.get_ylim()[0]), fontsize=8, ha="right")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> None:
     """Reliability diagram: accuracy per confidence bin against the diagonal, with bin counts."""
-    figure, ax = plt.subplots(figsize=(5.5, 5))
+    figure, ax = new_figure(figsize=(5.5, 5))
     used = table[table["images"] > 0]
     width = float(table["upper"].iloc[0] - table["lower"].iloc[0]) if len(table) else 0.1
     ax.bar(used["lower"], used["accuracy"], width=width, align="edge", edgecolor="black", alpha=0.7, label="accuracy")
@@ -132,7 +134,7 @@ def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> None:
         title=f"Reliability (ECE {ece:.4f}; numbers = images)",
     )
     ax.legend(loc="upper left")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def worst_mistakes(predictions: pd.DataFrame, limit: int) -> pd.DataFrame:
@@ -144,14 +146,14 @@ def worst_mistakes(predictions: pd.DataFrame, limit: int) -> pd.DataFrame:
 def plot_mistakes(mistakes: pd.DataFrame, raw_dir: Path, total: int, path: Path) -> None:
     """A gallery of the given mistakes: image, true label, predicted label and its probability."""
     if mistakes.empty:
-        figure, ax = plt.subplots(figsize=(5, 1.5))
+        figure, ax = new_figure(figsize=(5, 1.5))
         ax.axis("off")
         ax.text(0.5, 0.5, f"No mistakes on the {total} test images", ha="center", va="center", fontsize=12)
-        _save(figure, path)
+        save_figure(figure, path)
         return
     columns = min(4, len(mistakes))
     rows = -(-len(mistakes) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
+    figure, axes = new_figure(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (_, row) in zip(axes.flat, mistakes.iterrows(), strict=False):
@@ -164,7 +166,7 @@ def plot_mistakes(mistakes: pd.DataFrame, raw_dir: Path, total: int, path: Path)
             fontsize=9,
         )
     figure.suptitle(f"Most confident mistakes ({len(mistakes)} shown, of {total} test images)")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def _markdown_table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from signflow.checkpoint import ModelBundle
+from signflow._model_file import ModelBundle
 
 
 def _split_counts(split_report: dict[str, Any]) -> str:
@@ -29,14 +29,27 @@ def render_model_card(
     registration: dict[str, Any],
 ) -> str:
     """Markdown for the card; `registration` holds model_name, version, data_version, git_commit."""
-    split = params["split"]
-    train = params["train"]
-    summary = bundle.summary
+    sections = [
+        [f"# Model card: {registration['model_name']} version {registration['version']}", ""],
+        _what_it_is(bundle, params["train"]),
+        _data(params, split_report, registration),
+        _metrics(metrics, bundle.summary),
+        [
+            "## Training parameters",
+            "```yaml",
+            yaml.safe_dump({"train": params["train"]}, sort_keys=False).rstrip(),
+            "```",
+            "",
+        ],
+        _intended_use(),
+        _known_limits(params["train"], split_report),
+    ]
+    return "\n".join(line for section in sections for line in section)
+
+
+def _what_it_is(bundle: ModelBundle, train: dict[str, Any]) -> list[str]:
     prep = bundle.preprocessing
-    smallest = min((min(v.values()) for v in split_report.get("per_class", {}).values() if v), default=0)
-    lines = [
-        f"# Model card: {registration['model_name']} version {registration['version']}",
-        "",
+    return [
         "## What it is",
         f"An image classifier over {len(bundle.class_names)} classes: a timm `{bundle.model_name}` fine-tuned "
         f"from {'ImageNet weights' if train.get('pretrained') else 'random initialisation'} with a new "
@@ -48,6 +61,12 @@ def render_model_card(
         f"({prep.interpolation}) and centre-cropped, normalised with mean {list(prep.mean)} and std {list(prep.std)}. "
         "These settings are stored in the model file and applied by `signflow predict`.",
         "",
+    ]
+
+
+def _data(params: dict[str, Any], split_report: dict[str, Any], registration: dict[str, Any]) -> list[str]:
+    split = params["split"]
+    return [
         "## Data",
         f"- Source: `{params['download']['url']}`",
         f"- Data version (DVC md5 of `data/raw`): `{registration['data_version']}`",
@@ -58,30 +77,42 @@ def render_model_card(
         "- The checkpoint kept is the epoch with the best validation accuracy; the test split is used only once, "
         "for the figures below.",
         "",
+    ]
+
+
+def _metrics(metrics: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    test_images = metrics["test_images"]
+    return [
         "## Metrics (test split)",
         "| metric | value |",
         "|---|---|",
         f"| accuracy | {metrics['accuracy']:.4f} |",
         f"| macro F1 | {metrics['macro_f1']:.4f} |",
-        f"| test images | {metrics['test_images']} |",
+        f"| test images | {test_images} |",
         f"| mistakes | {metrics.get('mistakes', 'n/a')} |",
         f"| expected calibration error | {metrics.get('ece', float('nan')):.4f} |",
         f"| validation accuracy (epoch {summary.get('best_epoch', '?')}) | "
         f"{summary.get('valid_accuracy', float('nan')):.4f} |",
         "",
-        f"With {metrics['test_images']} test images, one mistake moves accuracy by "
-        f"{1 / max(metrics['test_images'], 1):.4f}: treat differences of a few mistakes between models as noise.",
+        f"With {test_images} test images, one mistake moves accuracy by "
+        f"{1 / max(test_images, 1):.4f}: treat differences of a few mistakes between models as noise.",
         "",
-        "## Training parameters",
-        "```yaml",
-        yaml.safe_dump({"train": train}, sort_keys=False).rstrip(),
-        "```",
-        "",
+    ]
+
+
+def _intended_use() -> list[str]:
+    return [
         "## Intended use",
         "Recognising the classes above in photos that look like the training data (for the reference dataset: "
         "one hand showing a digit of Turkish Sign Language, close up, on a plain light background). For "
         "teaching, prototyping and as a baseline to compare other models against.",
         "",
+    ]
+
+
+def _known_limits(train: dict[str, Any], split_report: dict[str, Any]) -> list[str]:
+    smallest = min((min(v.values()) for v in split_report.get("per_class", {}).values() if v), default=0)
+    lines = [
         "## Known limits",
         "- It always answers with one of the classes above, even for images of something else; it has no "
         "'none of these' output. Low top-1 probability is a hint, not a guarantee (see the calibration figure "
@@ -89,15 +120,11 @@ def render_model_card(
         f"- It was trained on {sum(split_report.get('counts', {}).values())} images"
         f" (the smallest class has {smallest} in one split): backgrounds, lighting, skin tones, hands and "
         "cameras absent from them can lower accuracy in ways the test split cannot show.",
-        *(
-            ["- Mirrored images (the other hand) may be read as another class; training did not flip images."]
-            if not train.get("augment", {}).get("hflip")
-            else []
-        ),
-        "- Not for decisions about people or safety without a separate evaluation on the target population.",
-        "",
     ]
-    return "\n".join(lines)
+    if not train.get("augment", {}).get("hflip"):
+        lines.append("- Mirrored images (the other hand) may be read as another class; training did not flip images.")
+    lines += ["- Not for decisions about people or safety without a separate evaluation on the target population.", ""]
+    return lines
 
 
 def read_split_report(split_dir: str | Path) -> dict[str, Any]:

@@ -7,25 +7,24 @@ from. `signflow predict` reads them from there, so an .onnx file is usable on it
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from signflow.checkpoint import ModelBundle, load_bundle
+from signflow._fileio import atomic_path
+from signflow._model_file import ModelBundle, load_bundle
+from signflow._onnx import INPUT_NAME, OUTPUT_NAME, export_module, onnx_session
+from signflow._preprocessing import normalize
 from signflow.config import ExportConfig
 from signflow.errors import SignflowError
-from signflow.fileio import atomic_path
-from signflow.preprocess import normalize
+
+__all__ = ["ExportError", "ExportResult", "export_onnx"]
 
 log = logging.getLogger(__name__)
-
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 
 class ExportError(SignflowError, RuntimeError):
@@ -39,12 +38,15 @@ class ExportResult:
     opset: int
     fingerprint: str
 
+    def summary_line(self) -> str:
+        return f"max |ONNX - PyTorch| {self.max_abs_difference:.1e}"
+
 
 def metadata_for(bundle: ModelBundle, fingerprint: str) -> dict[str, str]:
     return {
         "signflow.model_name": bundle.model_name,
         "signflow.class_names": json.dumps(bundle.class_names),
-        "signflow.preprocessing": json.dumps(bundle.preprocessing.to_dict()),
+        "signflow._preprocessing": json.dumps(bundle.preprocessing.to_dict()),
         "signflow.fingerprint": fingerprint,
     }
 
@@ -55,36 +57,6 @@ def parity_inputs(bundle: ModelBundle, count: int = 8, seed: int = 0) -> torch.T
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (count, 3, size, size), generator=generator, dtype=torch.uint8)
     return normalize(images, bundle.preprocessing)
-
-
-def onnx_session(model: str | Path | bytes, threads: int | None = None):
-    """A CPU ONNX Runtime session for a model file or serialized model; `threads` intra-op threads."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def export_module(module: torch.nn.Module, example: torch.Tensor, target: str | Path | io.BytesIO, opset: int) -> None:
-    """Export `module` (one image batch in, one tensor out) with a dynamic batch size."""
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated but exports these CNNs in ~1 s; the torch.export
-        # one needs onnxscript and takes ~15 s for the same graph on 2 cores.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (example,),
-            target if isinstance(target, io.BytesIO) else str(target),
-            dynamo=False,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=opset,
-        )
 
 
 def export_onnx(cfg: ExportConfig, model_path: str | Path, onnx_path: str | Path) -> ExportResult:

@@ -10,8 +10,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
 JUNK_DIRS = frozenset({"__macosx", ".git", ".ipynb_checkpoints"})
 
-# A decompression bomb guard that still admits 3024x3024 phone photos and larger scans.
-Image.MAX_IMAGE_PIXELS = 200_000_000
+MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+"""Pillow refuses larger images as decompression bombs when it opens them; checked here before decoding."""
 
 
 def is_image_name(path: str | Path) -> bool:
@@ -31,6 +31,8 @@ def load_rgb(path: str | Path, max_side: int | None = None) -> Image.Image:
     from costing 100x a 100x100 one. Raises OSError/ValueError for unreadable files.
     """
     with Image.open(path) as image:
+        if image.width * image.height > MAX_PIXELS:
+            raise ValueError(f"{image.width}x{image.height} pixels is above the limit of {MAX_PIXELS:,} pixels")
         if max_side is not None and image.format == "JPEG":
             image.draft("RGB", (max_side, max_side))
         image.load()

@@ -11,9 +11,9 @@ import torch
 from timm.models import group_parameters
 from torch import nn
 
-from signflow.config import TrainConfig
+from signflow._preprocessing import Preprocessing
+from signflow.config import ConfigError, TrainConfig
 from signflow.errors import SignflowError
-from signflow.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +127,19 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def check_image_size(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse an image size the architecture cannot take (e.g. a ViT's fixed patch grid), before any work."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device))
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise ConfigError(
+            f"train.image_size: {cfg.image_size} px is not supported by {cfg.model} ({str(error).splitlines()[0]}); "
+            "use the size the model was made for or another model"
+        ) from None
+    finally:
+        model.train(was_training)

@@ -1,0 +1,280 @@
+"""Register step: a model version in MLflow's registry, with params, metrics, data version, commit.
+
+The `champion` alias moves to the new version only when its test accuracy passes the gate and
+beats the current champion. Registering the same model twice (same fingerprint) adds no version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from signflow._fileio import write_json_atomic, write_text_atomic
+from signflow._mlflow import mlflow_client, resolve_tracking_uri
+from signflow._model_card import read_split_report, render_model_card
+from signflow._model_file import ModelBundle, load_bundle
+from signflow._provenance import data_version, git_commit
+from signflow.config import Params, RegisterConfig
+from signflow.errors import SignflowError
+from signflow.layout import REPORT_FILES, ModelOutputs
+
+__all__ = ["Candidate", "Registration", "RegistryError", "register_model", "register_run"]
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+FINGERPRINT_TAG = "signflow.fingerprint"
+ACCURACY_TAG = "signflow.test_accuracy"
+
+CardWriter = Callable[[ModelBundle, dict, str], Path]
+"""Writes the model card of (bundle, metrics, version number) and returns its path."""
+
+
+class RegistryError(SignflowError, RuntimeError):
+    """The registry could not be reached or refused the model."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    model_name: str
+    version: str
+    run_id: str
+    fingerprint: str
+    test_accuracy: float
+    is_champion: bool
+    champion_version: str | None
+    newly_created: bool
+    tracking_uri: str
+
+    def summary_line(self) -> str:
+        return f"{self.model_name} v{self.version}, champion v{self.champion_version}, new: {self.newly_created}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model to register: its weights, the files that go with it, its test metrics, the params
+    it was made with and the provenance tags."""
+
+    bundle: ModelBundle
+    fingerprint: str
+    model_files: list[Path]
+    report_files: list[Path]
+    metrics: dict[str, Any]
+    params: dict[str, Any]
+    tags: dict[str, str]
+
+    @classmethod
+    def from_files(
+        cls,
+        model_path: str | Path,
+        metrics_path: str | Path,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        onnx_path: str | Path | None = None,
+        report_files: list[Path] = (),
+    ) -> Candidate:
+        """Read the model and its metrics; refuse an ONNX file exported from other weights."""
+        bundle = load_bundle(model_path)
+        fingerprint = bundle.fingerprint()
+        model_files = [Path(model_path)]
+        if onnx_path is not None:
+            _check_exported_from(Path(onnx_path), fingerprint, model_path)
+            model_files.append(Path(onnx_path))
+        metrics = json.loads(Path(metrics_path).read_text(encoding="utf-8"))
+        reports = [Path(metrics_path), *(p for p in map(Path, report_files) if p.is_file())]
+        tags = {**tags, "signflow.classes": json.dumps(bundle.class_names)}
+        return cls(bundle, fingerprint, model_files, reports, metrics, params, tags)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.metrics["accuracy"])
+
+
+def register_model(
+    cfg: RegisterConfig, candidate: Candidate, receipt_path: str | Path, write_card: CardWriter | None = None
+) -> Registration:
+    """Register `candidate` (unless a version with its fingerprint exists), move `champion` if it is
+    better, write the receipt. `write_card` writes the model card once the version number is
+    known (inside the lock); the card becomes the version's description."""
+    tracking_uri = resolve_tracking_uri(cfg)
+    with registry_lock(tracking_uri):
+        client = mlflow_client(tracking_uri)
+        existing = _find_version(client, cfg.model_name, candidate.fingerprint)
+        if existing is None:
+            version = _create_version(client, cfg, tracking_uri, candidate)
+        else:
+            version = existing
+            log.info("model already registered as %s version %s; no new version", cfg.model_name, version.version)
+        champion = _update_champion(client, cfg, version.version, candidate.accuracy)
+        if write_card is not None:
+            card = write_card(candidate.bundle, candidate.metrics, str(version.version))
+            if existing is None:
+                client.log_artifact(version.run_id, str(card), artifact_path="model")
+                client.update_model_version(cfg.model_name, version.version, description=card.read_text("utf-8"))
+    result = Registration(
+        model_name=cfg.model_name,
+        version=str(version.version),
+        run_id=str(version.run_id),
+        fingerprint=candidate.fingerprint,
+        test_accuracy=candidate.accuracy,
+        is_champion=champion is not None and champion.version == version.version,
+        champion_version=str(champion.version) if champion else None,
+        newly_created=existing is None,
+        tracking_uri=tracking_uri,
+    )
+    write_json_atomic(receipt_path, asdict(result))
+    return result
+
+
+def register_run(
+    params: Params, model_path: str | Path, outputs: ModelOutputs, *, project_dir: str | Path, split_dir: str | Path
+) -> Registration:
+    """Register the evaluate step's outputs with their provenance (data version from `dvc.lock`, git
+    commit of `project_dir`) and the ONNX export when there is one, then write the model card;
+    what `signflow register`, the Prefect task and the sweep's winner all call."""
+    project_dir = Path(project_dir)
+    tags = {
+        "signflow.data_version": data_version(project_dir / "dvc.lock"),
+        "signflow.git_commit": git_commit(project_dir),
+    }
+    onnx = outputs.onnx if outputs.onnx.is_file() else None
+    if onnx is None:
+        log.info("%s not found: registering the PyTorch model only", outputs.onnx)
+    candidate = Candidate.from_files(
+        model_path,
+        outputs.metrics,
+        params.model_dump(mode="json"),
+        tags,
+        onnx_path=onnx,
+        report_files=[outputs.reports / name for name in REPORT_FILES],
+    )
+    card = partial(_write_card, params=params, split_dir=Path(split_dir), tags=tags, card_path=outputs.model_card)
+    return register_model(params.register, candidate, outputs.receipt, card)
+
+
+@contextmanager
+def registry_lock(tracking_uri: str) -> Iterator[None]:
+    """One registration per registry at a time on this machine: creating a fresh SQLite registry,
+    checking for a duplicate and moving the champion alias are not safe to interleave."""
+    key = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
+    with FileLock(str(Path(tempfile.gettempdir()) / f"signflow-register-{key}.lock"), timeout=600):
+        yield
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if not isinstance(value, str) else value
+    return flat
+
+
+def _experiment_id(client, name: str, tracking_uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        # Keep artifacts beside a local database rather than in whatever folder MLflow was run from.
+        database = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
+        location = (database.parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _find_version(client, model_name: str, fingerprint: str):
+    for version in client.search_model_versions(f"name = '{model_name}'"):
+        if version.tags.get(FINGERPRINT_TAG) == fingerprint:
+            return version
+    return None
+
+
+def _champion(client, model_name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def _log_run(client, run_id: str, candidate: Candidate) -> None:
+    for key, value in sorted(flatten(candidate.params).items()):
+        client.log_param(run_id, key, value[:6000])
+    for key, value in candidate.metrics.items():
+        client.log_metric(run_id, key, float(value))
+    for model_file in candidate.model_files:
+        client.log_artifact(run_id, str(model_file), artifact_path="model")
+    for report in candidate.report_files:
+        client.log_artifact(run_id, str(report), artifact_path="reports")
+
+
+def _create_version(client, cfg: RegisterConfig, tracking_uri: str, candidate: Candidate):
+    """A finished MLflow run holding the candidate's files, params and metrics, and a new model
+    version of `cfg.model_name` pointing at its `model/` folder."""
+    tags = {**candidate.tags, FINGERPRINT_TAG: candidate.fingerprint}
+    experiment_id = _experiment_id(client, cfg.experiment, tracking_uri)
+    run = client.create_run(experiment_id, tags=tags, run_name=f"register-{candidate.fingerprint[:12]}")
+    try:
+        _log_run(client, run.info.run_id, candidate)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    except Exception:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    if not client.search_registered_models(f"name = '{cfg.model_name}'"):
+        client.create_registered_model(cfg.model_name, description="signflow image classifier")
+    version_tags = {**tags, ACCURACY_TAG: repr(candidate.accuracy)}
+    source = f"{run.info.artifact_uri}/model"
+    return client.create_model_version(cfg.model_name, source, run_id=run.info.run_id, tags=version_tags)
+
+
+def _update_champion(client, cfg: RegisterConfig, version: str, accuracy: float):
+    """Point `champion` at `version` if its accuracy passes the gate and beats the champion's;
+    returns the champion afterwards."""
+    champion = _champion(client, cfg.model_name)
+    champion_accuracy = float(champion.tags.get(ACCURACY_TAG, "-inf")) if champion else float("-inf")
+    promote = accuracy >= cfg.min_accuracy and (champion is None or accuracy > champion_accuracy)
+    if promote and (champion is None or champion.version != version):
+        client.set_registered_model_alias(cfg.model_name, CHAMPION, version)
+        log.info("champion -> version %s (test accuracy %.4f)", version, accuracy)
+    elif accuracy < cfg.min_accuracy:
+        log.warning(
+            "test accuracy %.4f is below register.min_accuracy %.4f: champion not moved", accuracy, cfg.min_accuracy
+        )
+    return _champion(client, cfg.model_name)
+
+
+def _check_exported_from(onnx_path: Path, fingerprint: str, model_path: str | Path) -> None:
+    """Refuse an ONNX file exported from other weights than the model being registered."""
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    if meta.get("signflow.fingerprint") != fingerprint:
+        raise RegistryError(
+            f"{onnx_path} was exported from other weights than {model_path}; run `signflow export` again"
+        )
+
+
+def _write_card(bundle, metrics, version, *, params: Params, split_dir: Path, tags: dict, card_path: Path) -> Path:
+    registration = {
+        "model_name": params.register.model_name,
+        "version": version,
+        "data_version": tags["signflow.data_version"],
+        "git_commit": tags["signflow.git_commit"],
+    }
+    text = render_model_card(
+        bundle, metrics, params.model_dump(mode="json"), read_split_report(split_dir), registration
+    )
+    return write_text_atomic(card_path, text)

@@ -4,7 +4,7 @@ trial, run through the flow's task runner → comparison → evaluate, export an
     python -m flows.sweep                       # sweep.* from params.yaml, sweep.workers trials at once
     python -m flows.sweep --workers 2
 
-Trials are submitted to the flow's task runner (a thread pool of `--workers`). To fan out
+Trials are submitted to the flow's task runner (a pool of `--workers` processes). To fan out
 further, call `sweep_flow.with_options(task_runner=...)` with `prefect-dask`'s DaskTaskRunner or
 `prefect-ray`'s RayTaskRunner, or deploy the flow to a work pool.
 """
@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows._cli import add_project_arguments, run_reporting_errors
 from signflow import _dvc_state as dvc_state
@@ -53,7 +53,10 @@ def compare_task(results: list[dict[str, Any]], sweep_dir: Path) -> dict[str, An
     return winner
 
 
-@flow(name="signflow-sweep", log_prints=True)
+# Trials run in worker processes, not threads: each trial seeds and uses the process-wide torch,
+# numpy and Python generators (model initialisation, dropout), which threads would share and
+# interleave, making trials irreproducible.
+@flow(name="signflow-sweep", log_prints=True, task_runner=ProcessPoolTaskRunner(max_workers=1))
 def sweep_flow(params_path: str = "params.yaml", project_dir: str = ".") -> dict[str, Any]:
     """Run `sweep.grid` (see signflow.sweep) and register the winner; returns the winner's row."""
     workspace = Workspace(Path(project_dir).resolve())
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         workers = args.workers or load_params(Path(args.project_dir) / args.params).sweep.workers
-        sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(args.params, args.project_dir)
+        sweep_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(args.params, args.project_dir)
 
     return run_reporting_errors("flows.sweep", run)
 

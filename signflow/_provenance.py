@@ -7,16 +7,20 @@ from pathlib import Path
 
 import yaml
 
+SOURCE_PATHS = ("signflow", "tasks", "flows", "pyproject.toml", "dvc.yaml")
+"""What `-dirty` looks at: the code and the pipeline's definition. The pipeline's own outputs that git
+tracks (dvc.lock, reports) change on every run, and params are recorded with every model anyway."""
+
 
 def git_commit(repo_root: str | Path = ".") -> str:
-    """HEAD's commit, with `-dirty` when tracked files have uncommitted changes; `none` outside git."""
+    """HEAD's commit, with `-dirty` when tracked source files have uncommitted changes; `none` outside git."""
 
     def run(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=repo_root, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
         commit = run("rev-parse", "HEAD")
-        dirty = run("status", "--porcelain", "--untracked-files=no")
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", *SOURCE_PATHS)
     except (OSError, subprocess.CalledProcessError):
         return "none"
     return f"{commit}-dirty" if dirty else commit

@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -59,8 +60,13 @@ class Trial:
 
     def dvc_command(self) -> str:
         """The `dvc exp run` that reproduces this trial as the pipeline's own train step."""
-        sets = " ".join(f"-S '{key}={json.dumps(value)}'" for key, value in self.overrides.items())
+        sets = " ".join(f"-S {_single_quoted(f'{key}={json.dumps(value)}')}" for key, value in self.overrides.items())
         return f"dvc exp run {sets}"
+
+
+def _single_quoted(text: str) -> str:
+    """`text` as one shell word in single quotes; an embedded quote closes, escapes and reopens them."""
+    return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
 def plan_trials(raw_params: dict[str, Any], cfg: SweepConfig, base_dir: str | Path = ".") -> list[Trial]:
@@ -74,12 +80,23 @@ def plan_trials(raw_params: dict[str, Any], cfg: SweepConfig, base_dir: str | Pa
         params = resolve_relative_paths(params, Path(base_dir))
         digest = hashlib.sha256(params.train.model_dump_json().encode()).hexdigest()[:10]
         label = "-".join(f"{key.split('.')[-1]}={value}" for key, value in overrides.items())
-        trials.append(Trial(f"{label}-{digest}", overrides, params))
+        trials.append(Trial(f"{safe_name(label)}-{digest}", overrides, params))
     return trials
 
 
+def safe_name(label: str, limit: int = 80) -> str:
+    """A folder name made from grid values: letters, digits and `_.=-` only, no `..`, bounded length
+    (the hash that follows it keeps names unique)."""
+    name = re.sub(r"[^A-Za-z0-9_.=-]", "_", label).replace("..", "_")
+    return name.strip(".")[:limit] or "trial"
+
+
 def trial_dir(sweep_dir: str | Path, trial: Trial) -> Path:
-    return Path(sweep_dir) / "trials" / trial.name
+    trials = (Path(sweep_dir) / "trials").resolve()
+    folder = (trials / trial.name).resolve()
+    if folder.parent != trials:
+        raise SweepError(f"trial name {trial.name!r} would leave {trials}")
+    return folder
 
 
 def finished_result(sweep_dir: str | Path, trial: Trial) -> dict[str, Any] | None:

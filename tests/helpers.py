@@ -99,12 +99,11 @@ def section(name: str, **overrides: Any):
 
 
 def _merged(base: dict, overrides: dict) -> dict:
-    """`base` with `overrides` applied; nested mappings (train.augment) are merged key by key."""
+    """`base` with `overrides` applied; the nested section train.augment is merged key by key, any other
+    value (a sweep grid, say) is replaced whole."""
     merged = dict(base)
     for key, value in overrides.items():
-        merged[key] = (
-            _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-        )
+        merged[key] = {**base[key], **value} if key == "augment" else value
     return merged
 
 

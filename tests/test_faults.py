@@ -300,13 +300,54 @@ def test_a_dropped_connection_is_a_network_error_and_keeps_the_dataset(archive_s
 
 
 def test_stale_scratch_of_a_live_process_is_kept(tmp_path):
+    from signflow._fileio import _host_tag
+
     target = tmp_path / "raw"
-    mine = tmp_path / f".raw.{os.getpid()}.abc.partial"
-    dead = tmp_path / ".raw.999999999.abc.partial"
-    mine.mkdir()
-    dead.mkdir()
-    assert remove_stale_scratch(target) == [dead]
+    mine = tmp_path / f".raw.{_host_tag()}-{os.getpid()}.abc.partial"
+    dead = tmp_path / f".raw.{_host_tag()}-999999999.abc.partial"
+    legacy_dead = tmp_path / ".raw.999999999.def.partial"  # named before hosts were recorded
+    for folder in (mine, dead, legacy_dead):
+        folder.mkdir()
+    assert sorted(remove_stale_scratch(target)) == sorted([dead, legacy_dead])
     assert mine.exists() and not dead.exists()
+
+
+def test_scratch_of_another_host_is_kept_until_it_is_a_day_old(tmp_path):
+    """Containers sharing a folder have their own process ids: a pid that is dead here may be alive
+    there, so another host's scratch is only removed once it has been untouched for a day."""
+    target = tmp_path / "model.pt"
+    fresh = tmp_path / ".model.pt.other-box-999999999.abc.tmp"
+    old = tmp_path / ".model.pt.other-box-999999998.def.tmp"
+    fresh.write_text("being written on another host")
+    old.write_text("left by a crash long ago")
+    day_and_a_bit = time.time() - 25 * 3600
+    os.utime(old, (day_and_a_bit, day_and_a_bit))
+    assert remove_stale_scratch(target) == [old]
+    assert fresh.exists()
+
+
+def test_outputs_get_the_mode_a_plain_write_gives(tmp_path):
+    """mkstemp/mkdtemp create 0600/0700 files: atomic writes must give the umask's mode to new files
+    and folders and keep an existing file's own mode, so other users (an MLflow server) can read them."""
+    import stat
+
+    from signflow._fileio import staging_dir, write_text_atomic
+
+    def mode(path):
+        return stat.S_IMODE(path.stat().st_mode)
+
+    previous = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "new.md", "x")
+        assert mode(tmp_path / "new.md") == 0o644
+        (tmp_path / "kept.md").write_text("old")
+        os.chmod(tmp_path / "kept.md", 0o640)
+        write_text_atomic(tmp_path / "kept.md", "new")
+        assert mode(tmp_path / "kept.md") == 0o640
+        with staging_dir(tmp_path / "dataset") as staged:
+            assert mode(staged) == 0o755
+    finally:
+        os.umask(previous)
 
 
 def test_image_size_the_model_cannot_take_is_a_config_error(prepared, tmp_path):

@@ -53,6 +53,40 @@ def test_missing_weights_file_is_named(tmp_path):
         create_model(train_cfg("mobilenetv2_100"), num_classes=3, weights_file=tmp_path / "none.safetensors")
 
 
+class _Payload:
+    """Unpickling this runs `touch` on the marker: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickled_weights_file_is_refused_without_running_it(tmp_path):
+    import pickle
+
+    marker = tmp_path / "code-ran"
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(pickle.dumps({"state_dict": _Payload(marker)}))
+    with pytest.raises(ModelError, match="not a safetensors file or a weights-only PyTorch checkpoint"):
+        create_model(train_cfg("mobilenetv2_100"), num_classes=3, weights_file=weights)
+    assert not marker.exists()
+
+
+def test_a_weights_only_checkpoint_and_safetensors_are_accepted(tmp_path):
+    from safetensors.torch import save_file
+
+    state = small_timm_model("mobilenetv2_100", num_classes=1000).state_dict()
+    torch.save(state, tmp_path / "weights.pth")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "weights.safetensors")
+    for name in ("weights.pth", "weights.safetensors"):
+        model = create_model(train_cfg("mobilenetv2_100"), num_classes=3, weights_file=tmp_path / name)
+        assert torch.equal(model.conv_stem.weight, state["conv_stem.weight"]), name
+
+
 def test_frozen_batchnorm_stays_in_eval_mode_and_keeps_statistics():
     model = create_model(train_cfg("mobilenetv2_100"), num_classes=3)
     apply_freeze_policy(model, 1)

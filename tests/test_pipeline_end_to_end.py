@@ -69,15 +69,25 @@ def test_prefect_flow_runs_the_chain_and_leaves_dvc_up_to_date(tmp_path, tiny_zi
 
 def test_sweep_flow_runs_trials_through_the_task_runner_and_registers_the_winner(tmp_path, tiny_zip, prefect_server):
     import yaml
-    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect.task_runners import ProcessPoolTaskRunner
 
     from flows.sweep import sweep_flow
+    from signflow._model_file import load_bundle
+    from signflow.config import load_params, read_params_file
+    from signflow.sweep import plan_trials, run_trial
 
     project = make_project(tmp_path, tiny_zip)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["sweep"] = {"grid": {"train.lr": [3e-3, 1e-3]}, "max_trials": 2, "max_minutes": 30, "workers": 2}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    winner = sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))(project_dir=str(project))
+    winner = sweep_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=2))(project_dir=str(project))
     assert winner["registered_version"] == "1"
     assert len((project / "sweep" / "results.csv").read_text().strip().splitlines()) == 3
     assert (project / "sweep" / "winner" / "model.onnx").is_file()
+    # Two trials at once give exactly the models they give one after another in this process (with
+    # a thread pool they did not: the trials shared and interleaved torch's global generator).
+    trials = plan_trials(read_params_file(project / "params.yaml"), load_params(project / "params.yaml").sweep, project)
+    for trial in trials:
+        alone = run_trial(trial, project / "data" / "raw", project / "data" / "split", tmp_path / "sequential")
+        together = project / "sweep" / "trials" / trial.name / "model.pt"
+        assert load_bundle(alone["model_path"]).fingerprint() == load_bundle(together).fingerprint(), trial.name

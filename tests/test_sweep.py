@@ -2,6 +2,7 @@
 table and plot, the winner registered, reruns that skip finished trials, and the time budget."""
 
 import json
+import shlex
 
 import pandas as pd
 import pytest
@@ -11,7 +12,7 @@ import signflow.train
 from signflow.config import ConfigError
 from signflow.download import download_dataset
 from signflow.split import split_dataset
-from signflow.sweep import plan_trials, sweep
+from signflow.sweep import plan_trials, sweep, trial_dir
 from tests.helpers import section, tiny_params
 
 GRID = {"train.trainable_blocks": [1, "all"], "train.lr": [3e-3, 1e-3]}
@@ -47,6 +48,20 @@ def test_plan_is_every_combination_in_order_up_to_max_trials():
     assert len({t.name for t in trials}) == 3
     assert trials[2].train.trainable_blocks == "all" and trials[2].train.lr == 3e-3
     assert trials[0].dvc_command() == "dvc exp run -S 'train.trainable_blocks=1' -S 'train.lr=0.003'"
+
+
+def test_trial_names_stay_inside_the_trials_folder_and_commands_are_quoted(tmp_path):
+    """Grid values become folder names and a shell command: `..`, slashes and quotes must not escape."""
+    raw = tiny_params("x.zip")
+    raw["train"]["weights_file"] = None
+    grid = {"train.weights_file": ["../../../etc/evil", "a'; rm -rf ~; '"]}
+    trials = plan_trials(raw, section("sweep", grid=grid, max_trials=2), base_dir=tmp_path)
+    for trial in trials:
+        assert "/" not in trial.name and ".." not in trial.name
+        folder = trial_dir(tmp_path / "sweep", trial)
+        assert folder.parent == (tmp_path / "sweep" / "trials").resolve()
+    command = shlex.split(trials[1].dvc_command())
+    assert command == ["dvc", "exp", "run", "-S", "train.weights_file=" + json.dumps("a'; rm -rf ~; '")]
 
 
 def test_bad_grids_are_refused_with_the_key_or_trial_named():

@@ -28,7 +28,7 @@ from signflow.download import NetworkError, download_dataset
 from signflow.evaluate import evaluate
 from signflow.split import split_dataset
 from signflow.train import TrainingError, fine_tune
-from tests.helpers import section, tiny_params
+from tests.helpers import CodeRunningPickle, section, tiny_params
 
 
 @pytest.fixture
@@ -118,6 +118,19 @@ def test_a_checkpoint_from_other_params_is_not_resumed(prepared, tmp_path, monke
         result = fine_tune(other, raw, split, tmp_path / "model.pt", tmp_path / "log.csv")
     assert "made with other train params or data: not resumed" in caplog.text
     assert result.epochs_run == 4
+
+
+def test_a_resume_checkpoint_that_would_run_code_is_not_loaded(prepared, tmp_path, caplog):
+    """Anyone who can write models/ could plant `model.pt.resume`: it is read weights-only, so its
+    pickle payload never runs, and training starts over."""
+    params, raw, split = prepared
+    marker = tmp_path / "code-ran"
+    torch.save({"format": "signflow-resume-2", "payload": CodeRunningPickle(marker)}, resume_path(tmp_path / "m.pt"))
+    with caplog.at_level("WARNING"):
+        result = fine_tune(params.train, raw, split, tmp_path / "m.pt", tmp_path / "log.csv")
+    assert not marker.exists()
+    assert "unreadable or not a signflow checkpoint" in caplog.text
+    assert result.epochs_run == params.train.epochs
 
 
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(prepared, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from signflow._model import (
     preprocessing_for,
     set_train_mode,
 )
-from tests.helpers import small_timm_model, train_config
+from tests.helpers import CodeRunningPickle, small_timm_model, train_config
 
 
 def train_cfg(model: str, **kw):
@@ -53,24 +53,12 @@ def test_missing_weights_file_is_named(tmp_path):
         create_model(train_cfg("mobilenetv2_100"), num_classes=3, weights_file=tmp_path / "none.safetensors")
 
 
-class _Payload:
-    """Unpickling this runs `touch` on the marker: what a malicious checkpoint would do."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_pickled_weights_file_is_refused_without_running_it(tmp_path):
     import pickle
 
     marker = tmp_path / "code-ran"
     weights = tmp_path / "weights.pth"
-    weights.write_bytes(pickle.dumps({"state_dict": _Payload(marker)}))
+    weights.write_bytes(pickle.dumps({"state_dict": CodeRunningPickle(marker)}))
     with pytest.raises(ModelError, match="not a safetensors file or a weights-only PyTorch checkpoint"):
         create_model(train_cfg("mobilenetv2_100"), num_classes=3, weights_file=weights)
     assert not marker.exists()

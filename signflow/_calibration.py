@@ -3,7 +3,8 @@
 A fine-tuned classifier's softmax is rarely a trustworthy probability: with label smoothing the
 reference model said 0.88 on average where it was right 99% of the time. Temperature scaling
 (Guo et al., 2017) divides the logits by one number `T` fitted on the validation split, by
-minimising the negative log-likelihood there. Dividing every logit by the same positive number
+minimising the negative log-likelihood there (held back when that split has no mistakes, see
+`fit_temperature`). Dividing every logit by the same positive number
 never changes which class is largest, so accuracy is untouched; only the confidence moves.
 
 `T` is stored in the model file, baked into the exported ONNX graph (logits / T) and recorded in
@@ -16,11 +17,10 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import minimize_scalar
+from scipy.optimize import brentq, minimize_scalar
 
 TEMPERATURE_RANGE = (0.05, 20.0)
-"""Temperatures searched. The negative log-likelihood is convex in 1/T, so a bounded 1-D search
-finds its minimum; the bounds only matter when validation has no mistakes (see `fit_temperature`)."""
+"""Temperatures searched."""
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -31,33 +31,51 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    """Mean -log p(true class) of `softmax(logits / temperature)`."""
+def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     scaled = np.asarray(logits, dtype=np.float64) / temperature
     top = scaled.max(axis=1, keepdims=True)
-    log_norm = (top + np.log(np.exp(scaled - top).sum(axis=1, keepdims=True)))[:, 0]
-    return float((log_norm - scaled[np.arange(len(labels)), labels]).mean())
+    return scaled - top - np.log(np.exp(scaled - top).sum(axis=1, keepdims=True))
+
+
+def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    """Mean -log p(true class) of `softmax(logits / temperature)`."""
+    return float(-log_softmax(logits, temperature)[np.arange(len(labels)), labels].mean())
+
+
+def mean_confidence(logits: np.ndarray, temperature: float) -> float:
+    """Mean top-1 probability; it falls as the temperature rises."""
+    return float(softmax(logits, temperature).max(axis=1).mean())
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature that minimises the negative log-likelihood of `labels` (validation split).
+    """The temperature for the validation split's `logits` and `labels`: the one that minimises
+    their negative log-likelihood (temperature scaling), raised if needed so that the mean
+    confidence on them stays at or below (right + 1) / (images + 2).
 
-    1.0 (no change) when there is nothing to fit on. When every validation image is predicted
-    correctly the likelihood keeps rising as T shrinks, and the search stops at the smallest
-    temperature in `TEMPERATURE_RANGE`: the validation split then gives no evidence of mistakes.
+    That bound is Laplace's rule of succession: n right answers out of n do not make the next one
+    certain. Without it a validation split with no mistakes, which happens on the reference dataset,
+    has no likelihood minimum: T runs to the bottom of `TEMPERATURE_RANGE` and every probability to
+    1, mistakes included. With mistakes in the split the bound rarely binds. 1.0 (no change) when
+    there is nothing to fit on.
     """
     labels = np.asarray(labels)
     if len(labels) == 0 or not np.isfinite(logits).all():
         return 1.0
     low, high = TEMPERATURE_RANGE
-    # Search over log T: the objective is smooth there and the bounds are symmetric-ish in scale.
-    result = minimize_scalar(
+    result = minimize_scalar(  # the NLL is convex in 1/T, so a bounded 1-D search finds its minimum
         lambda log_t: negative_log_likelihood(logits, labels, math.exp(log_t)),
         bounds=(math.log(low), math.log(high)),
         method="bounded",
         options={"xatol": 1e-5},
     )
-    return float(round(math.exp(result.x), 6))
+    temperature = math.exp(result.x)
+    ceiling = (int((np.argmax(logits, axis=1) == labels).sum()) + 1) / (len(labels) + 2)
+    if mean_confidence(logits, temperature) > ceiling:
+        if mean_confidence(logits, high) >= ceiling:
+            temperature = high
+        else:
+            temperature = brentq(lambda t: mean_confidence(logits, t) - ceiling, temperature, high, xtol=1e-6)
+    return float(round(temperature, 6))
 
 
 def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> pd.DataFrame:

@@ -60,7 +60,7 @@ def _what_it_is(bundle: ModelBundle, train: dict[str, Any]) -> list[str]:
         "",
         f"Input: any image, EXIF-rotated, converted to RGB, shorter side resized to {prep.image_size} px "
         f"({prep.interpolation}) and centre-cropped, normalised with mean {list(prep.mean)} and std {list(prep.std)}. "
-        "These settings are stored in the model file and applied by `signflow predict`.",
+        "These settings are stored in the model file and applied by `signflow predict` and the MLflow model.",
         "",
     ]
 
@@ -70,8 +70,9 @@ def _how_to_use(registration: dict[str, Any]) -> list[str]:
     return [
         "## How to use it",
         f"- `signflow predict --model {version} photo.jpg` prints the top 3 classes of each image.",
-        f'- `mlflow.pyfunc.load_model("models:/{name}/{version}")` loads it in Python (ONNX Runtime, no PyTorch); '
-        "its `predict` takes a DataFrame with a column `image` of image file bytes or base64 strings.",
+        f'- `mlflow.pyfunc.load_model("models:/{name}/{version}")`, with `MLFLOW_TRACKING_URI` set to this registry, '
+        "loads it in Python (ONNX Runtime, no PyTorch); its `predict` takes a DataFrame with a column `image` of "
+        "image file bytes or base64 strings.",
         f"- `mlflow models serve -m models:/{name}/{version} --env-manager local` serves it over HTTP: POST the "
         "version's `serving_input_example.json` to `/invocations`.",
         f"- `signflow serve --model {version}` opens a web page that classifies what your camera sees.",

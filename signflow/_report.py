@@ -83,7 +83,7 @@ def plot_reliability(
 ) -> None:
     """Reliability diagram: accuracy per confidence bin against the diagonal, with bin counts; with
     `uncalibrated` (the bins before temperature scaling) also its mean confidence against accuracy."""
-    figure, ax = new_figure(figsize=(5.5, 5))
+    figure, ax = new_figure(figsize=(5.5, 6))
     used = table[table["images"] > 0]
     width = float(table["upper"].iloc[0] - table["lower"].iloc[0]) if len(table) else 0.1
     ax.bar(used["lower"], used["accuracy"], width=width, align="edge", edgecolor="black", alpha=0.7, label="accuracy")
@@ -107,7 +107,7 @@ def plot_reliability(
         ylabel="accuracy",
         title=f"Reliability (ECE {ece:.4f}; numbers = images)",
     )
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=8, frameon=False)  # below: no data hidden
     save_figure(figure, path)
 
 

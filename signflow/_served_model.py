@@ -27,17 +27,21 @@ import numpy as np
 import pandas as pd
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 COLUMNS = ["classes", "probabilities", "label", "probability", "error"]
-RESAMPLING = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values
-MAX_PIXELS = 2 * 89_478_485  # signflow._images.MAX_PIXELS: Pillow's decompression-bomb limit
+RESAMPLING = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)  # as signflow._images.MAX_PIXELS
 
 
 def decode_rgb(data: bytes, max_side: int):
     """As signflow._images.load_rgb: JPEG draft mode, EXIF rotation, 16-bit and alpha flattened on
     white, then 8-bit RGB."""
-    from PIL import Image, ImageOps
-
     with Image.open(io.BytesIO(data)) as image:
         if image.width * image.height > MAX_PIXELS:
             raise ValueError(f"{image.width}x{image.height} pixels is above the limit of {MAX_PIXELS:,} pixels")
@@ -107,11 +111,9 @@ class SignflowOnnxModel(PythonModel):
             try:
                 arrays.append(self.to_uint8(image_bytes(value)))
                 readable.append(index)
-            except (binascii.Error, OSError, ValueError, SyntaxError) as error:  # PIL raises all of these
-                reason = str(error) or type(error).__name__
-                if type(error).__name__ == "UnidentifiedImageError":
-                    reason = "not a readable image file"
-                rows[index]["error"] = f"cannot read image: {reason}"
+            except (binascii.Error, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                reason = "not a readable image file" if isinstance(error, UnidentifiedImageError) else str(error)
+                rows[index]["error"] = f"cannot read image: {reason or type(error).__name__}"
         if arrays:
             for index, row in zip(readable, self.probabilities(np.stack(arrays)), strict=True):
                 order = np.argsort(-row, kind="stable")[:top_k]

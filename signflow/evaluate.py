@@ -2,10 +2,10 @@
 
 Writes into the reports folder (names in `signflow.layout`): `metrics.json` (accuracy, macro F1,
 test-set size, mistakes, expected calibration error with the model's softmax temperature and
-without it), `per_class.csv`, `predictions.csv` (one row
-per test image), `calibration.csv`, `confusion.png` (counts and row-normalised),
-`learning_curves.png` (from the train step's epoch log), `mistakes.png` (the most confident
-mistakes), `reliability.png` and `report.md` tying them together.
+without it), `per_class.csv`, `predictions.csv` (one row per test image), `calibration.csv`,
+`confusion.png` (counts and row-normalised), `learning_curves.png` (from the train step's epoch
+log), `mistakes.png` (the most confident mistakes), `reliability.png` and `report.md` tying them
+together. Probabilities are softmax(logits / temperature), the numbers every use of the model gives.
 """
 
 from __future__ import annotations

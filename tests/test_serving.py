@@ -329,6 +329,25 @@ def test_serve_loads_an_onnx_file_and_names_what_it_cannot_load(registry, tmp_pa
             pass
 
 
+def test_the_model_card_says_how_to_use_the_version_and_how_calibrated_it_is(registry):
+    card = (registry.root / "model_card.md").read_text()
+    metrics = json.loads((registry.root / "reports" / "metrics.json").read_text())
+    assert f'mlflow.pyfunc.load_model("models:/{registry.name}/{registry.version}")' in card
+    assert f"signflow serve --model {registry.version}" in card
+    assert f"| expected calibration error before temperature scaling | {metrics['ece_uncalibrated']:.4f} |" in card
+    assert f"temperature of {metrics['temperature']:.4f}" in card
+
+
+def test_serve_command_explains_itself_and_fails_with_a_message(registry, capsys):
+    from signflow.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "camera" in capsys.readouterr().out
+    assert main(["serve", "--model", "9", "--params", str(registry.root / "params.yaml")]) == 1
+    assert "signflow serve: error: " in capsys.readouterr().err
+
+
 TOP = "[...document.querySelectorAll('#top li')].map(li => [li.dataset.class, +li.dataset.probability])"
 
 

@@ -32,6 +32,7 @@ def render_model_card(
     sections = [
         [f"# Model card: {registration['model_name']} version {registration['version']}", ""],
         _what_it_is(bundle, params["train"]),
+        _how_to_use(registration),
         _data(params, split_report, registration),
         _metrics(metrics, bundle.summary),
         [
@@ -59,7 +60,22 @@ def _what_it_is(bundle: ModelBundle, train: dict[str, Any]) -> list[str]:
         "",
         f"Input: any image, EXIF-rotated, converted to RGB, shorter side resized to {prep.image_size} px "
         f"({prep.interpolation}) and centre-cropped, normalised with mean {list(prep.mean)} and std {list(prep.std)}. "
-        "These settings are stored in the model file and applied by `signflow predict`.",
+        "These settings are stored in the model file and applied by `signflow predict` and the MLflow model.",
+        "",
+    ]
+
+
+def _how_to_use(registration: dict[str, Any]) -> list[str]:
+    name, version = registration["model_name"], registration["version"]
+    return [
+        "## How to use it",
+        f"- `signflow predict --model {version} photo.jpg` prints the top 3 classes of each image.",
+        f'- `mlflow.pyfunc.load_model("models:/{name}/{version}")`, with `MLFLOW_TRACKING_URI` set to this registry, '
+        "loads it in Python (ONNX Runtime, no PyTorch); its `predict` takes a DataFrame with a column `image` of "
+        "image file bytes or base64 strings.",
+        f"- `mlflow models serve -m models:/{name}/{version} --env-manager local` serves it over HTTP: POST the "
+        "version's `serving_input_example.json` to `/invocations`.",
+        f"- `signflow serve --model {version}` opens a web page that classifies what your camera sees.",
         "",
     ]
 
@@ -91,11 +107,34 @@ def _metrics(metrics: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         f"| test images | {test_images} |",
         f"| mistakes | {metrics.get('mistakes', 'n/a')} |",
         f"| expected calibration error | {metrics.get('ece', float('nan')):.4f} |",
+        *_calibration_rows(metrics),
         f"| validation accuracy (epoch {summary.get('best_epoch', '?')}) | "
         f"{summary.get('valid_accuracy', float('nan')):.4f} |",
         "",
         f"With {test_images} test images, one mistake moves accuracy by "
         f"{1 / max(test_images, 1):.4f}: treat differences of a few mistakes between models as noise.",
+        "",
+        *_calibration_note(metrics),
+    ]
+
+
+def _calibration_rows(metrics: dict[str, Any]) -> list[str]:
+    if "ece_uncalibrated" not in metrics:
+        return []
+    return [
+        f"| expected calibration error before temperature scaling | {metrics['ece_uncalibrated']:.4f} |",
+        f"| mean confidence (before temperature scaling) | {metrics['mean_confidence']:.4f} "
+        f"({metrics['mean_confidence_uncalibrated']:.4f}) |",
+    ]
+
+
+def _calibration_note(metrics: dict[str, Any]) -> list[str]:
+    if "temperature" not in metrics:
+        return []
+    return [
+        f"Probabilities are calibrated: the logits are divided by a temperature of {metrics['temperature']:.4f}, "
+        "fitted on the validation split after training (temperature scaling), in the model file, the ONNX graph "
+        "and the MLflow model alike. This changes the probabilities, never the predicted class.",
         "",
     ]
 

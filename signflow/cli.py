@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--params", type=Path, default=layout.PARAMS, help="params file (default: params.yaml)")
         _add_paths(sub, *paths)
     add_predict_parser(commands)
+    add_serve_parser(commands)
     return parser
 
 
@@ -168,6 +169,42 @@ def add_predict_parser(commands) -> None:
         default=layout.PARAMS,
         help="params file for the registry settings (default: params.yaml)",
     )
+
+
+def add_serve_parser(commands) -> None:
+    help_text = "open a web page that classifies camera frames (or an uploaded photo) with a registered model"
+    sub = commands.add_parser(
+        "serve",
+        help=help_text,
+        description=help_text + ". Open the address it prints, allow the camera and hold up a sign: the top 3 "
+        "classes update a few times a second. The model runs with ONNX Runtime from the version's MLflow model. "
+        "Stop with Ctrl-C.",
+    )
+    sub.add_argument(
+        "--model",
+        default="champion",
+        help="a registry alias or version number of register.model_name (default: champion), an MLflow model "
+        "folder, or an exported .onnx file (or a folder holding model.onnx)",
+    )
+    sub.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1; browsers allow the camera only on localhost or HTTPS)",
+    )
+    sub.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sub.add_argument(
+        "--params",
+        type=Path,
+        default=layout.PARAMS,
+        help="params file for the registry settings (default: params.yaml)",
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from signflow.serve import serve
+
+    serve(args.model, args.params, args.host, args.port)
+    return 0
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -204,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return run_predict(args)
+        if args.command == "serve":
+            return run_serve(args)
         params = load_params(args.params)
         result = COMMANDS[args.command][0](params, args)
     except SignflowError as error:

@@ -2,6 +2,8 @@
 
 The `champion` alias moves to the new version only when its test accuracy passes the gate and
 beats the current champion. Registering the same model twice (same fingerprint) adds no version.
+The version's `model/` folder is also an MLflow model (signflow._mlflow_model), so
+`mlflow.pyfunc.load_model` and `mlflow models serve` can use the version directly.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from filelock import FileLock
 
 from signflow._fileio import write_json_atomic, write_text_atomic
 from signflow._mlflow import mlflow_client, resolve_tracking_uri
+from signflow._mlflow_model import log_mlflow_model
 from signflow._model_card import read_split_report, render_model_card
 from signflow._model_file import ModelBundle, load_bundle
 from signflow._provenance import data_version, git_commit
@@ -98,6 +101,10 @@ class Candidate:
     @property
     def accuracy(self) -> float:
         return float(self.metrics["accuracy"])
+
+    @property
+    def onnx_file(self) -> Path | None:
+        return next((path for path in self.model_files if path.suffix == ".onnx"), None)
 
 
 def register_model(
@@ -216,9 +223,19 @@ def _log_run(client, run_id: str, candidate: Candidate) -> None:
     for key, value in candidate.metrics.items():
         client.log_metric(run_id, key, float(value))
     for model_file in candidate.model_files:
-        client.log_artifact(run_id, str(model_file), artifact_path="model")
+        if model_file != candidate.onnx_file:  # the MLflow model holds it (model/artifacts/model.onnx)
+            client.log_artifact(run_id, str(model_file), artifact_path="model")
+    _log_mlflow_model(client, run_id, candidate)
     for report in candidate.report_files:
         client.log_artifact(run_id, str(report), artifact_path="reports")
+
+
+def _log_mlflow_model(client, run_id: str, candidate: Candidate) -> None:
+    """Make the run's `model/` folder an MLflow model that runs the ONNX file (no PyTorch needed)."""
+    if candidate.onnx_file is None:
+        log.warning("no ONNX file: this version gets no MLflow model (mlflow.pyfunc and `mlflow models serve` need it)")
+        return
+    log_mlflow_model(client, run_id, candidate.onnx_file, candidate.bundle.preprocessing.image_size, "model")
 
 
 def _create_version(client, cfg: RegisterConfig, tracking_uri: str, candidate: Candidate):

@@ -3,7 +3,8 @@
 `fine_tune` reads as the list of steps it takes: seed, build the model and data, resume from an
 epoch checkpoint if there is one, run the epochs, write the epoch log and the best model. The
 model with the best validation accuracy (ties: lower validation loss) is written to `model_path`
-with its class list and preprocessing; per-epoch metrics go to `log_path` (CSV).
+with its class list, preprocessing and the softmax temperature fitted on its validation logits
+(signflow._calibration); per-epoch metrics go to `log_path` (CSV).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from signflow._calibration import fit_temperature, negative_log_likelihood
 from signflow._fileio import write_atomic
 from signflow._model import (
     apply_freeze_policy,
@@ -91,7 +93,8 @@ def fine_tune(
         checkpoint.unlink(missing_ok=True)  # resuming would only meet the same NaN again
         raise TrainingError(f"{error}. Nothing was saved: {model_path} keeps what it held before this run") from None
     write_atomic(log_path, lambda tmp: pd.DataFrame(state.history).to_csv(tmp, index=False))
-    save_model(run, state, model_path)
+    calibration = calibrate(run, state)
+    save_model(run, state, model_path, calibration)
     checkpoint.unlink(missing_ok=True)
     trainable, total = count_parameters(run.model)
     return TrainResult(
@@ -224,8 +227,24 @@ def images_per_second(run: TrainingRun, state: TrainingState) -> float:
     return len(state.history) * run.train_images / max(state.train_seconds, 1e-9)
 
 
-def save_model(run: TrainingRun, state: TrainingState, model_path: str | Path) -> Path:
-    """The best epoch's weights with the class list, preprocessing and train params, atomically."""
+def calibrate(run: TrainingRun, state: TrainingState) -> dict:
+    """Fit the softmax temperature on the validation logits of the kept (best) weights, which are
+    loaded into the model for it. Returns the temperature and the validation NLL before and after;
+    temperature 1.0 (no change) without a validation split."""
+    if len(run.runner.valid_data.labels) == 0 or state.best_weights is None:
+        log.info("no validation split: probabilities are not calibrated (temperature 1.0)")
+        return {"temperature": 1.0}
+    run.model.load_state_dict(state.best_weights)
+    logits = run.runner.valid_logits().numpy()
+    labels = run.runner.valid_data.labels.numpy()
+    temperature = fit_temperature(logits, labels)
+    before, after = (negative_log_likelihood(logits, labels, t) for t in (1.0, temperature))
+    log.info("temperature %.4f fitted on validation: NLL %.4f -> %.4f", temperature, before, after)
+    return {"temperature": temperature, "valid_nll_uncalibrated": before, "valid_nll": after}
+
+
+def save_model(run: TrainingRun, state: TrainingState, model_path: str | Path, calibration: dict) -> Path:
+    """The best epoch's weights with the class list, preprocessing, temperature and train params, atomically."""
     bundle = ModelBundle(
         model_name=run.cfg.model,
         class_names=run.class_names,
@@ -239,6 +258,8 @@ def save_model(run: TrainingRun, state: TrainingState, model_path: str | Path) -
             "epochs_run": len(state.history),
             "train_images_per_second": images_per_second(run, state),
             "train_seconds": state.train_seconds,
+            **calibration,
         },
+        temperature=calibration["temperature"],
     )
     return save_bundle(bundle, model_path)

@@ -60,13 +60,13 @@ def shared_dir() -> Path:
 def trained(tmp_path, tiny_zip):
     """A tiny model trained end to end on the tiny dataset (library calls, no DVC, no Prefect)."""
     from signflow.config import parse_params
-    from signflow.download import download_dataset
+    from signflow.download import extract_dataset
     from signflow.split import split_dataset
     from signflow.train import fine_tune
 
-    params = parse_params(tiny_params(tiny_zip, epochs=3))
+    params = parse_params(tiny_params(epochs=3))
     raw, split = tmp_path / "raw", tmp_path / "split"
-    download_dataset(params.download, raw)
+    extract_dataset(tiny_zip, raw, params.download)
     split_dataset(raw, split, params.split)
     result = fine_tune(params.train, raw, split, tmp_path / "model.pt", tmp_path / "train_log.csv")
     return params, raw, split, result

@@ -50,9 +50,10 @@ def pack_upstream_zip(class_root: Path, archive: Path) -> Path:
     return archive
 
 
-def tiny_params(url: str | Path, **train_overrides) -> dict:
+def tiny_params(**train_overrides) -> dict:
+    """params.yaml for tiny runs: a tiny timm model at 32 px, no weights, no accuracy gate."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["download"].update(url=str(url), sha256=None, retries=0)
+    params["download"].update(sha256=None)
     params["train"].update(
         model="test_efficientnet",
         pretrained=False,
@@ -69,12 +70,19 @@ def tiny_params(url: str | Path, **train_overrides) -> dict:
     return params
 
 
-def make_project(tmp_path: Path, url: str | Path, **train_overrides) -> Path:
-    """A git + DVC repo holding this project's dvc.yaml and a params.yaml for the tiny dataset."""
+def make_project(tmp_path: Path, source: str | Path, **train_overrides) -> Path:
+    """A git + DVC repo like a clone of this one (dvc.yaml, the signflow code its stages depend on),
+    with data.dvc pointing at `source` and a params.yaml for tiny runs."""
+    from signflow.source import render_data_dvc
+
     project = tmp_path / "project"
     project.mkdir()
     shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
-    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(url, **train_overrides), sort_keys=False))
+    shutil.copytree(ROOT / "signflow", project / "signflow", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / ".gitignore", project / ".gitignore")
+    (project / "README.md").write_text("# a signflow project\n")
+    (project / "data.dvc").write_text(render_data_dvc(str(source), Path(source).is_file()))
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(**train_overrides), sort_keys=False))
     for command in (
         ["git", "init", "-q"],
         ["dvc", "init", "-q"],
@@ -95,7 +103,7 @@ def section(name: str, **overrides: Any):
     `overrides` applied; e.g. section("evaluate", gallery_size=3)."""
     from signflow.config import Params
 
-    return Params.model_fields[name].annotation.model_validate(_merged(tiny_params("x.zip")[name], overrides))
+    return Params.model_fields[name].annotation.model_validate(_merged(tiny_params()[name], overrides))
 
 
 def _merged(base: dict, overrides: dict) -> dict:

@@ -1,5 +1,5 @@
 """Faults leave the last good state intact: killed and interrupted runs, full disks, NaN losses,
-concurrent registrations, dropped connections."""
+concurrent registrations."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import multiprocessing
 import os
 import signal
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +23,7 @@ from signflow._model_file import CheckpointError, load_bundle, save_bundle
 from signflow._runners import PlainRunner
 from signflow._training_state import resume_path
 from signflow.config import parse_params
-from signflow.download import NetworkError, download_dataset
+from signflow.download import extract_dataset
 from signflow.evaluate import evaluate
 from signflow.split import split_dataset
 from signflow.train import TrainingError, fine_tune
@@ -33,9 +32,9 @@ from tests.helpers import section, tiny_params
 
 @pytest.fixture
 def prepared(tmp_path, tiny_zip):
-    params = parse_params(tiny_params(tiny_zip, epochs=4, cache_frozen_features=False))
+    params = parse_params(tiny_params(epochs=4, cache_frozen_features=False))
     raw, split = tmp_path / "raw", tmp_path / "split"
-    download_dataset(params.download, raw)
+    extract_dataset(tiny_zip, raw, params.download)
     split_dataset(raw, split, params.split)
     return params, raw, split
 
@@ -191,12 +190,12 @@ def test_evaluate_refuses_a_model_whose_preprocessing_was_changed(trained, tmp_p
 
 def _register_in_process(args):
     tracking, params_raw, model, accuracy, out = args
-    from signflow.register import Candidate, register_model
+    from signflow.register import TEST_SET_TAG, Candidate, register_model
 
     params = parse_params({**params_raw, "register": {**params_raw["register"], "tracking_uri": tracking}})
     metrics = Path(out) / f"metrics-{accuracy}.json"
     metrics.write_text(json.dumps({"accuracy": accuracy, "macro_f1": accuracy, "test_images": 9}))
-    candidate = Candidate.from_files(model, metrics, params.model_dump(mode="json"), {})
+    candidate = Candidate.from_files(model, metrics, params.model_dump(mode="json"), {TEST_SET_TAG: "same images"})
     result = register_model(params.register, candidate, Path(out) / f"rec-{accuracy}.json")
     return result.version, result.champion_version
 
@@ -228,75 +227,38 @@ def test_two_registrations_at_the_same_moment_make_two_versions_and_the_better_c
     assert "MLFLOW_TRACKING_URI" not in os.environ, "registering must not redirect later processes' registry"
 
 
-class _SlowArchive(BaseHTTPRequestHandler):
-    payload = b""
-    mode = "slow"
-
-    def do_GET(self):  # noqa: N802 - http.server's naming
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(self.payload)))
-        self.end_headers()
-        if self.mode == "drop":
-            self.wfile.write(self.payload[: len(self.payload) // 3])
-            self.wfile.flush()
-            self.connection.shutdown(2)
-            return
-        for start in range(0, len(self.payload), 1024):
-            self.wfile.write(self.payload[start : start + 1024])
-            self.wfile.flush()
-            time.sleep(0.05 if self.mode == "slow" else 0)
-
-    def log_message(self, *args):
-        pass
+def _archive_slow_to_extract(tiny_zip: Path, target: Path, extra_files: int = 20000) -> Path:
+    """The tiny dataset plus thousands of small notes beside it: extraction takes a while."""
+    with zipfile.ZipFile(tiny_zip) as small, zipfile.ZipFile(target, "w") as big:
+        for item in small.infolist():
+            big.writestr(item, small.read(item))
+        for index in range(extra_files):
+            big.writestr(f"notes/note_{index:05d}.txt", "x")
+    return target
 
 
-@pytest.fixture
-def archive_server(tiny_zip):
-    _SlowArchive.payload = tiny_zip.read_bytes()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowArchive)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/data.zip"
-    server.shutdown()
-
-
-def test_download_killed_midway_leaves_the_previous_dataset_and_the_next_run_starts_clean(
-    archive_server, tmp_path, tiny_zip, venv_env
-):
+def test_extract_killed_midway_leaves_the_previous_dataset_and_the_next_run_starts_clean(tmp_path, tiny_zip, venv_env):
     project = tmp_path / "proj"
-    project.mkdir()
-    download_dataset(section("download", url=str(tiny_zip)), project / "data" / "raw")
+    (project / "data").mkdir(parents=True)
+    extract_dataset(tiny_zip, project / "data" / "raw", section("download"))
     before = sorted(p.relative_to(project).as_posix() for p in (project / "data" / "raw").rglob("*"))
-    params = tiny_params(archive_server)
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    _SlowArchive.mode = "slow"
+    _archive_slow_to_extract(tiny_zip, project / "data" / "source")
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     process = subprocess.Popen(
-        ["signflow", "download"], cwd=project, env=venv_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        ["signflow", "extract"], cwd=project, env=venv_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + 60
     partial = []
-    while time.monotonic() < deadline and not partial:
+    while time.monotonic() < deadline and not partial and process.poll() is None:
         partial = [p for p in (project / "data").iterdir() if p.name.endswith(".partial") and any(p.rglob("*"))]
-        time.sleep(0.05)
-    time.sleep(0.3)
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert partial, "the download had started"
+    assert partial, "the extraction had started"
     after = sorted(p.relative_to(project).as_posix() for p in (project / "data" / "raw").rglob("*"))
-    assert after == before, "a killed download leaves the previous dataset untouched"
-    _SlowArchive.mode = "fast"
-    download_dataset(parse_params(params).download, project / "data" / "raw")
+    assert after == before, "a killed extraction leaves the previous dataset untouched"
+    extract_dataset(project / "data" / "source", project / "data" / "raw", section("download"))
     assert not [p for p in (project / "data").iterdir() if p.name.endswith(".partial")], "stale scratch removed"
-
-
-def test_a_dropped_connection_is_a_network_error_and_keeps_the_dataset(archive_server, tmp_path, tiny_zip):
-    raw = tmp_path / "raw"
-    download_dataset(section("download", url=str(tiny_zip)), raw)
-    before = sorted(p.name for p in raw.rglob("*"))
-    _SlowArchive.mode = "drop"
-    with pytest.raises(NetworkError):
-        download_dataset(section("download", url=archive_server, retries=1), raw)
-    assert sorted(p.name for p in raw.rglob("*")) == before
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
 
 
 def test_stale_scratch_of_a_live_process_is_kept(tmp_path):

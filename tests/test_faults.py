@@ -227,6 +227,82 @@ def test_two_registrations_at_the_same_moment_make_two_versions_and_the_better_c
     assert "MLFLOW_TRACKING_URI" not in os.environ, "registering must not redirect later processes' registry"
 
 
+def _register_on_another_machine(args):
+    """Register from a process with its own temp folder, as on another machine sharing the registry;
+    role "slow" dawdles between reading the champion and moving the alias, role "fast" reads it only
+    while "slow" dawdles: without a lock shared through the registry, "slow" overwrites "fast"."""
+    role, scratch, tracking, params_raw, model, accuracy = args
+    import tempfile
+
+    os.environ["TMPDIR"] = str(Path(scratch) / role)
+    Path(os.environ["TMPDIR"]).mkdir(exist_ok=True)
+    tempfile.tempdir = None
+    import signflow.register as register
+
+    marker, real_champion, calls = Path(scratch) / "slow-is-deciding", register._champion, []
+
+    def champion(client, name):
+        calls.append(name)
+        if role == "fast" and len(calls) == 1:
+            deadline = time.monotonic() + 120
+            while not marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        current = real_champion(client, name)
+        if role == "slow" and len(calls) == 1:
+            marker.touch()
+            time.sleep(4)
+        return current
+
+    register._champion = champion
+    params = parse_params({**params_raw, "register": {**params_raw["register"], "tracking_uri": tracking}})
+    metrics = Path(scratch) / f"metrics-{role}.json"
+    metrics.write_text(json.dumps({"accuracy": accuracy, "macro_f1": accuracy, "test_images": 9}))
+    tags = {register.TEST_SET_TAG: "same images"}
+    candidate = register.Candidate.from_files(model, metrics, params.model_dump(mode="json"), tags)
+    result = register.register_model(params.register, candidate, Path(scratch) / f"rec-{role}.json")
+    return result.version
+
+
+def test_machines_sharing_a_registry_move_the_champion_one_at_a_time(trained, tmp_path):
+    params, *_ = trained
+    bundle = load_bundle(tmp_path / "model.pt")
+    save_bundle(bundle, tmp_path / "slow.pt")
+    bundle.state_dict = {k: v + 1 if v.is_floating_point() else v for k, v in bundle.state_dict.items()}
+    save_bundle(bundle, tmp_path / "fast.pt")
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking)
+    client.search_registered_models()  # the database exists before the two "machines" start
+    raw = params.model_dump(mode="json")
+    jobs = [
+        ("slow", str(tmp_path), tracking, raw, str(tmp_path / "slow.pt"), 0.7),
+        ("fast", str(tmp_path), tracking, raw, str(tmp_path / "fast.pt"), 0.9),
+    ]
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        versions = dict(zip(["slow", "fast"], pool.map(_register_on_another_machine, jobs), strict=True))
+    champion = client.get_model_version_by_alias(params.register.model_name, "champion")
+    assert str(champion.version) == versions["fast"], "the better model stays champion: no lost update"
+    names = [m.name for m in client.search_registered_models()]
+    assert names == [params.register.model_name], "the champion lock is gone once both finished"
+
+
+def test_a_champion_lock_left_by_a_dead_registration_expires(trained, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    import signflow.register as register
+
+    params, *_ = trained
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    name = params.register.model_name + register.CHAMPION_LOCK_SUFFIX
+    client.create_registered_model(name, tags={"holder": "dead", "expires": repr(time.time() + 1)})
+    started = time.monotonic()
+    with register.champion_lock(client, params.register.model_name):
+        assert client.get_registered_model(name).tags["holder"] != "dead"
+    assert time.monotonic() - started >= 0.9
+    assert [m.name for m in client.search_registered_models()] == []
+
+
 def _archive_slow_to_extract(tiny_zip: Path, target: Path, extra_files: int = 20000) -> Path:
     """The tiny dataset plus thousands of small notes beside it: extraction takes a while."""
     with zipfile.ZipFile(tiny_zip) as small, zipfile.ZipFile(target, "w") as big:

@@ -53,3 +53,11 @@ def test_serve_refuses_a_bad_schedule_a_bad_override_and_a_missing_server(tmp_pa
     assert "interval_s" in capsys.readouterr().err
     assert serve(["--project-dir", str(tmp_path)]) == 2
     assert "PREFECT_API_URL is not set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("action", ["set", "check"])
+def test_source_commands_have_help(action, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["source", action, "--help"])
+    assert exit_info.value.code == 0
+    assert "--project-dir" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from signflow import _dvc_state as dvc_state
-from tests.helpers import make_project
+from tests.helpers import EtagServer, make_project
 
 pytestmark = pytest.mark.slow
 
@@ -96,9 +96,12 @@ async def _task_runs(run_id):
 
 
 def test_prefect_flow_runs_the_chain_and_leaves_dvc_up_to_date(tmp_path, tiny_zip, prefect_server, venv_env):
+    """An https source; the run graph is the chain of steps; a second run while the server is down
+    keeps the data it fetched before and skips every step."""
     from flows.pipeline import pipeline
 
-    project = make_project(tmp_path, tiny_zip)
+    served = EtagServer(tiny_zip.read_bytes())
+    project = make_project(tmp_path, served.url)
     state = pipeline(project_dir=str(project), return_state=True)
     results = state.result()
     assert results["register"].result.version == "1"
@@ -118,8 +121,11 @@ def test_prefect_flow_runs_the_chain_and_leaves_dvc_up_to_date(tmp_path, tiny_zi
     for before, after in zip(chain, chain[1:], strict=False):
         assert upstream[after] == {before}, f"the run graph has the edge {before} -> {after}"
 
+    served.stop()
     second = pipeline(project_dir=str(project))
     assert not any(outcome.ran for outcome in second.values()), "an unchanged pipeline skips every step"
+    assert "not reachable: using the data fetched before" in second["download"].summary_line()
+    assert (project / "data" / "source").is_file()
     assert len(_versions(project)) == 1
     with dvc_state.open_repo(project) as repo:
         assert all(dvc_state.stage_is_up_to_date(repo, s) for s in ("extract", "split", "train", "evaluate"))

@@ -196,8 +196,9 @@ def provenance_tags(project_dir: Path, split_dir: Path) -> dict[str, str]:
 
 @contextmanager
 def registry_lock(tracking_uri: str) -> Iterator[None]:
-    """One registration per registry at a time on this machine: creating a fresh SQLite registry,
-    checking for a duplicate and moving the champion alias are not safe to interleave."""
+    """One registration per registry at a time on this machine: creating a fresh SQLite registry and
+    checking for a duplicate are not safe to interleave. (The champion alias is also guarded across
+    machines, by `champion_lock`.)"""
     key = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
     with FileLock(str(Path(tempfile.gettempdir()) / f"signflow-register-{key}.lock"), timeout=600):
         yield
@@ -276,6 +277,8 @@ def _create_version(client, cfg: RegisterConfig, tracking_uri: str, candidate: C
 class ChampionDecision:
     promote: bool
     reason: str
+    warn: bool = False
+    """The user should hear about it: below the gate, or not comparable with the champion."""
 
 
 def decide_champion(cfg: RegisterConfig, version: str, candidate: Candidate, champion) -> ChampionDecision:
@@ -286,7 +289,7 @@ def decide_champion(cfg: RegisterConfig, version: str, candidate: Candidate, cha
         return ChampionDecision(False, f"version {version} is the champion already")
     if accuracy < cfg.min_accuracy:
         return ChampionDecision(
-            False, f"test accuracy {accuracy:.4f} is below register.min_accuracy {cfg.min_accuracy:.4f}"
+            False, f"test accuracy {accuracy:.4f} is below register.min_accuracy {cfg.min_accuracy:.4f}", warn=True
         )
     if champion is None:
         return ChampionDecision(True, f"no champion yet: version {version} (test accuracy {accuracy:.4f})")
@@ -299,6 +302,7 @@ def decide_champion(cfg: RegisterConfig, version: str, candidate: Candidate, cha
             f"version {version} (test set {(test_set or 'unrecorded')[:12]}, data "
             f"{candidate.tags.get(DATA_VERSION_TAG, 'unrecorded')[:12]}): their accuracies are not comparable, so "
             "the alias was not moved. To promote it, set the alias `champion` on it in the MLflow UI",
+            warn=True,
         )
     best = float(champion.tags.get(ACCURACY_TAG, "-inf"))
     if accuracy > best:
@@ -324,7 +328,7 @@ def move_champion(client, cfg: RegisterConfig, version: str, candidate: Candidat
             f"{cfg.model_name}: the champion alias was set to version {version} but reads "
             f"{champion.version if champion else 'nothing'}: something outside signflow moves it"
         )
-    (log.info if decision.promote else log.warning)("champion: %s", decision.reason)
+    (log.warning if decision.warn else log.info)("champion: %s", decision.reason)
     return champion, decision
 
 

@@ -54,16 +54,26 @@ def test_a_command_waits_for_the_run_lock_and_reads_params_once_it_has_it(tmp_pa
     assert subprocess.run(["signflow", "extract"], cwd=project, env=venv_env).returncode == 0
     lock = _hold(project)
     process = subprocess.Popen(["signflow", "split"], cwd=project, env=venv_env, stderr=subprocess.PIPE, text=True)
+    lines, waiting = [], threading.Event()
+
+    def read_stderr():
+        for line in process.stderr:
+            lines.append(line)
+            if "waiting for it to finish" in line:
+                waiting.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     try:
-        time.sleep(5)
+        assert waiting.wait(120), "".join(lines)
         assert process.poll() is None and not (project / "data" / "split").exists(), "it waits"
         params = yaml.safe_load((project / "params.yaml").read_text())
-        params["split"]["seed"] = 7
+        params["split"]["seed"] = 7  # changed by whoever held the lock
         (project / "params.yaml").write_text(yaml.safe_dump(params))
     finally:
         lock.release()
-    assert process.wait(timeout=120) == 0, process.stderr.read()
-    assert "waiting for it to finish" in process.stderr.read()
+    assert process.wait(timeout=300) == 0, "".join(lines)
+    reader.join(10)
     made = (project / "data" / "split" / "test.csv").read_text()
     for seed in (7, 42):
         split_dataset(project / "data" / "raw", tmp_path / f"seed{seed}", section("split", seed=seed))

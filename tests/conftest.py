@@ -28,6 +28,12 @@ def _isolated_environment(tmp_path_factory):
         DVC_NO_ANALYTICS="1",
     )
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    # Prefect binds its console log handlers (the root logger's too) to sys.stderr as it is when
+    # `prefect.main` is first imported (by `from prefect import flow`). Do it here, on pytest's
+    # session-wide capture: first done inside a test that uses capsys, the handlers would keep that
+    # test's stream, closed afterwards, and every later flow run would fail logging to it.
+    import prefect.main  # noqa: F401
+
     yield
     os.environ.clear()
     os.environ.update(saved)

@@ -23,6 +23,8 @@ def _dvc(project, env, *args):
 
 
 def test_dvc_repro_runs_the_chain_and_registers_then_is_a_no_op(tmp_path, tiny_zip, venv_env):
+    """On a clone-like project `dvc repro` fetches the source data.dvc names and runs every stage; then
+    it is a no-op, data.dvc works as DVC's record of the data, and code changes rerun their stages."""
     project = make_project(tmp_path, tiny_zip)
     run = _dvc(project, venv_env, "repro")
     assert run.returncode == 0, run.stdout + run.stderr
@@ -42,41 +44,43 @@ def test_dvc_repro_runs_the_chain_and_registers_then_is_a_no_op(tmp_path, tiny_z
     again = _dvc(project, venv_env, "repro")
     assert again.returncode == 0 and "Data and pipelines are up to date" in again.stdout
     assert len(_versions(project)) == 1
+    _data_dvc_is_dvcs_record(project, tiny_zip, venv_env)
+    _code_is_a_dependency(project, venv_env)
 
     (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("seed: 42", "seed: 43", 1))
-    status = _dvc(project, venv_env, "status")
-    assert "split" in status.stdout and "extract" not in status.stdout.split("split")[0]
+    stale = _stale_stages(project, venv_env)
+    assert stale == {"split", "register", "train"}, "the stages that read split.* (and train, for its code)"
+
+
+def _data_dvc_is_dvcs_record(project, source, env):
+    """data.dvc records the source and what was fetched; dvc status / data status / update work on it."""
+    record = (project / "data.dvc").read_text()
+    assert "md5:" in record and str(source) in record and "persist: true" in record
+    assert (project / "data" / "source").is_file()
+    assert _stale_stages(project, env) == set()
+    data_status = _dvc(project, env, "data", "status", "--json")
+    assert data_status.returncode == 0 and "data/source" not in json.loads(data_status.stdout).get("uncommitted", {})
+    update = _dvc(project, env, "update", "data.dvc")
+    assert update.returncode == 0 and "didn't change" in update.stdout + update.stderr
+
+
+def _code_is_a_dependency(project, env):
+    """A README edit reruns nothing; an edit of the training code makes exactly the train stage out of
+    date (its downstream stages follow once it reruns)."""
+    (project / "README.md").write_text("# edited\n")
+    assert _stale_stages(project, env) == set(), "a README edit reruns nothing"
+    with (project / "signflow" / "train.py").open("a") as module:
+        module.write("\n# a change to the training code\n")
+    assert _stale_stages(project, env) == {"train"}, "only the train stage depends on train.py"
+    dry = _dvc(project, env, "repro", "--dry")
+    assert "Running stage 'extract'" not in dry.stdout and "Running stage 'split'" not in dry.stdout
+    assert "Running stage 'train'" in dry.stdout
 
 
 def _stale_stages(project, env) -> set[str]:
     status = _dvc(project, env, "status", "--json")
     assert status.returncode == 0, status.stderr
     return set(json.loads(status.stdout))
-
-
-def test_data_dvc_is_dvcs_record_and_code_is_a_dependency(tmp_path, tiny_zip, venv_env):
-    """data.dvc records the source and what was fetched (dvc status / data status / update work on
-    it), a README edit reruns nothing, and an edit of the training code makes exactly the train stage
-    out of date (its downstream stages follow once it reruns)."""
-    project = make_project(tmp_path, tiny_zip, epochs=1)
-    assert _dvc(project, venv_env, "repro").returncode == 0
-    record = (project / "data.dvc").read_text()
-    assert "md5:" in record and str(tiny_zip) in record and "persist: true" in record
-    assert (project / "data" / "source").is_file()
-    assert _stale_stages(project, venv_env) == set()
-    data_status = _dvc(project, venv_env, "data", "status", "--json")
-    assert data_status.returncode == 0 and "data/source" not in json.loads(data_status.stdout).get("uncommitted", {})
-    update = _dvc(project, venv_env, "update", "data.dvc")
-    assert update.returncode == 0 and "didn't change" in update.stdout + update.stderr
-
-    (project / "README.md").write_text("# edited\n")
-    assert _stale_stages(project, venv_env) == set(), "a README edit reruns nothing"
-    with (project / "signflow" / "train.py").open("a") as module:
-        module.write("\n# a change to the training code\n")
-    assert _stale_stages(project, venv_env) == {"train"}, "only the train stage depends on train.py"
-    dry = _dvc(project, venv_env, "repro", "--dry")
-    assert "Running stage 'extract'" not in dry.stdout and "Running stage 'split'" not in dry.stdout
-    assert "Running stage 'train'" in dry.stdout
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from signflow.errors import SignflowError
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
@@ -186,18 +188,29 @@ def staging_dir(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+class LockBusyError(SignflowError, RuntimeError):
+    """Another run holds the project's lock."""
+
+
 @contextmanager
-def held_lock(path: str | Path, timeout_s: float, waiting_message: str) -> Iterator[None]:
+def held_lock(
+    path: str | Path, timeout_s: float, waiting_message: str, busy_message: str | None = None
+) -> Iterator[None]:
     """Hold the file lock at `path`, logging `waiting_message` once if another process holds it;
-    raise filelock.Timeout after `timeout_s` seconds of waiting."""
+    raise LockBusyError (`busy_message`) after `timeout_s` seconds of waiting (0: do not wait)."""
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(path), timeout=timeout_s)
     try:
         lock.acquire(timeout=0)
     except Timeout:
+        if timeout_s <= 0:
+            raise LockBusyError(busy_message or f"{path} is held by another run") from None
         log.info(waiting_message)
-        lock.acquire()
+        try:
+            lock.acquire()
+        except Timeout:
+            raise LockBusyError(busy_message or f"{path} was held by another run for {timeout_s:.0f} s") from None
     try:
         yield
     finally:

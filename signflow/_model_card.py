@@ -28,7 +28,7 @@ def render_model_card(
     split_report: dict[str, Any],
     registration: dict[str, Any],
 ) -> str:
-    """Markdown for the card; `registration` holds model_name, version, data_version, git_commit."""
+    """Markdown for the card; `registration` holds model_name, version, data_version, data_source, git_commit."""
     sections = [
         [f"# Model card: {registration['model_name']} version {registration['version']}", ""],
         _what_it_is(bundle, params["train"]),
@@ -84,8 +84,8 @@ def _data(params: dict[str, Any], split_report: dict[str, Any], registration: di
     split = params["split"]
     return [
         "## Data",
-        f"- Source: `{params['download']['url']}`",
-        f"- Data version (DVC md5 of `data/raw`): `{registration['data_version']}`",
+        f"- Source (data.dvc): `{registration.get('data_source', 'unrecorded')}`",
+        f"- Data version (DVC md5 of the fetched source, from data.dvc): `{registration['data_version']}`",
         f"- Code version (git commit): `{registration['git_commit']}`",
         f"- {_split_counts(split_report)}.",
         f"- Split: stratified by class with scikit-learn, fractions train {split['train']} / valid {split['valid']} "

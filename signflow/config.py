@@ -39,13 +39,13 @@ def _float_from_yaml(value: Any) -> Any:
 
 
 class DownloadConfig(_Section):
-    url: str = Field(min_length=1)
-    """Archive URL (https://, file://, any fsspec URL), a local archive path, or a local folder."""
+    """How the fetched source (`data/source`) becomes the class-folder dataset. Where the source comes
+    from is not a param: `data.dvc` records it (`signflow source set`)."""
+
     sha256: str | None
+    """When set, an archive source must have exactly this sha256; None accepts what data.dvc fetched."""
     class_root: str | None
     """Folder inside the source that holds the class folders; None finds it."""
-    retries: int = Field(ge=0, le=20)
-    timeout_s: float = Field(gt=0)
 
     @field_validator("sha256")
     @classmethod
@@ -177,8 +177,6 @@ class ScheduleConfig(_Section):
     """Runs of the deployment at once; 1 keeps two runs from sharing the workspace."""
     collision_strategy: Literal["ENQUEUE", "CANCEL_NEW"]
     """What a run that would exceed the limit does: wait for the running one, or be cancelled."""
-    refresh_data: bool
-    """Scheduled runs always re-run the download step, so new data at download.url is noticed."""
 
     @field_validator("cron")
     @classmethod
@@ -290,18 +288,16 @@ def _is_relative_local(url: str) -> bool:
 
 
 def resolve_relative_paths(params: Params, base_dir: Path) -> Params:
-    """Relative local paths in params (data, weights, sqlite registry) are relative to the params file's
+    """Relative local paths in params (weights, sqlite registry) are relative to the params file's
     folder, so `dvc repro` and a flow started from another folder read the same files."""
     base_dir = base_dir.resolve()
-    download, train, register = params.download, params.train, params.register
-    if _is_relative_local(download.url):
-        download = download.model_copy(update={"url": str(base_dir / download.url)})
+    train, register = params.train, params.register
     if train.weights_file and _is_relative_local(train.weights_file):
         train = train.model_copy(update={"weights_file": str(base_dir / train.weights_file)})
     database = register.tracking_uri.removeprefix("sqlite:///")
     if register.tracking_uri.startswith("sqlite:///") and not Path(database).is_absolute():
         register = register.model_copy(update={"tracking_uri": f"sqlite:///{base_dir / database}"})
-    return params.model_copy(update={"download": download, "train": train, "register": register})
+    return params.model_copy(update={"train": train, "register": register})
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:

@@ -12,6 +12,10 @@ from pathlib import Path
 
 PARAMS = Path("params.yaml")
 RUN_LOCK = ".signflow-run.lock"
+DATA_DVC = "data.dvc"
+"""DVC's record of the raw dataset: its source (URL or path) and the hash of what was fetched."""
+RUNS = "runs"
+"""Override runs (Prefect `overrides`, `--set`) each get a workspace `runs/<flow run id>/` under here."""
 
 METRICS = "metrics.json"
 """The evaluate step's headline metrics (test accuracy, macro F1, ...), in the reports folder."""
@@ -60,6 +64,15 @@ class Workspace:
         return self.root / PARAMS
 
     @property
+    def data_dvc(self) -> Path:
+        return self.root / DATA_DVC
+
+    @property
+    def source(self) -> Path:
+        """The fetched source as DVC keeps it (an archive file or a folder); `data.dvc` owns it."""
+        return self.root / "data" / "source"
+
+    @property
     def raw(self) -> Path:
         return self.root / "data" / "raw"
 
@@ -91,6 +104,14 @@ class Workspace:
     @property
     def run_lock(self) -> Path:
         return self.root / RUN_LOCK
+
+    @property
+    def runs(self) -> Path:
+        return self.root / RUNS
+
+    def override_run(self, run_id: str) -> Workspace:
+        """The workspace of one override run: its own data/raw, data/split, models/ and reports/."""
+        return Workspace(self.runs / run_id)
 
 
 def winner_outputs(sweep_dir: Path) -> ModelOutputs:

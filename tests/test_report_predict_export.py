@@ -196,7 +196,7 @@ def test_register_writes_model_card_and_predict_loads_the_champion(trained, tmp_
 
     from tests.helpers import tiny_params
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params("unused")))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     image = raw / "beta" / "IMG_000.JPG"
     code = main(["predict", str(image), "--model", "champion", "--params", str(tmp_path / "params.yaml")])
     captured = capsys.readouterr()

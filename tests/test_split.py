@@ -130,12 +130,12 @@ def test_images_of_every_kind_are_used_with_their_true_size(class_folders, tmp_p
 
 
 def test_empty_class_folder_and_readme_files_are_left_out_and_reported(class_folders, tmp_path):
-    from signflow.download import download_dataset
+    from signflow.download import extract_dataset
 
     (class_folders / "delta").mkdir()
     (class_folders / "README.md").write_text("# about")
     (class_folders / "alpha" / "README.txt").write_text("notes")
-    info = download_dataset(section("download", url=str(class_folders)), tmp_path / "raw")
+    info = extract_dataset(class_folders, tmp_path / "raw", section("download"))
     assert "delta" not in info.class_names
     assert any(line.startswith("delta/: class folder without images") for line in info.skipped)
     assert any(line.startswith("alpha/README.txt: not an image") for line in info.skipped)

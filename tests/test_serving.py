@@ -53,7 +53,7 @@ class Registry:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> Registry:
     """A tiny model trained, evaluated, exported and registered as champion in its own registry."""
-    from signflow.download import download_dataset
+    from signflow.download import extract_dataset
     from signflow.evaluate import evaluate
     from signflow.export import export_onnx
     from signflow.register import register_run
@@ -61,12 +61,13 @@ def registry(tmp_path_factory) -> Registry:
     from signflow.train import fine_tune
 
     root = tmp_path_factory.mktemp("serving")
-    raw_params = tiny_params(build_class_folders(root / "dataset"), epochs=4)
+    dataset = build_class_folders(root / "dataset")
+    raw_params = tiny_params(epochs=4)
     raw_params["register"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
     (root / "params.yaml").write_text(yaml.safe_dump(raw_params))
     params = load_params(root / "params.yaml")
     raw, split, model = root / "raw", root / "split", root / "model.pt"
-    download_dataset(params.download, raw)
+    extract_dataset(dataset, raw, params.download)
     split_dataset(raw, split, params.split)
     fine_tune(params.train, raw, split, model, root / "train_log.csv")
     outputs = ModelOutputs(root / "reports", root / "model.onnx", root / "model_card.md", root / "registered.json")

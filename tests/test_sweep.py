@@ -52,7 +52,7 @@ def test_plan_is_every_combination_in_order_up_to_max_trials():
 
 def test_trial_names_stay_inside_the_trials_folder_and_commands_are_quoted(tmp_path):
     """Grid values become folder names and a shell command: `..`, slashes and quotes must not escape."""
-    raw = tiny_params("x.zip")
+    raw = tiny_params()
     raw["train"]["weights_file"] = None
     grid = {"train.weights_file": ["../../../etc/evil", "a'; rm -rf ~; '"]}
     trials = plan_trials(raw, section("sweep", grid=grid, max_trials=2), base_dir=tmp_path)

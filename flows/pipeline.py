@@ -80,7 +80,7 @@ def pipeline_steps(params: Params, workspace: Workspace) -> dict[str, Callable[[
     return {
         "download": lambda: download_task(params.download, raw),
         "split": lambda: split_task(params.split, raw, split),
-        "train": lambda: train_task(params.train, raw, split, model, train_log),
+        "train": lambda: train_task(params.train, raw, split, model, train_log, workspace.cache),
         "evaluate": lambda: evaluate_task(params.evaluate, model, raw, split, outputs.reports, train_log),
         "export": lambda: export_task(params.export, model, outputs.onnx),
         "register": lambda: register_task(params, model, outputs, project_dir=workspace.root, split_dir=split),

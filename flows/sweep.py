@@ -30,8 +30,10 @@ from tasks.pipeline import download_task, evaluate_task, export_task, register_t
 
 
 @task(name="trial", cache_policy=NONE)
-def trial_task(trial: sweep.Trial, raw_dir: Path, split_dir: Path, sweep_dir: Path, deadline: float | None):
-    return sweep.run_trial(trial, raw_dir, split_dir, sweep_dir, deadline)
+def trial_task(
+    trial: sweep.Trial, raw_dir: Path, split_dir: Path, sweep_dir: Path, deadline: float | None, cache_dir: Path
+):
+    return sweep.run_trial(trial, raw_dir, split_dir, sweep_dir, deadline, cache_dir)
 
 
 @task(name="compare", cache_policy=NONE)
@@ -58,7 +60,7 @@ def sweep_flow(params_path: str = "params.yaml", project_dir: str = ".") -> dict
     """Run `sweep.grid` (see signflow.sweep) and register the winner; returns the winner's row."""
     workspace = Workspace(Path(project_dir).resolve())
     params = load_params(workspace.root / params_path)
-    raw, split, sweep_dir = workspace.raw, workspace.split, workspace.sweep
+    raw, split, sweep_dir, cache = workspace.raw, workspace.split, workspace.sweep, workspace.cache
     use_dvc = dvc_state.is_dvc_project(workspace.root)
     run_stage("download", workspace.root, use_dvc, False, lambda: download_task(params.download, raw))
     run_stage("split", workspace.root, use_dvc, False, lambda: split_task(params.split, raw, split))
@@ -66,7 +68,7 @@ def sweep_flow(params_path: str = "params.yaml", project_dir: str = ".") -> dict
     get_run_logger().info("%d trials, %d at a time", len(trials), params.sweep.workers)
 
     def submit(jobs: list[tuple[sweep.Trial, float | None]]) -> list[dict[str, Any]]:
-        futures = [trial_task.submit(trial, raw, split, sweep_dir, deadline) for trial, deadline in jobs]
+        futures = [trial_task.submit(trial, raw, split, sweep_dir, deadline, cache) for trial, deadline in jobs]
         return [future.result() for future in futures]
 
     results = sweep.run_trials(trials, raw, split, sweep_dir, params.sweep.max_minutes, runner=submit)

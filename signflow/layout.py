@@ -7,11 +7,15 @@ theirs from the same `Workspace` and `ModelOutputs`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
 RUN_LOCK = ".signflow-run.lock"
+CACHE = ".signflow-cache"
+CACHE_ENV = "SIGNFLOW_CACHE_DIR"
+"""Environment variable that moves every workspace's cache folder (e.g. to a larger disk)."""
 
 METRICS = "metrics.json"
 """The evaluate step's headline metrics (test accuracy, macro F1, ...), in the reports folder."""
@@ -91,6 +95,13 @@ class Workspace:
     @property
     def run_lock(self) -> Path:
         return self.root / RUN_LOCK
+
+    @property
+    def cache(self) -> Path:
+        """Decoded images and frozen features the train step keeps between runs (see
+        signflow._disk_cache): ignored by git and DVC, safe to delete when no run is going.
+        `SIGNFLOW_CACHE_DIR` puts it elsewhere."""
+        return Path(os.environ.get(CACHE_ENV) or self.root / CACHE)
 
 
 def winner_outputs(sweep_dir: Path) -> ModelOutputs:

@@ -46,8 +46,10 @@ def split_task(cfg: SplitConfig, raw_dir: Path, split_dir: Path) -> SplitResult:
 
 
 @task(name="fine-tune", cache_policy=NONE)
-def train_task(cfg: TrainConfig, raw_dir: Path, split_dir: Path, model_path: Path, log_path: Path) -> TrainResult:
-    return fine_tune(cfg, raw_dir, split_dir, model_path, log_path)
+def train_task(
+    cfg: TrainConfig, raw_dir: Path, split_dir: Path, model_path: Path, log_path: Path, cache_dir: Path
+) -> TrainResult:
+    return fine_tune(cfg, raw_dir, split_dir, model_path, log_path, cache_dir)
 
 
 @task(name="evaluate", cache_policy=NONE)

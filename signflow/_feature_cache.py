@@ -193,7 +193,8 @@ class FeatureLayout:
         return rows.numpy()
 
     def to_tensor(self, rows: torch.Tensor) -> torch.Tensor:
-        """Rows read back as the (B, *shape) batch, channels_last strided when stored so."""
+        """Rows read back as the (B, *shape) batch, channels_last strided when stored so (convert
+        the number format before: `.float()` of the permuted view is many times slower)."""
         return rows.permute(0, 3, 1, 2) if self.nhwc else rows
 
 

@@ -220,8 +220,8 @@ def cached_view_count(cfg: TrainConfig) -> int:
 
 @dataclass(frozen=True)
 class CachedFeatures:
-    """A feature entry opened for reading: `rows` row blocks of one image each (views follow one
-    another: view v of image i is row v * images + i)."""
+    """A feature entry opened for reading: one row per image and view (the views follow one
+    another: view v of image i is row v * images + i), stored as `layout` says, computed by `runtime`."""
 
     array: DiskArray
     layout: FeatureLayout

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,15 +81,17 @@ def decode_chunks(
     flight, so memory does not grow with the number of images. A file that cannot be read stops
     with an error naming it.
     """
-    starts = range(0, len(paths), chunk_size)
     with (
         ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
         tqdm(total=len(paths), desc=desc, unit="img", leave=False) as progress,
     ):
-        submit = lambda start: [pool.submit(_read_named, p, prep) for p in paths[start : start + chunk_size]]  # noqa: E731
-        pending = submit(0) if len(paths) else []
-        for start in starts:
-            current, pending = pending, submit(start + chunk_size) if start + chunk_size < len(paths) else []
+
+        def submit(start: int) -> list[Future]:
+            return [pool.submit(_read_named, path, prep) for path in paths[start : start + chunk_size]]
+
+        pending = submit(0)
+        for start in range(0, len(paths), chunk_size):
+            current, pending = pending, submit(start + chunk_size)
             chunk = torch.stack([future.result() for future in current])
             progress.update(len(chunk))
             yield chunk

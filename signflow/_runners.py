@@ -173,6 +173,11 @@ class CachedRunner(PlainRunner):
         # float() before the channels-last view: converting a permuted float16 tensor took 100x longer
         return self.train_features.layout.to_tensor(rows.to(self.device, non_blocking=True).float())
 
+    def close(self) -> None:
+        super().close()
+        self.train_features.array.close()
+        self.valid_features.array.close()
+
     @torch.inference_mode()
     def valid_logits(self) -> torch.Tensor:
         self.split.tail.eval()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from signflow._augment import augment
-from signflow._disk_cache import ArraySpec, CacheEntry, DiskArray, content_key
+from signflow._disk_cache import ArraySpec, CacheEntry, DiskArray, RowWriter, content_key
 from signflow._forward import autocast_for
 from signflow._onnx import INPUT_NAME, export_module, onnx_session
 from signflow._preprocessing import Preprocessing, normalize
@@ -289,31 +290,38 @@ class FeatureCache:
         generator ends where computing the train views leaves it, so the epochs draw the same."""
         augment_cfg = self.cfg.augment if name == "train" and self.cfg.augment.enabled else None
         views = self.views if name == "train" else 1
-
-        def fill(writer) -> dict:
-            images = self.data.images(name)
-            for view in range(views):
-                chunks = read_chunks(images, self.cfg.inference_batch_size)
-                features = compute_features(
-                    self.prefix(),
-                    tqdm(chunks, desc=f"frozen features {name} {view + 1}/{views}", unit="batch", leave=False),
-                    self.data.prep,
-                    self.device,
-                    self.memory_format,
-                    augment_cfg,
-                    self.generator,
-                    self.cfg.amp,
-                )
-                for batch in features:
-                    writer.write(self.layout.to_rows(batch))
-            state = self.generator.get_state().numpy().tobytes().hex() if augment_cfg else None
-            return {"runtime": self.prefix_runtime(), "generator_after": state}
-
-        array, record = self.entries[name].build(fill)
+        array, record = self.entries[name].build(lambda writer: self._compute(writer, name, views, augment_cfg))
         if record.get("generator_after"):
             state = bytes.fromhex(record["generator_after"])
             self.generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
         return CachedFeatures(array, self.layout, record["runtime"])
+
+    def _compute(self, writer: RowWriter, name: str, views: int, augment_cfg: AugmentConfig | None) -> dict:
+        """Write `views` passes of the split's decoded images through the prefix (augmented, drawing
+        from the generator, when `augment_cfg` is given); return what the entry's record adds."""
+        images, batch_size = self.data.images(name), self.cfg.inference_batch_size
+        for view in range(views):
+            chunks = tqdm(
+                read_chunks(images, batch_size),
+                total=math.ceil(len(images) / batch_size),
+                desc=f"frozen features {name} {view + 1}/{views}",
+                unit="batch",
+                leave=False,
+            )
+            features = compute_features(
+                self.prefix(),
+                chunks,
+                self.data.prep,
+                self.device,
+                self.memory_format,
+                augment_cfg,
+                self.generator,
+                self.cfg.amp,
+            )
+            for batch in features:
+                writer.write(self.layout.to_rows(batch))
+        state = self.generator.get_state().numpy().tobytes().hex() if augment_cfg else None
+        return {"runtime": self.prefix_runtime(), "generator_after": state}
 
     def prefix(self) -> nn.Module | OnnxPrefix:
         """What computes the features: built on first use only (a run that finds its features cached

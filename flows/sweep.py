@@ -36,8 +36,10 @@ from tasks.pipeline import DvcRecorder, download_task, publish_evaluation, publi
 
 
 @task(name="trial", cache_policy=NONE)
-def trial_task(trial: sweep.Trial, raw_dir: Path, split_dir: Path, sweep_dir: Path, deadline: float | None):
-    return sweep.run_trial(trial, raw_dir, split_dir, sweep_dir, deadline)
+def trial_task(
+    trial: sweep.Trial, raw_dir: Path, split_dir: Path, sweep_dir: Path, deadline: float | None, cache_dir: Path
+):
+    return sweep.run_trial(trial, raw_dir, split_dir, sweep_dir, deadline, cache_dir)
 
 
 @task(name="compare", cache_policy=NONE)
@@ -95,7 +97,7 @@ def sweep_flow(params_path: str = "params.yaml", project_dir: str = ".", lock_ti
 
 def _sweep(workspace: Workspace, params_path: str) -> dict[str, Any]:
     params = load_params(workspace.root / params_path)
-    raw, split, sweep_dir = workspace.raw, workspace.split, workspace.sweep
+    raw, split, sweep_dir, cache = workspace.raw, workspace.split, workspace.sweep, workspace.cache
     dvc = DvcRecorder.start(workspace.root)
     download = download_task(params.download, workspace, dvc, workspace.root)
     split_task(params.split, workspace, dvc, after=download)
@@ -103,7 +105,7 @@ def _sweep(workspace: Workspace, params_path: str) -> dict[str, Any]:
     get_run_logger().info("%d trials, %d at a time", len(trials), params.sweep.workers)
 
     def submit(jobs: list[tuple[sweep.Trial, float | None]]) -> list[dict[str, Any]]:
-        futures = [trial_task.submit(trial, raw, split, sweep_dir, deadline) for trial, deadline in jobs]
+        futures = [trial_task.submit(trial, raw, split, sweep_dir, deadline, cache) for trial, deadline in jobs]
         return [future.result() for future in futures]
 
     results = sweep.run_trials(trials, raw, split, sweep_dir, params.sweep.max_minutes, runner=submit)

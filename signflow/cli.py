@@ -41,7 +41,7 @@ def cmd_split(params: Params, args: argparse.Namespace):
 def cmd_train(params: Params, args: argparse.Namespace):
     from signflow.train import fine_tune
 
-    return fine_tune(params.train, args.raw, args.split, args.model, args.train_log)
+    return fine_tune(params.train, args.raw, args.split, args.model, args.train_log, args.cache)
 
 
 def cmd_evaluate(params: Params, args: argparse.Namespace):
@@ -67,7 +67,7 @@ def cmd_register(params: Params, args: argparse.Namespace):
 def cmd_sweep(params: Params, args: argparse.Namespace):
     from signflow.sweep import sweep
 
-    return sweep(args.params, args.raw, args.split, args.sweep_dir, args.project_dir)
+    return sweep(args.params, args.raw, args.split, args.sweep_dir, args.project_dir, args.cache)
 
 
 def _add_paths(parser: argparse.ArgumentParser, *names: str) -> None:
@@ -83,6 +83,11 @@ def _add_paths(parser: argparse.ArgumentParser, *names: str) -> None:
         "onnx": ("--onnx", outputs.onnx, "ONNX model file"),
         "card": ("--card", outputs.model_card, "model card (markdown)"),
         "sweep_dir": ("--sweep-dir", here.sweep, "folder for trials, comparison table and the winner"),
+        "cache": (
+            "--cache-dir",
+            here.cache,
+            f"folder for decoded images and frozen features kept between runs (${layout.CACHE_ENV} sets it too)",
+        ),
         "project_dir": (
             "--project-dir",
             Path("."),
@@ -105,7 +110,7 @@ COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
     "train": (
         cmd_train,
         "fine-tune train.model and keep the checkpoint best on validation",
-        ("raw", "split", "model", "train_log"),
+        ("raw", "split", "model", "train_log", "cache"),
     ),
     "evaluate": (
         cmd_evaluate,
@@ -128,7 +133,7 @@ COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
         cmd_sweep,
         "train every combination of sweep.grid on the split, compare them, and evaluate and register the "
         "winner (best validation accuracy); finished trials are skipped on a rerun",
-        ("raw", "split", "sweep_dir", "project_dir"),
+        ("raw", "split", "sweep_dir", "project_dir", "cache"),
     ),
 }
 

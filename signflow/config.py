@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from signflow._images import PILLOW_PIXEL_LIMIT
 from signflow.errors import SignflowError
 
 
@@ -63,8 +64,14 @@ class SplitConfig(_Section):
     valid: float = Field(ge=0, lt=1)
     test: float = Field(gt=0, lt=1)
     seed: int
+    max_pixels: int = Field(ge=1, le=PILLOW_PIXEL_LIMIT)
+    """Images with more pixels are left out (read from the header, before decoding): decoding one
+    costs 3 bytes a pixel, several times over. At most Pillow's own decompression-bomb limit."""
+    max_aspect_ratio: float = Field(ge=1)
+    """Images whose longer side is more than this many times the shorter are left out: the model
+    sees only their centre square."""
 
-    _coerce = field_validator("train", "valid", "test", mode="before")(_float_from_yaml)
+    _coerce = field_validator("train", "valid", "test", "max_aspect_ratio", mode="before")(_float_from_yaml)
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> SplitConfig:
@@ -112,7 +119,12 @@ class TrainConfig(_Section):
     inference_batch_size: int = Field(ge=1, le=4096)
     """Images per forward pass where no gradients are needed: frozen-feature caching and validation."""
     cached_views: int = Field(ge=1, le=64)
-    """Augmented views of each training image cached when cache_frozen_features is on; epochs cycle them."""
+    """Augmented views of each training image cached when cache_frozen_features is on; epochs cycle
+    them (no more views than epochs are computed)."""
+    cache_dtype: Literal["float16", "float32"]
+    """Number format of the cached frozen features on disk: float16 halves their size (and the I/O)."""
+    loader_workers: int = Field(ge=0, le=64)
+    """Processes reading training batches from the cache files; 0 reads in the training process."""
     cache_runtime: Literal["auto", "onnxruntime", "torch"]
     """What runs the frozen layers for the cache: auto = ONNX Runtime on the CPU, PyTorch on CUDA."""
     device: Literal["auto", "cpu", "cuda"]

@@ -19,7 +19,7 @@ from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 from signflow._fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
-from signflow._images import check_image, is_junk
+from signflow._images import ImageRefused, check_image, is_junk
 from signflow.config import SplitConfig
 from signflow.errors import SignflowError
 
@@ -44,28 +44,36 @@ class SplitResult:
         return f"{self.counts}"
 
 
-def _check_file(file: Path) -> tuple[int, int, str] | Exception:
+def _check_file(file: Path, cfg: SplitConfig) -> tuple[int, int, str] | Exception:
     """(width, height, sha256) of a usable image, or the error that makes it unusable."""
     try:
-        width, height = check_image(file)
+        width, height = check_image(file, cfg.max_pixels, cfg.max_aspect_ratio)
     except Exception as error:  # noqa: BLE001 - any decoder failure means "unusable image"
         return error
     return width, height, sha256_file(file)
 
 
-def scan_images(raw_dir: Path) -> tuple[pd.DataFrame, list[dict[str, str]]]:
-    """Open and hash every file under `raw_dir/<class>/`; return usable rows and the rejects."""
+def _reason(error: Exception) -> str:
+    if isinstance(error, ImageRefused):
+        return f"refused: {error}"
+    return f"unreadable image: {type(error).__name__}: {error}"
+
+
+def scan_images(raw_dir: Path, cfg: SplitConfig) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """Open and hash every file under `raw_dir/<class>/`; return usable rows and the rejects
+    (unreadable, or refused by `split.max_pixels` / `split.max_aspect_ratio`)."""
     files = sorted(
         p for p in raw_dir.rglob("*") if p.is_file() and p.parent != raw_dir and not is_junk(p.relative_to(raw_dir))
     )
     rows, rejected = [], []
     # Decoding releases the GIL: threads check images in parallel; map keeps the files' order.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        checked = tqdm(pool.map(_check_file, files), total=len(files), desc="check images", unit="img")
+        checked = pool.map(lambda file: _check_file(file, cfg), files)
+        checked = tqdm(checked, total=len(files), desc="check images", unit="img")
         for file, result in zip(files, checked, strict=True):
             relative = file.relative_to(raw_dir).as_posix()
             if isinstance(result, Exception):
-                rejected.append({"path": relative, "reason": f"unreadable image: {type(result).__name__}: {result}"})
+                rejected.append({"path": relative, "reason": _reason(result)})
                 continue
             width, height, digest = result
             label = relative.split("/", 1)[0]
@@ -123,7 +131,7 @@ def split_dataset(raw_dir: str | Path, out_dir: str | Path, cfg: SplitConfig) ->
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     if not raw_dir.is_dir():
         raise SplitError(f"{raw_dir}: raw dataset folder not found; run the download step first")
-    images, rejected = scan_images(raw_dir)
+    images, rejected = scan_images(raw_dir, cfg)
     images, duplicates = drop_duplicates(images)
     rejected += duplicates
     class_names = sorted(images["label"].unique().tolist()) if len(images) else []
@@ -145,13 +153,15 @@ def split_dataset(raw_dir: str | Path, out_dir: str | Path, cfg: SplitConfig) ->
         )
         replace_dir_atomic(staged, out_dir)
     unreadable = sum(r["reason"].startswith("unreadable") for r in rejected)
+    refused = sum(r["reason"].startswith("refused") for r in rejected)
     log.info(
-        "split %d images into %s; left out %d (%d unreadable, %d duplicates), listed in %s",
+        "split %d images into %s; left out %d (%d unreadable, %d refused, %d duplicates), listed in %s",
         len(images),
         {n: len(f) for n, f in parts.items()},
         len(rejected),
         unreadable,
-        len(rejected) - unreadable,
+        refused,
+        len(rejected) - unreadable - refused,
         out_dir / "report.json",
     )
     return SplitResult(class_names, {n: len(f) for n, f in parts.items()}, len(rejected))

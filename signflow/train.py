@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import random
+import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +34,9 @@ from signflow._model import (
     resolve_device,
 )
 from signflow._model_file import ModelBundle, save_bundle
-from signflow._preprocessing import Preprocessing, load_images
-from signflow._runners import PlainRunner, SplitTensors, TrainingError, create_runner, memory_format_for
+from signflow._preprocessing import Preprocessing
+from signflow._runners import PlainRunner, TrainingError, create_runner, memory_format_for
+from signflow._training_data import SplitFiles, TrainingData
 from signflow._training_state import TrainingState, restore_checkpoint, resume_key, resume_path, save_checkpoint
 from signflow.config import TrainConfig
 from signflow.split import read_class_names, read_manifest
@@ -74,16 +77,34 @@ class TrainingRun:
 
 
 def fine_tune(
-    cfg: TrainConfig, raw_dir: str | Path, split_dir: str | Path, model_path: str | Path, log_path: str | Path
+    cfg: TrainConfig,
+    raw_dir: str | Path,
+    split_dir: str | Path,
+    model_path: str | Path,
+    log_path: str | Path,
+    cache_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train as `cfg` says and write the best model to `model_path`, the epoch log to `log_path`.
 
-    After each epoch the full training state goes to `<model_path>.resume`; a rerun with the same
-    params and data continues from there (see signflow._training_state) and removes it when done.
-    If the loss becomes NaN or infinite, training stops with a TrainingError and `model_path` keeps
-    whatever it held before.
+    Decoded images and frozen features go to `cache_dir` (the workspace's `.signflow-cache/` from
+    the CLI and the flows), where a rerun with the same inputs finds them; None uses a temporary
+    folder removed afterwards. After each epoch the full training state goes to
+    `<model_path>.resume`; a rerun with the same params and data continues from there (see
+    signflow._training_state) and removes it when done. If the loss becomes NaN or infinite,
+    training stops with a TrainingError and `model_path` keeps whatever it held before.
     """
-    run = prepare_training(cfg, Path(raw_dir), Path(split_dir))
+    with ExitStack() as cleanup:
+        if cache_dir is None:
+            cache_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="signflow-cache-"))
+        run = prepare_training(cfg, Path(raw_dir), Path(split_dir), Path(cache_dir))
+        cleanup.callback(run.runner.close)
+        return train_and_save(run, cfg, split_dir, model_path, log_path)
+
+
+def train_and_save(
+    run: TrainingRun, cfg: TrainConfig, split_dir: str | Path, model_path: str | Path, log_path: str | Path
+) -> TrainResult:
+    """Resume or start, run the epochs, write the epoch log and the best model (see `fine_tune`)."""
     checkpoint, key = resume_path(model_path), resume_key(cfg, split_dir, run.class_names)
     state = resume_or_start(run, checkpoint, key)
     started = time.perf_counter()
@@ -115,22 +136,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_training(cfg: TrainConfig, raw_dir: Path, split_dir: Path) -> TrainingRun:
-    """Seed, build the model, decode the train and valid splits, and create the optimiser, the
-    schedule and the runner (which caches frozen features, drawing its views from the generator)."""
+def prepare_training(cfg: TrainConfig, raw_dir: Path, split_dir: Path, cache_dir: Path) -> TrainingRun:
+    """Seed, build the model, and create the optimiser, the schedule and the runner, which decodes
+    the train and valid splits into `cache_dir` and caches frozen features there (drawing its views
+    from the generator), unless an earlier run with the same inputs already did."""
     seed_everything(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     class_names = read_class_names(split_dir)
     model, prep = build_model(cfg, len(class_names), device)
-    train_data = load_split(raw_dir, split_dir, "train", prep)
-    valid_data = load_split(raw_dir, split_dir, "valid", prep)
+    train, valid = (read_split(raw_dir, split_dir, name) for name in ("train", "valid"))
+    data = TrainingData(cache_dir, prep, train, valid)
     optimizer = create_optimizer(cfg, model)
     scheduler = create_scheduler(cfg, optimizer)
     generator = torch.Generator().manual_seed(cfg.seed)
-    runner = create_runner(model, train_data, valid_data, prep, cfg, device, generator)
-    return TrainingRun(cfg, class_names, model, prep, optimizer, scheduler, generator, runner, len(train_data.labels))
+    runner = create_runner(model, data, prep, cfg, device, generator)
+    return TrainingRun(cfg, class_names, model, prep, optimizer, scheduler, generator, runner, len(data.train))
 
 
 def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> tuple[nn.Module, Preprocessing]:
@@ -148,10 +170,14 @@ def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> tup
     return model, prep
 
 
-def load_split(raw_dir: Path, split_dir: Path, name: str, prep: Preprocessing) -> SplitTensors:
+def read_split(raw_dir: Path, split_dir: Path, name: str) -> SplitFiles:
     manifest = read_manifest(split_dir, name)
-    images = load_images([raw_dir / p for p in manifest["path"]], prep, desc=f"decode {name}")
-    return SplitTensors(images, torch.tensor(manifest["label_index"].to_numpy(), dtype=torch.long))
+    return SplitFiles(
+        name,
+        [raw_dir / p for p in manifest["path"]],
+        manifest["sha256"].tolist(),
+        torch.tensor(manifest["label_index"].to_numpy(), dtype=torch.long),
+    )
 
 
 def create_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

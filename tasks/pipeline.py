@@ -156,7 +156,7 @@ def split_task(cfg: SplitConfig, workspace: Workspace, dvc: DvcRecorder | None, 
 @task(name="fine-tune", cache_policy=NONE)
 def train_task(cfg: TrainConfig, workspace: Workspace, dvc: DvcRecorder | None, after: StepOutcome) -> StepOutcome:
     w = workspace
-    return run_step("train", dvc, lambda: fine_tune(cfg, w.raw, w.split, w.model, w.train_log))
+    return run_step("train", dvc, lambda: fine_tune(cfg, w.raw, w.split, w.model, w.train_log, w.cache))
 
 
 @task(name="evaluate", cache_policy=NONE)

@@ -11,6 +11,18 @@ import pytest
 from tests.helpers import SHARED, build_class_folders, pack_upstream_zip, tiny_params, venv_path
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped, with the reason shown, where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_environment(tmp_path_factory):
     """Tests never touch the network, the user's Prefect home or a team MLflow server."""

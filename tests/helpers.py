@@ -210,3 +210,24 @@ def padded_archive(class_root: Path, archive: Path, padding_mb: int = 16) -> byt
     with zipfile.ZipFile(archive, "a") as bundle:
         bundle.writestr("padding.bin", np.random.default_rng(0).bytes(padding_mb << 20), zipfile.ZIP_STORED)
     return archive.read_bytes()
+
+
+def image_split(folder: Path, name: str, count: int, seed: int, size: int = 32, classes: int = 3):
+    """A split of `count` random-noise PNGs of `size` px (decoded at that size, they are exactly
+    these pixels) with random labels, as training reads it (signflow._training_data.SplitFiles)."""
+    import hashlib
+
+    import torch
+
+    from signflow._training_data import SplitFiles
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        path = folder / name / f"{index:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    hashes = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    labels = torch.from_numpy(rng.integers(0, classes, count)).long()
+    return SplitFiles(name, paths, hashes, labels)

@@ -50,6 +50,9 @@ def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
         ("train", "trainable_blocks", -1, "train.trainable_blocks"),
         ("train", "trainable_blocks", "some", "train.trainable_blocks"),
         ("download", "sha256", "abc", "download.sha256"),
+        ("split", "max_pixels", 10**9, "split.max_pixels"),
+        ("split", "max_aspect_ratio", 0.5, "split.max_aspect_ratio"),
+        ("train", "cache_dtype", "bfloat16", "train.cache_dtype"),
     ],
 )
 def test_out_of_range_values_are_refused(section, key, value, message):

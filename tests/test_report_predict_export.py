@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -137,6 +139,40 @@ def test_predict_cli_prints_top_k_and_goes_on_past_bad_files(trained, tmp_path, 
     ok = [r for r in rows if not r["error"]]
     assert len(ok) == 6 * 2 and {r["rank"] for r in ok} == {"1", "2"}
     assert {r["path"].rsplit("/", 1)[1] for r in rows if r["error"]} == {"broken.jpg", "empty.png"}
+
+
+def test_predict_reports_a_decompression_bomb_and_predicts_a_thin_strip(trained, tmp_path, monkeypatch):
+    """Pillow's decompression-bomb refusal is one more unreadable file, never a crash; a 1x100000 strip
+    is predicted from its centre square."""
+    folder = tmp_path / "incoming"
+    make_image(folder / "fine.jpg", (200, 40, 40), seed=1)
+    make_image(folder / "bomb.png", (200, 40, 40), seed=2, size=100, fmt="PNG")
+    Image.new("RGB", (1, 100_000), (200, 40, 40)).save(folder / "strip.png")
+    predictor = TorchPredictor(tmp_path / "model.pt")
+    predictions = {p.path.rsplit("/", 1)[1]: p for p in predict_images(predictor, [folder])}
+    assert not any(p.error for p in predictions.values()) and len(predictions["strip.png"].top) == 3
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 100x100 is above twice this: Pillow refuses it
+    predictions = {p.path.rsplit("/", 1)[1]: p for p in predict_images(predictor, [folder])}
+    assert "decompression bomb" in predictions["bomb.png"].error
+    assert predictions["fine.jpg"].error is None
+
+
+def test_a_thin_strip_costs_no_more_memory_than_its_pixels(tmp_path, venv_env):
+    """Resizing the shorter side of a 1x100000 strip to 160 px first would make a 160 x 16,000,000
+    image (7.7 GB); the centre square is cut first. Measured in a fresh process (peak RSS)."""
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (1, 100_000), (200, 40, 40)).save(strip)
+    code = (
+        "import resource, sys\n"
+        "from signflow._preprocessing import Preprocessing, read_image\n"
+        "image = read_image(sys.argv[1], Preprocessing(160, (0.5,) * 3, (0.5,) * 3, 'bicubic'))\n"
+        "print(*image.shape, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(strip)], env=venv_env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    *shape, peak_mb = map(int, result.stdout.split())
+    assert shape == [3, 160, 160]
+    assert peak_mb < 1500, f"peak RSS {peak_mb} MB"
 
 
 def test_predict_backends_agree_and_auto_uses_onnx_of_the_same_weights(trained, tmp_path):

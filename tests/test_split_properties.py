@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from signflow.config import SplitConfig
 from signflow.split import SplitError, drop_duplicates, stratified_split
+from tests.helpers import section
 
 
 @st.composite
@@ -28,7 +28,7 @@ def datasets(draw):
     frame["width"] = frame["height"] = 100
     test = draw(st.sampled_from([0.1, 0.15, 0.2, 0.25, 0.3]))
     valid = draw(st.sampled_from([0.0, 0.1, 0.15, 0.2]))
-    cfg = SplitConfig(train=round(1 - test - valid, 10), valid=valid, test=test, seed=draw(st.integers(0, 2**16)))
+    cfg = section("split", train=round(1 - test - valid, 10), valid=valid, test=test, seed=draw(st.integers(0, 2**16)))
     return frame.sample(frac=1, random_state=draw(st.integers(0, 1000))).reset_index(drop=True), cfg
 
 
@@ -65,4 +65,4 @@ def test_too_small_a_class_is_refused_with_a_message():
         {"path": ["a/1", "a/2", "b/1", "b/2", "b/3", "b/4"], "label": list("aabbbb"), "sha256": list("123456")}
     )
     with pytest.raises(SplitError, match="cannot split"):
-        stratified_split(frame, SplitConfig(train=0.4, valid=0.3, test=0.3, seed=0))
+        stratified_split(frame, section("split", train=0.4, valid=0.3, test=0.3, seed=0))

@@ -12,6 +12,7 @@ workspace, `runs/<flow run id>/`, and leaves the main workspace and dvc.lock alo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from prefect.runtime import flow_run
 from flows._cli import add_project_arguments, run_reporting_errors
 from signflow import _dvc_state as dvc_state
 from signflow._fileio import held_lock, replace_dir_atomic, staging_dir, write_text_atomic
-from signflow.config import Params, load_params
+from signflow.config import Params, check_run_overrides, load_params, params_file_in
 from signflow.errors import SignflowError
 from signflow.layout import Workspace
 from tasks.pipeline import (
@@ -52,17 +53,19 @@ def pipeline(
 
     The download step fetches the source data.dvc names only when it changed (new data at the same
     URL is noticed by its ETag). Steps DVC reports up to date are skipped (`force` runs them all).
-    `overrides` replace dotted params keys for this run only: such a run works in its own workspace
-    `runs/<flow run id>/` and records nothing in dvc.lock. One run at a time per project: a run waits
+    `overrides` replace dotted params keys (train.* and evaluate.* only) for this run only: such a run
+    works in its own workspace `runs/<flow run id>/` and records nothing in dvc.lock. `params_path` is
+    relative to the project and inside it. One run at a time per project: a run waits
     up to `lock_timeout_s` for another run in the same project folder, then reads params.yaml.
     """
     project = Workspace(Path(project_dir).resolve())
     if not dvc_state.is_dvc_project(project.root):
         raise SignflowError(f"{project.root}: not a DVC project (no .dvc/ or dvc.yaml); run it from the project root")
-    load_params(project.root / params_path, overrides)  # bad params or overrides fail now, not after the wait
+    params_file = params_file_in(project.root, params_path)
+    load_params(params_file, overrides)  # bad params or overrides fail now, not after the wait
     waiting = f"another signflow run holds {project.run_lock}; waiting up to {lock_timeout_s:.0f} s"
     with held_lock(project.run_lock, lock_timeout_s, waiting):
-        params = load_params(project.root / params_path, overrides)  # what the previous holder left
+        params = load_params(params_file, overrides)  # what the previous holder left
         run_id, run_name = str(flow_run.id), str(flow_run.name)
         if overrides:
             return _override_run(params, project, overrides, run_id, run_name)
@@ -73,6 +76,23 @@ def pipeline(
             push_task(project.root, after=outcomes["register"])
     summary_task(outcomes, [])
     return outcomes
+
+
+SERVED_PROJECT_ENV, SERVED_PARAMS_ENV = "SIGNFLOW_SERVED_PROJECT_DIR", "SIGNFLOW_SERVED_PARAMS"
+"""Set by `python -m flows.serve` in its own process, which its flow runs inherit: the project and
+params file a served deployment is pinned to."""
+
+
+@flow(name="signflow-pipeline", log_prints=True)
+def served_pipeline(overrides: dict[str, Any] | None = None) -> dict[str, StepOutcome]:
+    """The pipeline as `python -m flows.serve` serves it: on the project folder and params file that
+    process was started with. A run's only parameter is `overrides` (train.* and evaluate.* keys):
+    anyone who can reach an unauthenticated Prefect server can start a run, but cannot point it at
+    another folder, params file, data source or registry."""
+    project_dir, params_path = os.environ.get(SERVED_PROJECT_ENV), os.environ.get(SERVED_PARAMS_ENV)
+    if not project_dir or not params_path:
+        raise SignflowError(f"this flow runs only under `python -m flows.serve` ({SERVED_PROJECT_ENV} is not set)")
+    return pipeline.fn(params_path, project_dir, overrides)
 
 
 def _chain(
@@ -121,10 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     add_project_arguments(parser, "override one params key for this run, which then runs in runs/<id>/ (repeatable)")
     parser.add_argument("--force", action="store_true", help="run every step even if DVC says it is up to date")
     args = parser.parse_args(argv)
-    return run_reporting_errors(
-        "flows.pipeline",
-        lambda: pipeline(args.params, args.project_dir, dict(args.overrides) or None, args.force),
-    )
+    overrides = dict(args.overrides)
+
+    def run() -> dict[str, StepOutcome]:
+        check_run_overrides(overrides)  # before Prefect starts a server for the run
+        return pipeline(args.params, args.project_dir, overrides or None, args.force)
+
+    return run_reporting_errors("flows.pipeline", run)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@
     python -m flows.serve --cron "*/30 * * * *" --set train.epochs=5
 
 This creates (or updates) the deployment `signflow-pipeline/<schedule.deployment>` with its
-schedule, a deployment concurrency limit and parameters, then keeps running and executes the runs
-the server schedules, or that are started from the UI or with `prefect deployment run`, in this
-project folder. Stop it with Ctrl-C (its schedule is paused until it is served again).
+schedule and a deployment concurrency limit, then keeps running and executes the runs the server
+schedules, or that are started from the UI or with `prefect deployment run`, in this project folder.
+Stop it with Ctrl-C (its schedule is paused until it is served again). A run's only parameter is
+`overrides` (train.* and evaluate.* keys): the project folder and params file are this process's
+(--project-dir, --params), pinned, whatever a run asks for.
 
 `flow.serve` is used rather than `flow.deploy`: the runs need this folder (the DVC workspace,
 its data and models), which is exactly where a served flow runs, with no work pool, image or code
@@ -19,18 +21,29 @@ storage to set up. To run on other machines, deploy the same flow to a work pool
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from flows._cli import add_project_arguments
-from signflow.config import ConfigError, ScheduleConfig, load_params
+from signflow.config import ConfigError, ScheduleConfig, load_params, params_file_in
 
 
-def deployment_parameters(params_path: str, project_dir: Path, overrides: dict[str, Any]) -> dict:
-    """The flow parameters every run of the deployment gets (each can be changed per run in the UI)."""
-    return {"params_path": params_path, "project_dir": str(project_dir), "overrides": overrides or None}
+def deployment_parameters(overrides: dict[str, Any]) -> dict:
+    """The run parameters every run of the deployment gets: only `overrides` (a run started from the UI
+    can change them, within train.* and evaluate.*); the project and params file are the serving process's."""
+    return {"overrides": overrides or None}
+
+
+def pin_project(project_dir: Path, params_path: str) -> None:
+    """Pin the served runs to this project and params file: they run in subprocesses of this process
+    and inherit its environment, which no run parameter can change."""
+    from flows.pipeline import SERVED_PARAMS_ENV, SERVED_PROJECT_ENV
+
+    params_file_in(project_dir, params_path)
+    os.environ.update({SERVED_PROJECT_ENV: str(project_dir), SERVED_PARAMS_ENV: str(params_path)})
 
 
 def build_deployment(schedule: ScheduleConfig, parameters: dict[str, Any]):
@@ -39,7 +52,7 @@ def build_deployment(schedule: ScheduleConfig, parameters: dict[str, Any]):
     from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
     from prefect.flows import EntrypointType
 
-    from flows.pipeline import pipeline
+    from flows.pipeline import served_pipeline
 
     try:
         if schedule.cron is not None:
@@ -48,7 +61,7 @@ def build_deployment(schedule: ScheduleConfig, parameters: dict[str, Any]):
             timing = IntervalSchedule(interval=timedelta(seconds=schedule.interval_s), timezone=schedule.timezone)
     except ValueError as error:
         raise ConfigError(f"schedule: {error}") from None
-    return pipeline.to_deployment(
+    return served_pipeline.to_deployment(
         name=schedule.deployment,
         schedule=timing,
         parameters=parameters,
@@ -99,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     project = Path(args.project_dir).resolve()
     overrides = dict(args.overrides)
     try:
-        params = load_params(project / args.params, overrides or None)  # validates the overrides now
+        params = load_params(params_file_in(project, args.params), overrides or None)  # validates the overrides
         schedule = schedule_from(args, params.schedule)
-        deployment = build_deployment(schedule, deployment_parameters(args.params, project, overrides))
+        deployment = build_deployment(schedule, deployment_parameters(overrides))
     except (ConfigError, ValueError) as error:
         print(f"flows.serve: error: {error}", file=sys.stderr)
         return 2
@@ -117,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from prefect import serve
 
+    pin_project(project, args.params)
     serve(deployment, limit=schedule.concurrency_limit)
     return 0
 

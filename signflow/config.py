@@ -268,6 +268,37 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
         raise ConfigError(_format_errors(source, error)) from None
 
 
+OVERRIDABLE_SECTIONS = ("train", "evaluate")
+"""What one run may change (`overrides` of a Prefect run, `--set`): training and evaluation
+hyperparameters. Where the data comes from and goes (download.*, register.*, ...) is changed in
+params.yaml only, which git and DVC track: a Prefect server has no authentication by default, and
+anyone who can reach it can start a run."""
+NOT_OVERRIDABLE = ("train.weights_file",)
+"""A path on the machine that runs the flow, not a hyperparameter."""
+
+
+def check_run_overrides(overrides: dict[str, Any]) -> None:
+    """Refuse an override outside the allow-list (OVERRIDABLE_SECTIONS), naming the key."""
+    for key in overrides:
+        section, _, rest = str(key).partition(".")
+        if section not in OVERRIDABLE_SECTIONS or not rest or key in NOT_OVERRIDABLE:
+            allowed = ", ".join(f"{name}.*" for name in OVERRIDABLE_SECTIONS)
+            raise ConfigError(
+                f"override {key!r} is not allowed: a run may override only {allowed} keys (not "
+                f"{', '.join(NOT_OVERRIDABLE)}); change other settings in params.yaml"
+            )
+
+
+def params_file_in(project_root: Path, params_path: str | Path) -> Path:
+    """`params_path` under `project_root`; refused when absolute or outside the project (a run
+    parameter must not point the flow at another file on the machine)."""
+    relative = Path(params_path)
+    inside = (project_root / relative).resolve()
+    if relative.is_absolute() or not inside.is_relative_to(project_root.resolve()):
+        raise ConfigError(f"params file {str(params_path)!r}: must be a path relative to the project, inside it")
+    return inside
+
+
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Return a copy of `raw` with dotted keys (`train.epochs`) replaced; the key must exist."""
     result = copy.deepcopy(raw)
@@ -313,8 +344,10 @@ def resolve_relative_paths(params: Params, base_dir: Path) -> Params:
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
-    """Load and validate `params.yaml`, with optional dotted-key overrides applied first."""
+    """Load and validate `params.yaml`, with optional dotted-key overrides (train.* and evaluate.*
+    only, see OVERRIDABLE_SECTIONS) applied first."""
     raw = read_params_file(path)
     if overrides:
+        check_run_overrides(overrides)
         raw = apply_overrides(raw, overrides)
     return resolve_relative_paths(parse_params(raw, source=str(path)), Path(path).parent)

@@ -166,7 +166,7 @@ def test_served_deployment_has_its_schedule_runs_skips_unchanged_work_and_isolat
         assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"], "schedule from params.yaml"
         assert deployment.global_concurrency_limit.limit == 1, "concurrency limit from params.yaml"
         assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
-        assert deployment.parameters["project_dir"] == str(project)
+        assert deployment.parameters == {"overrides": None}, "project and params file are pinned, not run parameters"
 
         first = _wait_for_run(env, _trigger(env), serve, log)
         assert first.state.type.value == "COMPLETED", log.read_text()[-4000:]

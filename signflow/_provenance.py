@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from signflow._redact import redact_url
+
 SOURCE_PATHS = ("signflow", "tasks", "flows", "pyproject.toml", "dvc.yaml")
 """What `-dirty` looks at: the code and the pipeline's definition. The pipeline's own outputs that git
 tracks (dvc.lock, reports) change on every run, and params are recorded with every model anyway."""
@@ -40,9 +42,10 @@ def data_version(data_dvc: str | Path = "data.dvc") -> str:
 
 
 def data_source(data_dvc: str | Path = "data.dvc") -> str:
-    """The source data.dvc names (URL or path), or `unrecorded`."""
+    """The source data.dvc names (URL or path, relative when inside the project, as `signflow source
+    set` writes it), credentials redacted, or `unrecorded`."""
     deps = _data_record(data_dvc).get("deps") or [{}]
-    return str(deps[0].get("path") or "unrecorded")
+    return redact_url(str(deps[0].get("path") or "unrecorded"))
 
 
 def fingerprint_test_set(split_dir: str | Path) -> str:

@@ -264,7 +264,7 @@ def run_source(args: argparse.Namespace) -> int:
         print("Next: `git add data.dvc && git commit`, then `dvc repro`.")
         return 0
     record, state = source.check_source(args.project_dir)
-    print(f"source: {record.url}\nfetched: {record.version or 'not yet'}\nstate: {state}")
+    print(f"source: {source.redact_url(record.url)}\nfetched: {record.version or 'not yet'}\nstate: {state}")
     if state == source.CHANGED:
         print("`dvc repro` fetches the new data and reruns what depends on it.")
     return 1 if state == source.UNREACHABLE else 0

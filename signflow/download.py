@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from signflow._fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
 from signflow._images import is_image_name, is_junk
+from signflow._redact import redact_url
 from signflow.config import DownloadConfig
 from signflow.errors import SignflowError
 
@@ -189,9 +190,19 @@ def _materialise_source(source: Path, cfg: DownloadConfig, scratch: Path) -> tup
     return tree, digest
 
 
-def extract_dataset(source: str | Path, dest: str | Path, cfg: DownloadConfig) -> DatasetInfo:
+def _recorded_source(source: Path, project_dir: Path) -> str:
+    resolved, project = source.resolve(), project_dir.resolve()
+    if resolved.is_relative_to(project):
+        return resolved.relative_to(project).as_posix()
+    return redact_url(str(source))
+
+
+def extract_dataset(
+    source: str | Path, dest: str | Path, cfg: DownloadConfig, project_dir: str | Path = "."
+) -> DatasetInfo:
     """Turn `source` (an archive or a folder) into `dest` as `<class>/<files>`; `dest` changes only if
-    every step succeeds."""
+    every step succeeds. SOURCE.json names `source` relative to `project_dir` when inside it, so
+    data/raw's DVC hash does not depend on where the project is cloned."""
     source, dest = Path(source), Path(dest)
     with staging_dir(dest) as scratch:
         tree, digest = _materialise_source(source, cfg, scratch)
@@ -204,7 +215,7 @@ def extract_dataset(source: str | Path, dest: str | Path, cfg: DownloadConfig) -
         staged = scratch / "dataset"
         counts, skipped = _copy_classes(class_root, staged)
         info = DatasetInfo(
-            source=str(source),
+            source=_recorded_source(source, Path(project_dir)),
             source_sha256=digest,
             class_root=class_root.relative_to(tree).as_posix(),
             class_names=sorted(counts),
@@ -213,7 +224,7 @@ def extract_dataset(source: str | Path, dest: str | Path, cfg: DownloadConfig) -
         )
         write_json_atomic(staged / SOURCE_INFO_NAME, asdict(info))
         replace_dir_atomic(staged, dest)
-    log.info("extracted %d files in %d classes from %s", info.num_images, len(info.class_names), source)
+    log.info("extracted %d files in %d classes from %s", info.num_images, len(info.class_names), info.source)
     for line in skipped:
         log.warning("skipped %s", line)
     return info

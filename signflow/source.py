@@ -24,6 +24,7 @@ import yaml
 
 from signflow import _dvc_state as dvc_state
 from signflow._fileio import write_text_atomic
+from signflow._redact import redact_url
 from signflow.errors import SignflowError
 from signflow.layout import Workspace
 
@@ -34,12 +35,25 @@ __all__ = [
     "SourceSync",
     "check_source",
     "read_source",
+    "redact_url",
     "require_fetched",
     "set_source",
     "sync_source",
 ]
 
 log = logging.getLogger(__name__)
+
+
+class _RedactingFilter(logging.Filter):
+    """DVC and fsspec log the source URL as data.dvc holds it (`Importing 'URL' -> 'data/source'`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact_url(record.getMessage()), None
+        return True
+
+
+for _name in ("dvc.stage.imports", "dvc.stage", "dvc.output", "dvc.dependency.base", "dvc.repo.update", "fsspec.http"):
+    logging.getLogger(_name).addFilter(_RedactingFilter())
 
 HEADER = """\
 # The raw dataset: DVC's record of where it comes from and of what was fetched (`dvc status`,
@@ -99,7 +113,8 @@ def normalise_source(text: str, project_dir: str | Path) -> tuple[str, bool]:
     parsed = urlparse(text)
     if parsed.scheme in ("http", "https"):
         if parsed.path.endswith("/") or not parsed.path.strip("/"):
-            raise SourceError(f"{text}: DVC fetches one file over http(s), not a folder; point at an archive")
+            shown = redact_url(text)
+            raise SourceError(f"{shown}: DVC fetches one file over http(s), not a folder; point at an archive")
         return text, True
     if parsed.scheme == "file":
         text = unquote(parsed.path)
@@ -130,7 +145,8 @@ def set_source(project_dir: str | Path, text: str, fetch: bool = True) -> Source
     previous = workspace.data_dvc.read_bytes() if workspace.data_dvc.is_file() else None
     write_text_atomic(workspace.data_dvc, render_data_dvc(url, single_file))
     if not fetch:
-        return SourceSync(url, NOT_FETCHED, False, None, "data.dvc updated; the next `dvc repro` fetches it")
+        note = "data.dvc updated; the next `dvc repro` fetches it"
+        return SourceSync(redact_url(url), NOT_FETCHED, False, None, note)
     with dvc_state.open_repo(workspace.root) as repo:
         try:
             _fetch(repo, url)
@@ -140,7 +156,7 @@ def set_source(project_dir: str | Path, text: str, fetch: bool = True) -> Source
                 _restore(repo)
             raise
     version = read_source(workspace.root).version
-    return SourceSync(url, CHANGED, True, version, f"fetched {url} (version {version})")
+    return SourceSync(redact_url(url), CHANGED, True, version, f"fetched {redact_url(url)} (version {version})")
 
 
 def _fetch(repo, url: str) -> None:
@@ -151,9 +167,10 @@ def _fetch(repo, url: str) -> None:
     try:
         repo.update(targets=[Workspace().data_dvc.name])
     except DependencyDoesNotExistError:
-        raise SourceError(f"{url}: not found or not reachable (check the URL or path, and the network)") from None
+        shown = redact_url(url)
+        raise SourceError(f"{shown}: not found or not reachable (check the URL or path, and the network)") from None
     except DvcException as error:
-        raise NetworkError(f"{url}: could not fetch it: {error}") from None
+        raise NetworkError(f"{redact_url(url)}: could not fetch it: {redact_url(str(error))}") from None
 
 
 def _restore(repo) -> None:
@@ -163,7 +180,7 @@ def _restore(repo) -> None:
     try:
         repo.checkout(targets=[Workspace().data_dvc.name])
     except DvcException as error:
-        log.warning("could not restore data/source from the DVC cache: %s", error)
+        log.warning("could not restore data/source from the DVC cache: %s", redact_url(str(error)))
 
 
 def _state(repo) -> tuple[str, bool]:
@@ -192,25 +209,26 @@ def sync_source(repo, project_dir: str | Path) -> SourceSync:
     first. An unreachable source keeps the data already fetched (from the workspace, the DVC cache or
     the remote) with a warning: a scheduled run while the server is down still runs, on that data."""
     record = read_source(project_dir)
+    shown = redact_url(record.url)
     state, have_copy = _state(repo)
     if state == UNCHANGED and have_copy:
-        return SourceSync(record.url, state, False, record.version, f"{record.url}: unchanged, not downloaded")
+        return SourceSync(shown, state, False, record.version, f"{shown}: unchanged, not downloaded")
     if state != UNREACHABLE:
         _fetch(repo, record.url)
         version = read_source(project_dir).version
         fetched = version != record.version or not have_copy
-        note = f"{record.url}: {state}, fetched (version {version})" if fetched else f"{record.url}: same content"
-        return SourceSync(record.url, state, fetched, version, note)
+        note = f"{shown}: {state}, fetched (version {version})" if fetched else f"{shown}: same content"
+        return SourceSync(shown, state, fetched, version, note)
     if record.version is None:
-        raise SourceError(f"{record.url}: not reachable, and it was never fetched; check the URL and the network")
+        raise SourceError(f"{shown}: not reachable, and it was never fetched; check the URL and the network")
     if not have_copy:
         _restore_or_pull(repo, record)
     note = (
-        f"{record.url} is not reachable: using the data fetched before (version {record.version}); "
+        f"{shown} is not reachable: using the data fetched before (version {record.version}); "
         "new data there is noticed once it is back"
     )
     log.warning(note)
-    return SourceSync(record.url, state, False, record.version, note)
+    return SourceSync(shown, state, False, record.version, note)
 
 
 def _restore_or_pull(repo, record: SourceRecord) -> None:
@@ -223,13 +241,16 @@ def _restore_or_pull(repo, record: SourceRecord) -> None:
         pass
     if dvc_state.default_remote(repo) is None:
         raise SourceError(
-            f"{record.url} is not reachable and data/source (version {record.version}) is neither in the "
+            f"{redact_url(record.url)} is not reachable and data/source (version {record.version}) is neither in the "
             "workspace nor in the DVC cache, and no DVC remote is configured"
         )
     try:
         repo.pull(targets=[Workspace().data_dvc.name])
     except DvcException as error:
-        raise NetworkError(f"{record.url} is not reachable and `dvc pull data.dvc` failed: {error}") from None
+        shown = redact_url(record.url)
+        raise NetworkError(
+            f"{shown} is not reachable and `dvc pull data.dvc` failed: {redact_url(str(error))}"
+        ) from None
 
 
 def require_fetched(repo, project_dir: str | Path) -> SourceRecord:
@@ -239,7 +260,7 @@ def require_fetched(repo, project_dir: str | Path) -> SourceRecord:
     stage = repo.stage.load_one(Workspace().data_dvc.name)
     if record.version is None or stage.outs[0].status():
         raise SourceError(
-            f"data/source is missing or differs from what data.dvc records ({record.url}); an override run uses "
-            "the recorded data and fetches nothing: run `dvc repro data.dvc` (or `dvc pull data.dvc`) first"
+            f"data/source is missing or differs from what data.dvc records ({redact_url(record.url)}); an override "
+            "run uses the recorded data and fetches nothing: run `dvc repro data.dvc` (or `dvc pull data.dvc`) first"
         )
     return record

@@ -137,13 +137,13 @@ def download_task(cfg: DownloadConfig, workspace: Workspace, dvc: DvcRecorder | 
     with dvc_state.open_repo(project) as repo:
         if dvc is None:
             require_fetched(repo, project)
-            return StepOutcome("extract", extract_dataset(source, workspace.raw, cfg))
+            return StepOutcome("extract", extract_dataset(source, workspace.raw, cfg, project))
         sync = sync_source(repo, project)
         get_run_logger().info(sync.note)
         expected, fresh = dvc.check(repo, "extract")
         if fresh:
             return StepOutcome("extract", ran=False, recorded=True, notes=(sync.note,))
-        result = extract_dataset(source, workspace.raw, cfg)
+        result = extract_dataset(source, workspace.raw, cfg, project)
         outcome = _recorded(repo, "extract", expected, result)
     return outcome.noted(sync.note)
 

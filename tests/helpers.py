@@ -159,7 +159,7 @@ class EtagServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def _headers(self) -> bool:
                 server.requests.append(f"{self.command} {self.path}")
-                if self.path != f"/{server.name}":
+                if self.path.split("?")[0] != f"/{server.name}":
                     self.send_error(404)
                     return False
                 self.send_response(200)

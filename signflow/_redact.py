@@ -1,0 +1,37 @@
+"""Credentials out of everything signflow shows or stores: a source URL may carry `user:password@`
+or a token in its query string (`?token=`, `X-Amz-Signature=`, `sig=`, ...), and only data.dvc,
+the user's own file, keeps it whole."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
+HIDDEN = "***"
+
+
+def _redact_one(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return HIDDEN
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{HIDDEN}@{netloc.rsplit('@', 1)[1]}"
+    # Every value, not a list of sensitive names: presigned and SAS URLs use many (`sig`, `se`,
+    # `X-Goog-Signature`, `Policy`, ...), and host and path already say which dataset it is.
+    query = re.sub(r"=[^&;]*", f"={HIDDEN}", parts.query)
+    fragment = re.sub(r"=[^&;]*", f"={HIDDEN}", parts.fragment)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
+
+
+def redact_url(text: str) -> str:
+    """`text` (a URL, or a message holding URLs) with each URL's user, password and query and
+    fragment values replaced by `***`; paths and text without a URL are returned as they are."""
+    return _URL.sub(_redact_match, str(text))
+
+
+def _redact_match(match: re.Match) -> str:
+    url = match.group(0).rstrip(".,:;)]}'")  # punctuation of the message around it
+    return _redact_one(url) + match.group(0)[len(url) :]

@@ -1,0 +1,97 @@
+"""A source URL's credentials (`user:password@`, `?token=`) stay in data.dvc: they never reach the
+logs, `signflow source` output, data/raw/SOURCE.json, the MLflow run and version, the receipt or
+the model card. SOURCE.json names a source inside the project relative to it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import yaml
+
+from signflow import _dvc_state as dvc_state
+from signflow._redact import redact_url
+from signflow.cli import main
+from signflow.layout import ModelOutputs
+from signflow.source import render_data_dvc, set_source, sync_source
+from tests.helpers import EtagServer, make_project, padded_archive, tiny_params
+
+SECRETS = ("s3cret", "T0KEN", "bob")
+
+
+def _clean(text: str) -> bool:
+    return not any(secret in text for secret in SECRETS)
+
+
+def test_redact_url_hides_userinfo_and_query_values():
+    url = "https://bob:s3cret@example.org/a/data.zip?token=T0KEN&X-Amz-Signature=T0KEN#access_token=T0KEN"
+    assert redact_url(url) == "https://***@example.org/a/data.zip?token=***&X-Amz-Signature=***#access_token=***"
+    assert redact_url(f"could not fetch {url}: refused") == f"could not fetch {redact_url(url)}: refused"
+    assert redact_url("/data/archive.zip") == "/data/archive.zip"
+
+
+def test_fetching_and_extracting_never_show_the_credentials(tmp_path, class_folders, caplog, capsys, monkeypatch):
+    server = EtagServer(padded_archive(class_folders, tmp_path / "v1.zip", padding_mb=1))
+    try:
+        url = server.url.replace("http://", "http://bob:s3cret@") + "?token=T0KEN"
+        project = make_project(tmp_path, tmp_path / "v1.zip")
+        with caplog.at_level(logging.DEBUG):
+            note = set_source(project, url).note
+            with dvc_state.open_repo(project) as repo:
+                note += sync_source(repo, project).note
+            assert main(["source", "check", "--project-dir", str(project)]) == 0
+            monkeypatch.chdir(project)
+            assert main(["extract"]) == 0
+    finally:
+        server.stop()
+    assert "s3cret" in (project / "data.dvc").read_text(), "data.dvc, the user's own record, keeps the URL"
+    out, err = capsys.readouterr()
+    assert "http://***@127.0.0.1" in out
+    source_json = (project / "data" / "raw" / "SOURCE.json").read_text()
+    for text in (note, out, err, caplog.text, source_json):
+        assert _clean(text), text
+    assert json.loads(source_json)["source"] == "data/source"
+
+
+def test_the_registry_and_the_model_card_never_show_the_credentials(trained, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from signflow.evaluate import evaluate
+    from signflow.export import export_onnx
+    from signflow.register import register_run
+
+    params, raw, split, _ = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "data.dvc").write_text(render_data_dvc("https://bob:s3cret@example.org/d.zip?token=T0KEN", True))
+    outputs = ModelOutputs(tmp_path / "reports", tmp_path / "m.onnx", tmp_path / "card.md", tmp_path / "rec.json")
+    evaluate(params.evaluate, tmp_path / "model.pt", raw, split, outputs.reports, tmp_path / "train_log.csv")
+    export_onnx(params.export, tmp_path / "model.pt", outputs.onnx)
+    result = register_run(params, tmp_path / "model.pt", outputs, project_dir=tmp_path, split_dir=split)
+    client = MlflowClient()
+    version = client.get_model_version(params.register.model_name, result.version)
+    run = client.get_run(version.run_id)
+    assert version.tags["signflow.data_source"] == "https://***@example.org/d.zip?token=***"
+    stored = [outputs.model_card.read_text(), outputs.receipt.read_text(), version.description]
+    stored += [json.dumps(version.tags), json.dumps(run.data.tags), json.dumps(run.data.params)]
+    for text in stored:
+        assert _clean(text), text
+
+
+def test_the_same_source_in_two_clones_gives_the_same_source_json(tmp_path, tiny_zip, monkeypatch):
+    """One clone extracts as `dvc repro` does (the command, paths relative to the project), the other
+    as the Prefect task does (absolute paths): data/raw, and so its DVC hash, is the same."""
+    from signflow.download import extract_dataset
+    from tests.helpers import section
+
+    projects = [tmp_path / "a" / "project", tmp_path / "b" / "project"]
+    for project in projects:
+        (project / "data").mkdir(parents=True)
+        shutil.copy(tiny_zip, project / "data" / "source")
+        (project / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    monkeypatch.chdir(projects[0])
+    assert main(["extract"]) == 0
+    extract_dataset(projects[1] / "data" / "source", projects[1] / "data" / "raw", section("download"), projects[1])
+    records = [(project / "data" / "raw" / "SOURCE.json").read_bytes() for project in projects]
+    assert records[0] == records[1]
+    assert json.loads(records[0])["source"] == "data/source"

@@ -29,7 +29,7 @@ from signflow.layout import Workspace
 from tasks.pipeline import (
     DvcRecorder,
     StepOutcome,
-    download_task,
+    download_with_deadline,
     evaluate_task,
     export_task,
     push_task,
@@ -99,7 +99,7 @@ def _chain(
     params: Params, workspace: Workspace, dvc: DvcRecorder | None, project: Path, tags: dict[str, str]
 ) -> dict[str, StepOutcome]:
     """Each step's task, given the previous step's outcome (the edges of the run graph)."""
-    download = download_task(params.download, workspace, dvc, project)
+    download = download_with_deadline(params.download)(params.download, workspace, dvc, project)
     split = split_task(params.split, workspace, dvc, after=download)
     train = train_task(params.train, workspace, dvc, after=split)
     evaluate = evaluate_task(params.evaluate, workspace, dvc, after=train)

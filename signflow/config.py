@@ -47,6 +47,8 @@ class DownloadConfig(_Section):
     """When set, an archive source must have exactly this sha256; None accepts what data.dvc fetched."""
     class_root: str | None
     """Folder inside the source that holds the class folders; None finds it."""
+    timeout_s: int = Field(ge=1)
+    """Deadline of a flow run's download task (fetch and extract), retries not included."""
 
     @field_validator("sha256")
     @classmethod

@@ -167,6 +167,8 @@ def _copy_classes(class_root: Path, dest: Path) -> tuple[dict[str, int], list[st
 
 def _materialise_source(source: Path, cfg: DownloadConfig, scratch: Path) -> tuple[Path, str | None]:
     """Return a local folder tree holding the source's files, and the archive's sha256 (if archive)."""
+    if source.exists() and not (source.is_dir() or source.is_file()):
+        raise DownloadError(f"{source}: not a regular file or folder (a FIFO, socket or device); refusing to read it")
     if source.is_dir():
         if cfg.sha256:
             raise DownloadError(

@@ -15,7 +15,11 @@ Folders are not marked: DVC would copy a changed folder over the old one and kee
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -34,6 +38,7 @@ __all__ = [
     "SourceRecord",
     "SourceSync",
     "check_source",
+    "is_network_error",
     "read_source",
     "redact_url",
     "require_fetched",
@@ -106,6 +111,62 @@ def read_source(project_dir: str | Path) -> SourceRecord:
         raise SourceError(f"{path}: expected `deps: [path: URL]` and `outs: [path: data/source]`") from None
 
 
+LOCAL_ERRNOS = frozenset({errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT})
+"""Causes that are this machine's (disk full, no permission, read-only): retrying cannot help."""
+
+
+def _causes(error: BaseException | None) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _network_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [TimeoutError, ConnectionError, socket.gaierror]
+    try:
+        import aiohttp
+
+        types.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    try:
+        import requests
+
+        types += [requests.ConnectionError, requests.Timeout]
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def is_network_error(error: BaseException) -> bool:
+    """Whether `error` (e.g. DVC's) was caused by the network, found by walking its causes: worth
+    retrying. A full disk, a permission error or bad content is not, whatever wraps it."""
+    chain = _causes(error)
+    if any(isinstance(cause, OSError) and cause.errno in LOCAL_ERRNOS for cause in chain):
+        return False
+    return any(isinstance(cause, _network_types()) for cause in chain)
+
+
+def refuse_special_files(path: Path, shown: str) -> None:
+    """Refuse a FIFO, socket or device as the source or inside a source folder: DVC would open it to
+    hash it, and reading a FIFO blocks until someone writes to it."""
+    paths = [path]
+    if path.is_dir():
+        paths += [Path(folder, name) for folder, _, names in os.walk(path) for name in names]
+    for item in paths:
+        try:
+            mode = item.stat().st_mode
+        except OSError:
+            continue  # a broken link: DVC says so itself
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise SourceError(
+                f"{shown}: {item} is not a regular file or folder (a FIFO, socket or device); reading it could "
+                "block forever. Point the source at an archive or a folder of image files"
+            )
+
+
 def normalise_source(text: str, project_dir: str | Path) -> tuple[str, bool]:
     """The source as data.dvc must hold it, and whether it is a single file. A `file://` URL becomes a
     path (DVC does not read them); a local path must exist and is kept relative when it lies inside the
@@ -124,6 +185,7 @@ def normalise_source(text: str, project_dir: str | Path) -> tuple[str, bool]:
     path = Path(text).expanduser().resolve()
     if not path.exists():
         raise SourceError(f"{text}: no such file or folder")
+    refuse_special_files(path, text)
     if path.is_relative_to(root):
         if path == root or path.is_relative_to(root / "data"):
             raise SourceError(f"{text}: the source must lie outside the project's data/ folder (DVC writes there)")
@@ -170,7 +232,8 @@ def _fetch(repo, url: str) -> None:
         shown = redact_url(url)
         raise SourceError(f"{shown}: not found or not reachable (check the URL or path, and the network)") from None
     except DvcException as error:
-        raise NetworkError(f"{redact_url(url)}: could not fetch it: {redact_url(str(error))}") from None
+        failure = NetworkError if is_network_error(error) else SourceError
+        raise failure(f"{redact_url(url)}: could not fetch it: {redact_url(str(error))}") from None
 
 
 def _restore(repo) -> None:
@@ -210,6 +273,9 @@ def sync_source(repo, project_dir: str | Path) -> SourceSync:
     the remote) with a warning: a scheduled run while the server is down still runs, on that data."""
     record = read_source(project_dir)
     shown = redact_url(record.url)
+    local = Path(project_dir) / record.url
+    if "://" not in record.url and local.exists():
+        refuse_special_files(local, shown)
     state, have_copy = _state(repo)
     if state == UNCHANGED and have_copy:
         return SourceSync(shown, state, False, record.version, f"{shown}: unchanged, not downloaded")
@@ -248,9 +314,8 @@ def _restore_or_pull(repo, record: SourceRecord) -> None:
         repo.pull(targets=[Workspace().data_dvc.name])
     except DvcException as error:
         shown = redact_url(record.url)
-        raise NetworkError(
-            f"{shown} is not reachable and `dvc pull data.dvc` failed: {redact_url(str(error))}"
-        ) from None
+        failure = NetworkError if is_network_error(error) else SourceError
+        raise failure(f"{shown} is not reachable and `dvc pull data.dvc` failed: {redact_url(str(error))}") from None
 
 
 def require_fetched(repo, project_dir: str | Path) -> SourceRecord:

@@ -148,6 +148,12 @@ def download_task(cfg: DownloadConfig, workspace: Workspace, dvc: DvcRecorder | 
     return outcome.noted(sync.note)
 
 
+def download_with_deadline(cfg: DownloadConfig):
+    """The download task with `download.timeout_s` as its deadline: a source that stalls fails the
+    run instead of holding it (and the run lock) for ever. A timed-out task is not retried."""
+    return download_task.with_options(timeout_seconds=cfg.timeout_s)
+
+
 @task(name="split", cache_policy=NONE)
 def split_task(cfg: SplitConfig, workspace: Workspace, dvc: DvcRecorder | None, after: StepOutcome) -> StepOutcome:
     return run_step("split", dvc, lambda: split_dataset(workspace.raw, workspace.split, cfg))

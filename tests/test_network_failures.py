@@ -1,0 +1,157 @@
+"""Fetching fails in bounded time and is retried only when the network failed: a deadline on the
+download task, DVC's per-request timeouts, special files refused before anything blocks, and a
+full disk or a permission error never retried as if it were the network."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from signflow import source
+from signflow.download import DownloadError, extract_dataset
+from signflow.source import NetworkError, SourceError, _fetch, set_source, sync_source
+from tests.helpers import make_project, section
+
+
+def _dvc_error(cause: BaseException):
+    from dvc.exceptions import DvcException
+
+    try:
+        try:
+            raise cause
+        except BaseException as error:
+            raise DvcException("failed to import") from error
+    except DvcException as wrapped:
+        return wrapped
+
+
+class _FailingRepo:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def update(self, targets):
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "cause",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        PermissionError(errno.EACCES, "denied"),
+        OSError(errno.EROFS, "read-only"),
+        ValueError("bad content"),
+    ],
+)
+def test_local_and_content_failures_are_not_network_errors(cause):
+    error = _dvc_error(cause)
+    assert not source.is_network_error(error)
+    with pytest.raises(SourceError) as raised:
+        _fetch(_FailingRepo(error), "https://example.org/d.zip")
+    assert not isinstance(raised.value, NetworkError), "a full disk or bad content is not retried"
+
+
+@pytest.mark.parametrize("cause", [TimeoutError("timed out"), ConnectionResetError(), socket.gaierror(-2, "no name")])
+def test_network_failures_are_network_errors(cause):
+    import aiohttp
+
+    error = _dvc_error(cause)
+    assert source.is_network_error(error)
+    assert source.is_network_error(_dvc_error(aiohttp.ClientPayloadError("cut short")))
+    with pytest.raises(NetworkError):
+        _fetch(_FailingRepo(error), "https://example.org/d.zip")
+
+
+def test_the_download_task_retries_only_network_errors():
+    from tasks.pipeline import _network_failure
+
+    class State:
+        def __init__(self, error):
+            self.error = error
+
+        def result(self):
+            raise self.error
+
+    assert _network_failure(None, None, State(NetworkError("down")))
+    assert not _network_failure(None, None, State(SourceError("disk full")))
+    assert not _network_failure(None, None, State(TimeoutError("the task's deadline")))
+
+
+def test_the_download_task_has_the_deadline_from_params():
+    from tasks.pipeline import download_with_deadline
+
+    assert download_with_deadline(section("download", timeout_s=7)).timeout_seconds == 7
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    path = tmp_path / "incoming.zip"
+    os.mkfifo(path)
+    yield path
+    try:  # release anything still blocked reading it
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+def test_a_fifo_source_is_refused_before_anything_blocks(tmp_path, tiny_zip, fifo, class_folders):
+    project = make_project(tmp_path, tiny_zip)
+    with pytest.raises(SourceError, match="not a regular file or folder"):
+        set_source(project, str(fifo), fetch=False)
+    os.mkfifo(class_folders / "alpha" / "pipe.JPG")
+    with pytest.raises(SourceError, match="pipe.JPG is not a regular file"):
+        set_source(project, str(class_folders), fetch=False)
+    with pytest.raises(DownloadError, match="not a regular file or folder"):
+        extract_dataset(fifo, tmp_path / "raw", section("download"))
+
+
+def test_a_fifo_recorded_in_data_dvc_is_refused_by_a_run(tmp_path, tiny_zip, fifo):
+    from signflow import _dvc_state as dvc_state
+    from signflow.source import render_data_dvc
+
+    project = make_project(tmp_path, tiny_zip)
+    (project / "data.dvc").write_text(render_data_dvc(str(fifo), True))
+    outcome: list[BaseException | None] = []
+
+    def run():
+        try:
+            with dvc_state.open_repo(project) as repo:
+                sync_source(repo, project)
+            outcome.append(None)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            outcome.append(error)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert outcome, "the run blocked reading the FIFO"
+    assert isinstance(outcome[0], SourceError) and "not a regular file or folder" in str(outcome[0])
+
+
+def test_a_server_that_never_answers_fails_within_the_request_timeout(tmp_path, tiny_zip):
+    """DVC's per-request timeouts (60 s by default) can be set in data.dvc's `fs_config`."""
+    import yaml
+
+    from signflow import _dvc_state as dvc_state
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # accepts connections (the kernel does), never answers
+    project = make_project(tmp_path, tiny_zip)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/d.zip"
+    record = {
+        "deps": [{"path": url, "fs_config": {"read_timeout": 1, "connect_timeout": 1}}],
+        "outs": [{"path": "data/source", "persist": True}],
+    }
+    (project / "data.dvc").write_text(yaml.safe_dump(record))
+    started = time.monotonic()
+    try:
+        with pytest.raises(SourceError), dvc_state.open_repo(project) as repo:
+            sync_source(repo, project)
+    finally:
+        listener.close()
+    assert time.monotonic() - started < 45

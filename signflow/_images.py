@@ -9,6 +9,12 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
 JUNK_DIRS = frozenset({"__macosx", ".git", ".ipynb_checkpoints"})
+SPLIT_FOLDER_NAMES = {
+    **dict.fromkeys(("train", "training"), "train"),
+    **dict.fromkeys(("valid", "validation", "val", "dev"), "valid"),
+    **dict.fromkeys(("test", "testing", "eval"), "test"),
+}
+"""Folder names (compared case-insensitively) that mean a dataset ships its own split, and the split each names."""
 
 MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 """Pillow refuses larger images as decompression bombs when it opens them; checked here before decoding."""
@@ -22,6 +28,11 @@ def is_image_name(path: str | Path) -> bool:
 def is_junk(path: str | Path) -> bool:
     parts = Path(path).parts
     return any(p.lower() in JUNK_DIRS or p.startswith("._") for p in parts) or Path(path).name.lower() in JUNK_NAMES
+
+
+def split_folder_name(name: str) -> str | None:
+    """`train`, `valid` or `test` when a folder of this name holds a split of the dataset, else None."""
+    return SPLIT_FOLDER_NAMES.get(name.lower())
 
 
 def load_rgb(path: str | Path, max_side: int | None = None) -> Image.Image:
@@ -46,12 +57,15 @@ def load_rgb(path: str | Path, max_side: int | None = None) -> Image.Image:
         return image.convert("RGB")
 
 
-def check_image(path: str | Path) -> tuple[int, int]:
-    """Fully decode an image and return its (width, height) after EXIF rotation; raise if unreadable."""
+def check_image(path: str | Path) -> tuple[int, int, Image.Image]:
+    """Fully decode an image; return its (width, height) after EXIF rotation and the decoded RGB image
+    (large JPEGs decoded at 256 px or more a side), so callers can use it without decoding again.
+    Raise if unreadable."""
     image = load_rgb(path, max_side=256)
     with Image.open(path) as original:
         width, height = original.size
         orientation = original.getexif().get(0x0112, 1)
     if image.width == 0 or image.height == 0:
         raise ValueError("image has zero size")
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    width, height = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    return width, height, image

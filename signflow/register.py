@@ -21,12 +21,13 @@ from filelock import FileLock
 
 from signflow._fileio import write_json_atomic, write_text_atomic
 from signflow._mlflow import mlflow_client, resolve_tracking_uri
-from signflow._model_card import read_split_report, render_model_card
+from signflow._model_card import render_model_card
 from signflow._model_file import ModelBundle, load_bundle
 from signflow._provenance import data_version, git_commit
 from signflow.config import Params, RegisterConfig
 from signflow.errors import SignflowError
 from signflow.layout import REPORT_FILES, ModelOutputs
+from signflow.split import read_split_report
 
 __all__ = ["Candidate", "Registration", "RegistryError", "register_model", "register_run"]
 
@@ -146,6 +147,7 @@ def register_run(
     tags = {
         "signflow.data_version": data_version(project_dir / "dvc.lock"),
         "signflow.git_commit": git_commit(project_dir),
+        **split_tags(read_split_report(split_dir), outputs.metrics),
     }
     onnx = outputs.onnx if outputs.onnx.is_file() else None
     if onnx is None:
@@ -160,6 +162,21 @@ def register_run(
     )
     card = partial(_write_card, params=params, split_dir=Path(split_dir), tags=tags, card_path=outputs.model_card)
     return register_model(params.register, candidate, outputs.receipt, card)
+
+
+def split_tags(split_report: dict[str, Any], metrics_path: Path) -> dict[str, str]:
+    """How the test split was made, for the version's tags: the strategy, the split step's description
+    and how many test images have a near-duplicate in train ("not searched" / "unknown" otherwise)."""
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    twins = metrics.get("test_near_duplicates_in_train")
+    searched = split_report.get("near_duplicates", {}).get("mode", "off") != "off"
+    return {
+        "signflow.split_strategy": split_report.get("strategy", "unknown"),
+        "signflow.split": split_report.get("description", "unknown (the split has no report.json)")[:5000],
+        "signflow.test_near_duplicates_in_train": str(twins)
+        if twins is not None
+        else ("unknown" if searched else "not searched"),
+    }
 
 
 @contextmanager

@@ -36,6 +36,32 @@ def build_class_folders(root: Path, per_class: int = PER_CLASS) -> Path:
     return root
 
 
+def build_split_folders(root: Path, folders: dict[str, str], per_class: int = PER_CLASS) -> Path:
+    """Class folders inside split folders, `root/<folder>/<class>/`, as datasets that ship their own split
+    do; `folders` maps each split (train, valid, test) to its folder name. Every image is distinct."""
+    for split_index, (_split, folder) in enumerate(sorted(folders.items())):
+        for index, (name, colour) in enumerate(CLASS_COLOURS.items()):
+            for i in range(per_class):
+                make_image(
+                    root / folder / name / f"IMG_{i:03d}.JPG",
+                    colour,
+                    seed=50_000 * (split_index + 1) + index * 1000 + i,
+                )
+    return root
+
+
+def zip_folder(folder: Path, archive: Path, prefix: str = "") -> Path:
+    """Zip every file under `folder` (entries under `prefix/` when given), plus the junk archives carry."""
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():
+                bundle.write(file, f"{prefix}/{file.relative_to(folder).as_posix()}".lstrip("/"))
+        bundle.writestr("__MACOSX/._junk", "junk")
+        bundle.writestr(f"{prefix}/.DS_Store".lstrip("/"), "junk")
+        bundle.writestr(f"{prefix}/README.md".lstrip("/"), "# dataset\n")
+    return archive
+
+
 def pack_upstream_zip(class_root: Path, archive: Path) -> Path:
     """Lay the classes out as the upstream branch archive does, with an Examples/ folder beside them."""
     with zipfile.ZipFile(archive, "w") as bundle:

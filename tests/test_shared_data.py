@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from signflow.cli import main
-from signflow.config import SplitConfig, parse_params
+from signflow.config import parse_params
 from signflow.download import download_dataset
 from signflow.evaluate import evaluate
 from signflow.split import read_manifest, split_dataset
@@ -24,7 +24,7 @@ def test_real_archive_downloads_and_splits_stratified(shared_dir, tmp_path):
     assert info.class_names == [str(d) for d in range(10)]
     assert [info.counts[c] for c in info.class_names] == UPSTREAM_COUNTS
     assert not list((tmp_path / "raw").rglob("example_*"))
-    result = split_dataset(tmp_path / "raw", tmp_path / "split", SplitConfig(train=0.7, valid=0.15, test=0.15, seed=42))
+    result = split_dataset(tmp_path / "raw", tmp_path / "split", section("split", seed=42))
     assert sum(result.counts.values()) + result.excluded == 2062
     train = pd.read_csv(tmp_path / "split" / "train.csv")
     sideways = train[train["path"].str.contains("IMG_5874|IMG_5935|IMG_5978")]

@@ -5,11 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
-from signflow.config import SplitConfig
 from signflow.split import SplitError, read_class_names, read_manifest, split_dataset
 from tests.helpers import CLASS_COLOURS, PER_CLASS, make_image, section
 
-CFG = SplitConfig(train=0.5, valid=0.25, test=0.25, seed=3)
+CFG = section("split", train=0.5, valid=0.25, test=0.25, seed=3)
 
 
 def manifests(split_dir):

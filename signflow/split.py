@@ -163,7 +163,7 @@ def choose_strategy(cfg: SplitConfig, split_folders: dict[str, str], raw_dir: Pa
             "test/<class>/..."
         )
     if strategy == "folders" and "train" not in split_folders:
-        shipped = ", ".join(f"{folder}/" for folder in split_folders.values())
+        shipped = ", ".join(f"{split_folders[name]}/" for name in SPLITS if name in split_folders)
         raise SplitError(
             f"{raw_dir} has split folder(s) {shipped} but no train folder (train/ or training/): put the training "
             "images in train/<class>/, or set split.strategy: random to merge the folders and split them again"

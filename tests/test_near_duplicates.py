@@ -1,48 +1,15 @@
 """Near-duplicate detection on synthetic data made in the test: edited copies and video frames are
 clustered, distinct pictures of one class are not, and the hash is the DCT perceptual hash."""
 
-import io
 import json
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
 from signflow._near_duplicates import components, image_hashes, near_pairs
 from signflow.split import split_dataset
-from tests.helpers import section
-
-
-def scene(rng: np.random.Generator, size: int = 100) -> np.ndarray:
-    """A smooth random background (colour gradient and blurred blobs), like a photo's backdrop."""
-    start, end = rng.uniform(40, 220, 3), rng.uniform(40, 220, 3)
-    ramp = np.linspace(0, 1, size)
-    angle = rng.uniform(0, 2 * np.pi)
-    mix = np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None]
-    mix = (mix - mix.min()) / np.ptp(mix)
-    base = start * (1 - mix[..., None]) + end * mix[..., None]
-    blobs = Image.fromarray(rng.uniform(0, 255, (size // 4, size // 4)).astype(np.uint8)).resize((size, size))
-    blobs = np.asarray(blobs.filter(ImageFilter.GaussianBlur(3)), dtype=np.float64) - 128
-    return np.clip(base + blobs[..., None] * 0.6, 0, 255)
-
-
-def with_shape(background: np.ndarray, x: float, y: float, angle: float, colour) -> Image.Image:
-    """A square (the 'hand') drawn on the background at (x, y), turned by `angle` degrees."""
-    image = Image.fromarray(background.astype(np.uint8))
-    corners = np.deg2rad(angle) + np.pi / 2 * np.arange(4)
-    points = [(x + 22 * np.cos(c), y + 22 * np.sin(c)) for c in corners]
-    ImageDraw.Draw(image).polygon(points, fill=tuple(int(v) for v in colour))
-    return image
-
-
-def photo(rng: np.random.Generator) -> Image.Image:
-    return with_shape(scene(rng), *rng.uniform(35, 65, 2), rng.uniform(0, 90), rng.uniform(0, 255, 3))
-
-
-def reencoded(image: Image.Image, quality: int = 60) -> Image.Image:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=quality)
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+from tests.helpers import photo, reencoded, section, video
 
 
 def cropped(image: Image.Image, keep: float = 0.9) -> Image.Image:
@@ -60,18 +27,6 @@ def shifted(image: Image.Image, dx: int, dy: int) -> Image.Image:
     """The camera moved by (dx, dy) pixels; the uncovered border repeats the edge."""
     pixels = np.pad(np.asarray(image), ((2, 2), (2, 2), (0, 0)), mode="edge")
     return Image.fromarray(pixels[2 - dy : 2 - dy + image.height, 2 - dx : 2 - dx + image.width])
-
-
-def video(rng: np.random.Generator, frames: int = 10) -> list[Image.Image]:
-    """A shape moving 1.5 px and turning 3 degrees per frame over a fixed background, with sensor noise."""
-    background, colour = scene(rng), rng.uniform(0, 255, 3)
-    x, y, angle = 40.0, 45.0, rng.uniform(0, 90)
-    clip = []
-    for frame in range(frames):
-        image = with_shape(background, x + 1.5 * frame, y + 0.5 * frame, angle + 3 * frame, colour)
-        noisy = np.asarray(image, dtype=np.float64) + rng.normal(0, 3, (100, 100, 3))
-        clip.append(reencoded(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), 85))
-    return clip
 
 
 EDITS = {

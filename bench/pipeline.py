@@ -9,7 +9,9 @@ seconds and those of each step, peak RSS of the step's processes, test accuracy,
 training images/s (through the epochs only; the step's seconds include decoding and caching).
 Then it trains the notebook recipe (MobileNet at 224 px, batch 10, Adam 1e-4, all but the last
 blocks frozen, plain loop) for `--notebook-epochs` epochs on the first seed's
-split and extrapolates to its 30 epochs. Figures are printed as a markdown table and written as JSON.
+split and extrapolates to its 30 epochs. Figures are printed as a markdown table and written as JSON,
+with each seed's test split as the split step describes it (strategy, near-duplicate clusters, test
+images with a near-duplicate in train).
 Nothing here asserts on time: timings on a shared 2-core machine are noisy; the load is recorded.
 """
 
@@ -82,6 +84,7 @@ def run_pipeline(project: Path) -> dict:
     ends = [at for _, at in marks[1:]] + [start + total]
     steps = {name: round(end - begin, 1) for name, begin, end in zip(ran, starts, ends, strict=True)}
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    split = json.loads((project / "data" / "split" / "report.json").read_text())
     import torch
 
     summary = torch.load(project / "models" / "model.pt", map_location="cpu", weights_only=True)["summary"]
@@ -89,6 +92,10 @@ def run_pipeline(project: Path) -> dict:
         "test_accuracy": metrics["accuracy"],
         "macro_f1": metrics["macro_f1"],
         "test_images": metrics["test_images"],
+        "test_near_duplicates_in_train": metrics.get("test_near_duplicates_in_train"),
+        "split": split["description"],
+        "near_duplicate_clusters": len(split["near_duplicates"].get("clusters", [])),
+        "images_in_clusters": split["near_duplicates"].get("images_in_clusters", 0),
         "step_seconds": steps,
         "total_seconds": round(total, 1),
         "train_images_per_second": round(summary["train_images_per_second"], 1),
@@ -153,6 +160,8 @@ def markdown_table(runs: dict[int, dict], notebook: dict | None) -> str:
         f"| **mean** | **{mean('test_accuracy'):.4f}** | {mean('macro_f1'):.4f} | {steps} | "
         f"**{mean('total_seconds'):.1f}** | {mean('train_images_per_second'):.1f} |"
     )
+    rows.append("")
+    rows += [f"Seed {seed}'s test split: {run['split']}" for seed, run in runs.items()]
     if notebook:
         ours = statistics.mean(r["step_seconds"]["train"] for r in runs.values())
         rows.append("")

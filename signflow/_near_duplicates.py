@@ -15,6 +15,9 @@ rotations are not caught.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.fft
 from PIL import Image
@@ -95,3 +98,19 @@ def components(n: int, edges: np.ndarray) -> np.ndarray:
     edges = np.asarray(edges, np.int64).reshape(-1, 2)
     graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
     return connected_components(graph, directed=False)[1]
+
+
+@dataclass(frozen=True)
+class NearDuplicates:
+    """Pairs (P, 2) of row indices (first < second) of same-class images within the distance, their
+    distances, and how long the search took."""
+
+    pairs: np.ndarray
+    distances: np.ndarray
+    seconds: float
+
+
+def find_near_pairs(hashes: np.ndarray, classes: np.ndarray, max_distance: int) -> NearDuplicates:
+    start = time.perf_counter()
+    pairs, distances = near_pairs(hashes, classes, max_distance)
+    return NearDuplicates(pairs, distances, time.perf_counter() - start)

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -38,7 +37,8 @@ from tqdm.auto import tqdm
 from signflow._fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
 from signflow._group_split import assign_groups
 from signflow._images import check_image, is_junk, split_folder_name
-from signflow._near_duplicates import HASH_BITS, components, image_hashes, near_pairs
+from signflow._near_duplicates import HASH_BITS, NearDuplicates, components, find_near_pairs, image_hashes
+from signflow._split_report import SPLITS, build_report
 from signflow.config import SplitConfig
 from signflow.errors import SignflowError
 
@@ -53,7 +53,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
 MANIFEST_COLUMNS = ["path", "label", "label_index", "sha256", "width", "height", "group", "train_near_duplicate"]
 """`group`: id of the images kept in one split with this one (-1: none); `train_near_duplicate`: for a
 valid or test image, the nearest train image within the near-duplicate distance (empty: none)."""
@@ -218,22 +217,12 @@ def _key_edges(keys: pd.Series) -> np.ndarray:
     return np.stack([order[:-1][same], order[1:][same]], axis=1)
 
 
-@dataclass(frozen=True)
-class NearDuplicates:
-    """Pairs of row positions (first < second) of same-class images within the distance, and the distances."""
-
-    pairs: np.ndarray
-    distances: np.ndarray
-    seconds: float
-
-
 def find_near_duplicates(images: pd.DataFrame, cfg: SplitConfig) -> NearDuplicates | None:
+    """Near pairs among the scanned images (same class); None when split.near_duplicates is off."""
     if cfg.near_duplicates == "off":
         return None
-    start = time.perf_counter()
     hashes = np.stack(images["hashes"].to_numpy()) if len(images) else np.empty((0, 2, HASH_BITS // 64), np.uint64)
-    pairs, distances = near_pairs(hashes, images["label_index"].to_numpy(), cfg.near_duplicate_distance)
-    return NearDuplicates(pairs, distances, time.perf_counter() - start)
+    return find_near_pairs(hashes, images["label_index"].to_numpy(), cfg.near_duplicate_distance)
 
 
 def _fractions(cfg: SplitConfig, fixed: set[str] = frozenset()) -> dict[str, float]:
@@ -307,8 +296,11 @@ def _check_every_class_in_every_split(images: pd.DataFrame, parts: dict, fractio
 
 @dataclass(frozen=True)
 class Assignment:
-    """Which split each image row went to, and the groups kept together on the way."""
+    """How the split was made (strategy, shipped split folders), which split each image row went to,
+    and the groups kept together on the way."""
 
+    strategy: str
+    split_folders: dict[str, str]
     split: np.ndarray
     group: np.ndarray
     """Id of the set of images kept in one split with this one; -1 when alone or not assigned by signflow."""
@@ -320,7 +312,9 @@ class Assignment:
     group_count: int
 
 
-def assign_splits(images: pd.DataFrame, strategy: str, cfg: SplitConfig, near: NearDuplicates | None) -> Assignment:
+def assign_splits(
+    images: pd.DataFrame, strategy: str, split_folders: dict[str, str], cfg: SplitConfig, near: NearDuplicates | None
+) -> Assignment:
     fixed = set(images["folder"]) & {"valid", "test"} if strategy == "folders" else set()
     pool_rows = np.flatnonzero(~images["folder"].isin(fixed).to_numpy())
     split = images["folder"].to_numpy().astype(object)
@@ -343,6 +337,8 @@ def assign_splits(images: pd.DataFrame, strategy: str, cfg: SplitConfig, near: N
         for name, part in stratified_split(images.iloc[pool_rows], fractions, cfg.seed, groups).items():
             split[part.index] = name
     return Assignment(
+        strategy=strategy,
+        split_folders=split_folders,
         split=split,
         group=_kept_together(units, pool_rows, len(images)),
         pool=pool_rows,
@@ -411,139 +407,6 @@ def train_twins(images: pd.DataFrame, near: NearDuplicates | None) -> pd.DataFra
     return links.sort_values(["distance", "partner"]).drop_duplicates("row").sort_values("row")
 
 
-def _clusters(images: pd.DataFrame, near: NearDuplicates) -> list[dict[str, Any]]:
-    """Every near-duplicate cluster (two or more images), largest first, with the splits its images went to."""
-    label = components(len(images), near.pairs)
-    shared = np.bincount(label)[label] > 1
-    members = images[shared].assign(cluster=label[shared])
-    clusters = [
-        {"images": group["path"].tolist(), "splits": group["split"].value_counts().sort_index().to_dict()}
-        for _, group in members.groupby("cluster", sort=True)
-    ]
-    return sorted(clusters, key=lambda cluster: -len(cluster["images"]))
-
-
-def _class_balance(images: pd.DataFrame, assignment: Assignment) -> dict[str, Any] | None:
-    """Target share of each split, and per split the class furthest from its target count."""
-    if assignment.fractions is None:
-        return None
-    pool = images.iloc[assignment.pool]
-    totals = pool.groupby("label").size()
-    deviation = {}
-    for name in (n for n in SPLITS if assignment.fractions[n] > 0):
-        counts = pool[pool["split"] == name].groupby("label").size().reindex(totals.index, fill_value=0)
-        off = counts - assignment.fractions[name] * totals
-        worst = off.abs().idxmax()
-        deviation[name] = {
-            "class": worst,
-            "images_off_target": round(float(off[worst]), 2),
-            "share_points_off_target": round(float(100 * off[worst] / totals[worst]), 2),
-        }
-    return {"targets": {k: round(v, 6) for k, v in assignment.fractions.items()}, "largest_deviation": deviation}
-
-
-def _near_duplicate_report(
-    images: pd.DataFrame, near: NearDuplicates | None, cfg: SplitConfig, twins: pd.DataFrame
-) -> dict[str, Any]:
-    if near is None:
-        return {"mode": "off"}
-    clusters = _clusters(images, near)
-    split, path = images["split"].to_numpy(), images["path"].to_numpy()
-    in_test = twins[split[twins["row"]] == "test"]
-    return {
-        "mode": cfg.near_duplicates,
-        "hash": f"{HASH_BITS}-bit DCT perceptual hash of the whole image and of its central 90%, same class only",
-        "max_distance": cfg.near_duplicate_distance,
-        "search_seconds": round(near.seconds, 3),
-        "images_in_clusters": sum(len(cluster["images"]) for cluster in clusters),
-        "clusters": clusters,
-        "test_images_with_train_near_duplicate": [
-            {"path": path[row], "train_path": path[partner], "distance": int(distance)}
-            for row, partner, distance in in_test[["row", "partner", "distance"]].itertuples(index=False)
-        ],
-        "valid_images_with_train_near_duplicate": int((split[twins["row"]] == "valid").sum()),
-    }
-
-
-def describe_split(report: dict[str, Any]) -> str:
-    """One sentence saying how the test split was made and whether any test image has a near-twin in
-    train: what the evaluation report, the model card and the registry repeat next to the accuracy."""
-    return f"{_how_split(report)}; {_near_duplicate_sentence(report)}."
-
-
-def _how_split(report: dict[str, Any]) -> str:
-    seed, balance = report["seed"], report["class_balance"]
-    if report["strategy"] == "folders":
-        folders = report["split_folders"]
-        shipped = ", ".join(f"{folders[name]}/" for name in SPLITS if name in folders)
-        carved = [name for name in SPLITS if name not in folders]
-        text = f"the dataset's own split folders ({shipped}), kept as shipped"
-        if carved:
-            text += f", with {' and '.join(carved)} carved out of {folders['train']}/ (stratified, seed {seed})"
-        return text
-    targets = "/".join(f"{balance['targets'][name]:g}" for name in SPLITS)
-    if report["strategy"] == "random":
-        return f"stratified random split {targets} (train/valid/test, seed {seed})"
-    moved = max(abs(d["share_points_off_target"]) for d in balance["largest_deviation"].values())
-    return (
-        f"grouped split {targets} (train/valid/test, seed {seed}): the {report['groups']['keys']} keys of "
-        f"split.group_pattern {report['groups']['pattern']!r} each in one split, class shares within "
-        f"{moved:.1f} points of their targets"
-    )
-
-
-def _near_duplicate_sentence(report: dict[str, Any]) -> str:
-    near = report["near_duplicates"]
-    if near["mode"] == "off":
-        return "near-duplicates not searched (split.near_duplicates: off)"
-    found = (
-        f"{len(near['clusters'])} near-duplicate cluster(s) of {near['images_in_clusters']} images "
-        f"(perceptual hash distance <= {near['max_distance']})"
-    )
-    if near["mode"] == "report":
-        kept = "not kept together (split.near_duplicates: report)"
-    elif report["strategy"] == "folders":
-        kept = "kept together where signflow chose the split (the shipped folders are not changed)"
-    else:
-        kept = "each kept within one split"
-    leaks = len(near["test_images_with_train_near_duplicate"])
-    return f"{found}, {kept}; {leaks} of {report['counts']['test']} test images have a near-duplicate in train"
-
-
-def build_report(
-    images: pd.DataFrame,
-    rejected: list[dict[str, str]],
-    class_names: list[str],
-    cfg: SplitConfig,
-    context: dict[str, Any],
-) -> dict[str, Any]:
-    """report.json; `context` holds strategy, split_folders, assignment, near and twins."""
-    assignment = context["assignment"]
-    parts = {name: images[images["split"] == name] for name in SPLITS}
-    report = {
-        "strategy": context["strategy"],
-        "strategy_asked": cfg.strategy,
-        "seed": cfg.seed,
-        "split_folders": context["split_folders"],
-        "counts": {name: len(frame) for name, frame in parts.items()},
-        "per_class": {
-            name: frame.groupby("label").size().reindex(class_names, fill_value=0).to_dict()
-            for name, frame in parts.items()
-        },
-        "class_balance": _class_balance(images, assignment),
-        "groups": {"pattern": assignment.group_pattern, "keys": assignment.group_count}
-        if assignment.group_pattern
-        else None,
-        "kept_together": {
-            "groups": int(len(np.unique(assignment.group[assignment.group >= 0]))),
-            "images": int((assignment.group >= 0).sum()),
-        },
-        "near_duplicates": _near_duplicate_report(images, context["near"], cfg, context["twins"]),
-        "excluded": rejected,
-    }
-    return {"description": describe_split(report), **report}
-
-
 def split_dataset(raw_dir: str | Path, out_dir: str | Path, cfg: SplitConfig) -> SplitResult:
     """Write `out_dir/{train,valid,test}.csv`, `classes.json` and `report.json` atomically."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
@@ -564,13 +427,12 @@ def split_dataset(raw_dir: str | Path, out_dir: str | Path, cfg: SplitConfig) ->
     if strategy == "folders":
         _check_folders_agree(images, split_folders, raw_dir)
     near = find_near_duplicates(images, cfg)
-    assignment = assign_splits(images, strategy, cfg, near)
+    assignment = assign_splits(images, strategy, split_folders, cfg, near)
     images["split"], images["group"] = assignment.split, assignment.group
     twins = train_twins(images, near)
     images["train_near_duplicate"] = ""
     images.loc[twins["row"].to_numpy(), "train_near_duplicate"] = images["path"].to_numpy()[twins["partner"]]
-    context = {"strategy": strategy, "split_folders": split_folders, "assignment": assignment}
-    report = build_report(images, rejected, class_names, cfg, {**context, "near": near, "twins": twins})
+    report = build_report(images, rejected, class_names, cfg, assignment, near, twins)
     _write_split(out_dir, images, class_names, report)
     _log_summary(report, out_dir)
     return SplitResult(class_names, report["counts"], len(rejected), strategy, report["description"])

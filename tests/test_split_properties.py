@@ -122,3 +122,20 @@ def test_a_class_in_too_few_groups_is_refused_naming_it():
     with pytest.raises(SplitError, match=r"class 'a' has 6 usable image\(s\) in 2 group\(s\)"):
         stratified_split(frame, {"train": 0.7, "valid": 0.15, "test": 0.15}, 0, groups=groups)
     assert np.array_equal(groups, [0, 0, 0, 1, 1, 1, 2, 3, 4, 5, 6, 7])
+
+
+def test_groups_reach_every_split_in_proportion_not_only_train():
+    """Like a random split, a group lands in test about as often as test's share: the large groups do
+    not all fill train first (which would leave the test split without any image that has a twin)."""
+    rows = [(f"c{c}", f"c{c}-pair{k}") for c in range(3) for k in range(20) for _ in range(2)]
+    rows += [(f"c{c}", f"c{c}-single{k}") for c in range(3) for k in range(40)]
+    frame = pd.DataFrame(rows, columns=["label", "group"])
+    frame["path"] = [f"{label}/{i}.jpg" for i, label in enumerate(frame["label"])]
+    frame["sha256"] = frame["path"]
+    fractions = {"train": 0.7, "valid": 0.15, "test": 0.15}
+    in_pairs = frame["group"].str.contains("pair")
+    shares = []
+    for seed in range(10):
+        test = stratified_split(frame, fractions, seed, groups=frame["group"])["test"]
+        shares.append(in_pairs[test.index].sum() / in_pairs.sum())
+    assert 0.08 < np.mean(shares) < 0.25 and min(shares) > 0, shares

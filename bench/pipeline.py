@@ -3,13 +3,15 @@
     python bench/pipeline.py --archive ../shared/datasets/sign-language-digits.zip \\
         --weights ../shared/weights/mobilenetv2_100.tv_in1k.safetensors --seeds 1 2 3 --out bench/results.json
 
-For each seed it makes a fresh project (this repo's dvc.yaml and params.yaml, with download.url,
-train.weights_file and split.seed/train.seed set), runs one whole `dvc repro`, and records its wall
-seconds and those of each step, peak RSS of the step's processes, test accuracy, macro F1 and
-training images/s (through the epochs only; the step's seconds include decoding and caching).
-Then it trains the notebook recipe (MobileNet at 224 px, batch 10, Adam 1e-4, all but the last
-blocks frozen, plain loop) for `--notebook-epochs` epochs on the first seed's
-split and extrapolates to its 30 epochs. Figures are printed as a markdown table and written as JSON,
+For each seed it makes a fresh project (this repo's dvc.yaml, the signflow code its stages depend
+on, a data.dvc pointing at the archive, and params.yaml with train.weights_file and
+split.seed/train.seed set), runs one whole `dvc repro`, and records its wall seconds and those of
+each step (the extract step's include DVC's import of the archive, which comes first), peak RSS
+of the step's processes, test accuracy, macro F1, the expected calibration error before and after
+temperature scaling, and training images/s (through the epochs only; the step's seconds include
+decoding and caching). Then it trains the notebook recipe (MobileNet at 224 px, batch 10, Adam 1e-4,
+all but the last blocks frozen, plain loop) for `--notebook-epochs` epochs on the first seed's split
+and extrapolates to its 30 epochs. Figures are printed as markdown tables and written as JSON,
 with each seed's test split as the split step describes it (strategy, near-duplicate clusters, test
 images with a near-duplicate in train).
 Nothing here asserts on time: timings on a shared 2-core machine are noisy; the load is recorded.
@@ -32,8 +34,10 @@ from pathlib import Path
 
 import yaml
 
+from signflow.source import normalise_source, render_data_dvc
+
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["download", "split", "train", "evaluate", "export", "register"]
+STAGES = ["extract", "split", "train", "evaluate", "export", "register"]
 
 
 def _peak_child_rss_mb() -> float:
@@ -44,8 +48,9 @@ def make_project(workdir: Path, archive: Path, weights: Path | None, seed: int, 
     project = workdir / f"seed-{seed}"
     project.mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", project)
+    shutil.copytree(ROOT / "signflow", project / "signflow", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "data.dvc").write_text(render_data_dvc(*normalise_source(str(archive), project)))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["download"]["url"] = str(archive.resolve())
     params["train"]["weights_file"] = str(weights.resolve()) if weights else None
     params["train"]["pretrained"] = weights is not None
     params["split"]["seed"] = seed
@@ -100,6 +105,12 @@ def run_pipeline(project: Path) -> dict:
         "total_seconds": round(total, 1),
         "train_images_per_second": round(summary["train_images_per_second"], 1),
         "peak_rss_mb_so_far": round(_peak_child_rss_mb()),
+        "temperature": metrics.get("temperature", 1.0),
+        "ece_uncalibrated": metrics.get("ece_uncalibrated", metrics["ece"]),
+        "ece": metrics["ece"],
+        "mean_confidence_uncalibrated": metrics.get("mean_confidence_uncalibrated", metrics["mean_confidence"]),
+        "mean_confidence": metrics["mean_confidence"],
+        "valid_accuracy": summary["valid_accuracy"],
     }
 
 
@@ -160,6 +171,16 @@ def markdown_table(runs: dict[int, dict], notebook: dict | None) -> str:
         f"| **mean** | **{mean('test_accuracy'):.4f}** | {mean('macro_f1'):.4f} | {steps} | "
         f"**{mean('total_seconds'):.1f}** | {mean('train_images_per_second'):.1f} |"
     )
+    rows += [
+        "",
+        "| seed | valid acc | temperature | test ECE before | test ECE after | mean confidence before | after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for seed, run in runs.items():
+        rows.append(
+            f"| {seed} | {run['valid_accuracy']:.4f} | {run['temperature']:.3f} | {run['ece_uncalibrated']:.4f} | "
+            f"{run['ece']:.4f} | {run['mean_confidence_uncalibrated']:.4f} | {run['mean_confidence']:.4f} |"
+        )
     rows.append("")
     rows += [f"Seed {seed}'s test split: {run['split']}" for seed, run in runs.items()]
     if notebook:

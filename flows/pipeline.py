@@ -2,33 +2,38 @@
 
 Runs without a Prefect server (Prefect starts a temporary one), or against PREFECT_API_URL.
 Each step is skipped when DVC says it is up to date, and recorded in dvc.lock after it ran, so
-`dvc repro` and this flow share one notion of "done".
+`dvc repro` and this flow share one notion of "done". A run with overrides works in its own
+workspace, `runs/<flow run id>/`, and leaves the main workspace and dvc.lock alone.
 
-    python -m flows.pipeline                 # the whole chain with params.yaml
-    python -m flows.pipeline --set train.epochs=3 --no-dvc
+    python -m flows.pipeline                          # the whole chain with params.yaml
+    python -m flows.pipeline --set train.epochs=3     # an override run in runs/<flow run id>/
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from flows._cli import add_project_arguments, run_reporting_errors
 from signflow import _dvc_state as dvc_state
-from signflow._fileio import held_lock
+from signflow._fileio import held_lock, replace_dir_atomic, staging_dir, write_text_atomic
 from signflow.config import Params, load_params
+from signflow.errors import SignflowError
 from signflow.layout import Workspace
 from tasks.pipeline import (
+    DvcRecorder,
+    StepOutcome,
     download_task,
     evaluate_task,
     export_task,
+    push_task,
     register_task,
-    run_stage,
+    run_tags_for,
     split_task,
     summary_task,
     train_task,
@@ -40,72 +45,85 @@ def pipeline(
     params_path: str = "params.yaml",
     project_dir: str = ".",
     overrides: dict[str, Any] | None = None,
-    use_dvc: bool = True,
     force: bool = False,
-    refresh_data: bool = False,
     lock_timeout_s: float = 6 * 3600,
-) -> dict[str, Any]:
+) -> dict[str, StepOutcome]:
     """Run download → split → fine-tune → evaluate → export → register.
 
-    Steps DVC reports up to date are skipped. `refresh_data` always re-runs the download (what
-    scheduled runs do, so new data at the same URL is noticed; unchanged data leaves every later
-    step up to date). `overrides` replace dotted params keys for this run only; such a run is not
-    recorded in DVC (dvc.lock must describe params.yaml). One run at a time per project: a run
-    waits up to `lock_timeout_s` for another run in the same project folder to finish.
+    The download step fetches the source data.dvc names only when it changed (new data at the same
+    URL is noticed by its ETag). Steps DVC reports up to date are skipped (`force` runs them all).
+    `overrides` replace dotted params keys for this run only: such a run works in its own workspace
+    `runs/<flow run id>/` and records nothing in dvc.lock. One run at a time per project: a run waits
+    up to `lock_timeout_s` for another run in the same project folder, then reads params.yaml.
     """
-    workspace = Workspace(Path(project_dir).resolve())
-    params: Params = load_params(workspace.root / params_path, overrides)
-    use_dvc = use_dvc and not overrides and dvc_state.is_dvc_project(workspace.root)
-    if overrides:
-        get_run_logger().info("overrides %s: every step runs and dvc.lock is not updated", overrides)
-    waiting = f"another signflow run holds {workspace.run_lock}; waiting up to {lock_timeout_s:.0f} s"
-    with held_lock(workspace.run_lock, lock_timeout_s, waiting):
-        results = {
-            name: run_stage(name, workspace.root, use_dvc, force or (refresh_data and name == "download"), step)
-            for name, step in pipeline_steps(params, workspace).items()
-        }
-    summary_task(results)
-    return results
+    project = Workspace(Path(project_dir).resolve())
+    if not dvc_state.is_dvc_project(project.root):
+        raise SignflowError(f"{project.root}: not a DVC project (no .dvc/ or dvc.yaml); run it from the project root")
+    load_params(project.root / params_path, overrides)  # bad params or overrides fail now, not after the wait
+    waiting = f"another signflow run holds {project.run_lock}; waiting up to {lock_timeout_s:.0f} s"
+    with held_lock(project.run_lock, lock_timeout_s, waiting):
+        params = load_params(project.root / params_path, overrides)  # what the previous holder left
+        run_id, run_name = str(flow_run.id), str(flow_run.name)
+        if overrides:
+            return _override_run(params, project, overrides, run_id, run_name)
+        tags = run_tags_for(run_id, run_name, None, ".")
+        dvc = DvcRecorder.start(project.root, force)
+        outcomes = _chain(params, project, dvc, project.root, tags)
+        if dvc.remote is not None:
+            push_task(project.root, after=outcomes["register"])
+    summary_task(outcomes, [])
+    return outcomes
 
 
-def pipeline_steps(params: Params, workspace: Workspace) -> dict[str, Callable[[], Any]]:
-    """Each stage of dvc.yaml as a call of its Prefect task, with the workspace's paths."""
-    raw, split, model, train_log, outputs = (
-        workspace.raw,
-        workspace.split,
-        workspace.model,
-        workspace.train_log,
-        workspace.outputs,
+def _chain(
+    params: Params, workspace: Workspace, dvc: DvcRecorder | None, project: Path, tags: dict[str, str]
+) -> dict[str, StepOutcome]:
+    """Each step's task, given the previous step's outcome (the edges of the run graph)."""
+    download = download_task(params.download, workspace, dvc, project)
+    split = split_task(params.split, workspace, dvc, after=download)
+    train = train_task(params.train, workspace, dvc, after=split)
+    evaluate = evaluate_task(params.evaluate, workspace, dvc, after=train)
+    export = export_task(params.export, workspace, dvc, after=evaluate)
+    register = register_task(params, workspace, dvc, after=export, project=project, run_tags=tags)
+    steps = {"download": download, "split": split, "train": train, "evaluate": evaluate, "export": export}
+    return {**steps, "register": register}
+
+
+def _override_run(
+    params: Params, project: Workspace, overrides: dict[str, Any], run_id: str, run_name: str
+) -> dict[str, StepOutcome]:
+    """Every step, in a scratch folder that becomes `runs/<run id>/` only once all succeeded (a
+    failed run leaves nothing); the main workspace and dvc.lock are not touched."""
+    final = project.override_run(run_id)
+    get_run_logger().info("overrides %s: this run works in %s; dvc.lock is not updated", overrides, final.root)
+    tags = run_tags_for(run_id, run_name, overrides, final.root.relative_to(project.root).as_posix())
+    with staging_dir(final.root) as scratch:
+        workspace = Workspace(scratch / "workspace")
+        _write_run_params(params, overrides, workspace)
+        outcomes = _chain(params, workspace, None, project.root, tags)
+        replace_dir_atomic(workspace.root, final.root)
+    summary_task(outcomes, [f"Override run {overrides}: its outputs are in `{final.root}`."])
+    return outcomes
+
+
+def _write_run_params(params: Params, overrides: dict[str, Any], workspace: Workspace) -> None:
+    """The run's exact params (params.yaml with the overrides), so the workspace explains itself."""
+    import yaml
+
+    text = f"# params.yaml with the overrides {overrides}\n" + yaml.safe_dump(
+        params.model_dump(mode="json"), sort_keys=False
     )
-    return {
-        "download": lambda: download_task(params.download, raw),
-        "split": lambda: split_task(params.split, raw, split),
-        "train": lambda: train_task(params.train, raw, split, model, train_log),
-        "evaluate": lambda: evaluate_task(params.evaluate, model, raw, split, outputs.reports, train_log),
-        "export": lambda: export_task(params.export, model, outputs.onnx),
-        "register": lambda: register_task(params, model, outputs, project_dir=workspace.root, split_dir=split),
-    }
+    write_text_atomic(workspace.params, text)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=pipeline.__doc__)
-    add_project_arguments(parser, "override one params key for this run (repeatable)")
-    parser.add_argument("--no-dvc", action="store_true", help="neither skip up-to-date steps nor write dvc.lock")
+    add_project_arguments(parser, "override one params key for this run, which then runs in runs/<id>/ (repeatable)")
     parser.add_argument("--force", action="store_true", help="run every step even if DVC says it is up to date")
-    parser.add_argument(
-        "--refresh-data", action="store_true", help="re-run the download step to notice new data at download.url"
-    )
     args = parser.parse_args(argv)
     return run_reporting_errors(
         "flows.pipeline",
-        lambda: pipeline(
-            args.params,
-            args.project_dir,
-            dict(args.overrides) or None,
-            not args.no_dvc,
-            args.force,
-            args.refresh_data,
-        ),
+        lambda: pipeline(args.params, args.project_dir, dict(args.overrides) or None, args.force),
     )
 
 

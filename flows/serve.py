@@ -28,14 +28,9 @@ from flows._cli import add_project_arguments
 from signflow.config import ConfigError, ScheduleConfig, load_params
 
 
-def deployment_parameters(params_path: str, project_dir: Path, overrides: dict[str, Any], refresh: bool) -> dict:
+def deployment_parameters(params_path: str, project_dir: Path, overrides: dict[str, Any]) -> dict:
     """The flow parameters every run of the deployment gets (each can be changed per run in the UI)."""
-    return {
-        "params_path": params_path,
-        "project_dir": str(project_dir),
-        "overrides": overrides or None,
-        "refresh_data": refresh,
-    }
+    return {"params_path": params_path, "project_dir": str(project_dir), "overrides": overrides or None}
 
 
 def build_deployment(schedule: ScheduleConfig, parameters: dict[str, Any]):
@@ -76,13 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_project_arguments(
-        parser, "params override for every run of this deployment (repeatable; such runs skip nothing, see README)"
+        parser,
+        "params override for every run of this deployment (repeatable; each such run works in its own "
+        "runs/<flow run id>/, see README)",
     )
     timing = parser.add_mutually_exclusive_group()
     timing.add_argument("--cron", help="cron schedule, overriding schedule.cron (e.g. '0 3 * * *')")
     timing.add_argument("--interval", type=int, metavar="SECONDS", help="interval schedule, overriding schedule.cron")
     parser.add_argument("--name", help="deployment name, overriding schedule.deployment")
-    parser.add_argument("--no-refresh-data", action="store_true", help="let DVC skip the download step too")
     return parser
 
 
@@ -105,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(project / args.params, overrides or None)  # validates the overrides now
         schedule = schedule_from(args, params.schedule)
-        refresh = schedule.refresh_data and not args.no_refresh_data
-        deployment = build_deployment(schedule, deployment_parameters(args.params, project, overrides, refresh))
+        deployment = build_deployment(schedule, deployment_parameters(args.params, project, overrides))
     except (ConfigError, ValueError) as error:
         print(f"flows.serve: error: {error}", file=sys.stderr)
         return 2

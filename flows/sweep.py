@@ -1,10 +1,11 @@
 """The sweep as a Prefect flow: download → split (skipped when DVC says up to date) → one task per
 trial, run through the flow's task runner → comparison → evaluate, export and register the winner.
+Like the pipeline, it holds the project's run lock and reads params.yaml once it has it.
 
     python -m flows.sweep                       # sweep.* from params.yaml, sweep.workers trials at once
     python -m flows.sweep --workers 2
 
-Trials are submitted to the flow's task runner (a thread pool of `--workers`). To fan out
+Trials are submitted to the flow's task runner (a pool of `--workers` processes). To fan out
 further, call `sweep_flow.with_options(task_runner=...)` with `prefect-dask`'s DaskTaskRunner or
 `prefect-ray`'s RayTaskRunner, or deploy the flow to a work pool.
 """
@@ -19,19 +20,26 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows._cli import add_project_arguments, run_reporting_errors
 from signflow import _dvc_state as dvc_state
 from signflow import sweep
+from signflow._fileio import held_lock
 from signflow.config import load_params, read_params_file
+from signflow.errors import SignflowError
+from signflow.evaluate import evaluate
+from signflow.export import export_onnx
 from signflow.layout import Workspace
-from tasks.pipeline import download_task, evaluate_task, export_task, register_task, run_stage, split_task
+from signflow.register import register_run
+from tasks.pipeline import DvcRecorder, download_task, publish_evaluation, publish_registration, split_task
 
 
 @task(name="trial", cache_policy=NONE)
-def trial_task(trial: sweep.Trial, raw_dir: Path, split_dir: Path, sweep_dir: Path, deadline: float | None):
-    return sweep.run_trial(trial, raw_dir, split_dir, sweep_dir, deadline)
+def trial_task(
+    trial: sweep.Trial, raw_dir: Path, split_dir: Path, sweep_dir: Path, deadline: float | None, cache_dir: Path
+):
+    return sweep.run_trial(trial, raw_dir, split_dir, sweep_dir, deadline, cache_dir)
 
 
 @task(name="compare", cache_policy=NONE)
@@ -53,25 +61,56 @@ def compare_task(results: list[dict[str, Any]], sweep_dir: Path) -> dict[str, An
     return winner
 
 
-@flow(name="signflow-sweep", log_prints=True)
-def sweep_flow(params_path: str = "params.yaml", project_dir: str = ".") -> dict[str, Any]:
-    """Run `sweep.grid` (see signflow.sweep) and register the winner; returns the winner's row."""
+@task(name="evaluate", cache_policy=NONE)
+def evaluate_winner_task(cfg, model_path, raw_dir, split_dir, reports_dir, train_log):
+    result = evaluate(cfg, model_path, raw_dir, split_dir, reports_dir, train_log)
+    publish_evaluation(result, reports_dir)
+    return result
+
+
+@task(name="export", cache_policy=NONE)
+def export_winner_task(cfg, model_path, onnx_path):
+    return export_onnx(cfg, model_path, onnx_path)
+
+
+@task(name="register", cache_policy=NONE)
+def register_winner_task(params, model_path, outputs, *, project_dir, split_dir):
+    result = register_run(params, model_path, outputs, project_dir=project_dir, split_dir=split_dir)
+    publish_registration(result, {})
+    return result
+
+
+# Trials run in worker processes, not threads: each trial seeds and uses the process-wide torch,
+# numpy and Python generators (model initialisation, dropout), which threads would share and
+# interleave, making trials irreproducible.
+@flow(name="signflow-sweep", log_prints=True, task_runner=ProcessPoolTaskRunner(max_workers=1))
+def sweep_flow(params_path: str = "params.yaml", project_dir: str = ".", lock_timeout_s: float = 6 * 3600):
+    """Run `sweep.grid` (see signflow.sweep) and register the winner; returns the winner's row. Holds
+    the project's run lock (waiting up to `lock_timeout_s`), and reads params.yaml once it has it."""
     workspace = Workspace(Path(project_dir).resolve())
+    if not dvc_state.is_dvc_project(workspace.root):
+        raise SignflowError(f"{workspace.root}: not a DVC project (no .dvc/ or dvc.yaml); run it from the project root")
+    waiting = f"another signflow run holds {workspace.run_lock}; waiting up to {lock_timeout_s:.0f} s"
+    with held_lock(workspace.run_lock, lock_timeout_s, waiting):
+        return _sweep(workspace, params_path)
+
+
+def _sweep(workspace: Workspace, params_path: str) -> dict[str, Any]:
     params = load_params(workspace.root / params_path)
-    raw, split, sweep_dir = workspace.raw, workspace.split, workspace.sweep
-    use_dvc = dvc_state.is_dvc_project(workspace.root)
-    run_stage("download", workspace.root, use_dvc, False, lambda: download_task(params.download, raw))
-    run_stage("split", workspace.root, use_dvc, False, lambda: split_task(params.split, raw, split))
+    raw, split, sweep_dir, cache = workspace.raw, workspace.split, workspace.sweep, workspace.cache
+    dvc = DvcRecorder.start(workspace.root)
+    download = download_task(params.download, workspace, dvc, workspace.root)
+    split_task(params.split, workspace, dvc, after=download)
     trials = sweep.plan_trials(read_params_file(workspace.root / params_path), params.sweep, workspace.root)
     get_run_logger().info("%d trials, %d at a time", len(trials), params.sweep.workers)
 
     def submit(jobs: list[tuple[sweep.Trial, float | None]]) -> list[dict[str, Any]]:
-        futures = [trial_task.submit(trial, raw, split, sweep_dir, deadline) for trial, deadline in jobs]
+        futures = [trial_task.submit(trial, raw, split, sweep_dir, deadline, cache) for trial, deadline in jobs]
         return [future.result() for future in futures]
 
     results = sweep.run_trials(trials, raw, split, sweep_dir, params.sweep.max_minutes, runner=submit)
     winner = compare_task(results, sweep_dir)
-    steps = sweep.WinnerSteps(evaluate_task, export_task, register_task)
+    steps = sweep.WinnerSteps(evaluate_winner_task, export_winner_task, register_winner_task)
     _, registration, _ = sweep.publish_winner(trials, winner, raw, split, sweep_dir, workspace.root, steps)
     return {**winner, "registered_version": registration.version}
 
@@ -86,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         workers = args.workers or load_params(Path(args.project_dir) / args.params).sweep.workers
-        sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(args.params, args.project_dir)
+        sweep_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(args.params, args.project_dir)
 
     return run_reporting_errors("flows.sweep", run)
 

@@ -7,12 +7,18 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
+import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from signflow.errors import SignflowError
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +43,39 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _host_tag() -> str:
+    """This machine's name as it appears in scratch names (letters, digits and -)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+FOREIGN_SCRATCH_AGE_S = 24 * 3600
+"""Scratch of another host is removed only after a day untouched: its writer's liveness is unknowable."""
+
+
+def _scratch_prefix(target: Path) -> str:
+    return f".{target.name}.{_host_tag()}-{os.getpid()}."
+
+
+def _is_stale(candidate: Path, writer: str) -> bool:
+    """`writer` is `<host>-<pid>` (or a bare pid, as scratch was named before hosts were recorded)."""
+    host, _, pid = writer.rpartition("-")
+    if not pid.isdigit():
+        return False
+    if host in ("", _host_tag()):
+        return not _pid_alive(int(pid))
+    try:
+        return time.time() - candidate.stat().st_mtime > FOREIGN_SCRATCH_AGE_S
+    except OSError:
+        return False
+
+
 def remove_stale_scratch(target: str | Path) -> list[Path]:
     """Remove scratch files and folders of `target` left by a process that was killed.
 
-    Scratch names carry the writer's process id (`.<name>.<pid>.<random>.tmp|.partial`); only
-    those whose process no longer exists are removed, so a concurrent writer is never disturbed.
+    Scratch names carry the writer's host and process id (`.<name>.<host>-<pid>.<random>.tmp|.partial`).
+    On this host, only those whose process no longer exists are removed, so a concurrent writer is
+    never disturbed; scratch of another host sharing the folder (a container, a network mount) is
+    removed only once it has been untouched for a day.
     """
     target = Path(target)
     removed = []
@@ -49,9 +83,7 @@ def remove_stale_scratch(target: str | Path) -> list[Path]:
         return removed
     for candidate in target.parent.glob(f".{glob.escape(target.name)}.*"):
         parts = candidate.name[len(target.name) + 2 :].split(".")
-        if len(parts) < 3 or parts[-1] not in ("tmp", "partial") or not parts[0].isdigit():
-            continue
-        if _pid_alive(int(parts[0])):
+        if len(parts) < 3 or parts[-1] not in ("tmp", "partial") or not _is_stale(candidate, parts[0]):
             continue
         if candidate.is_dir():
             shutil.rmtree(candidate, ignore_errors=True)
@@ -61,17 +93,40 @@ def remove_stale_scratch(target: str | Path) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would race with other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _plain_mode(path: Path, directory: bool) -> int:
+    """The mode a plain write would give `path`: an existing target keeps its own, a new one gets
+    the umask's (mkstemp/mkdtemp make 0600/0700, which other users, e.g. an MLflow server, cannot read)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return (0o777 if directory else 0o666) & ~_umask()
+
+
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target` in one rename.
 
     On any error the temporary file is removed and `target` keeps its previous content. A crash
     (SIGKILL, power loss) can leave the temporary file; the next write of `target` removes it.
+    The file gets `target`'s mode if it exists, else the umask's, as a plain write would.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_scratch(target)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_scratch_prefix(target), suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, _plain_mode(target, directory=False))
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -125,25 +180,37 @@ def staging_dir(target: str | Path) -> Iterator[Path]:
     old = target.with_name(f".{target.name}.old")
     if old.is_dir() and not target.exists():
         os.replace(old, target)
-    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=target.parent))
+    path = Path(tempfile.mkdtemp(prefix=_scratch_prefix(target), suffix=".partial", dir=target.parent))
+    path.chmod(_plain_mode(target, directory=True))
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
 
+class LockBusyError(SignflowError, RuntimeError):
+    """Another run holds the project's lock."""
+
+
 @contextmanager
-def held_lock(path: str | Path, timeout_s: float, waiting_message: str) -> Iterator[None]:
+def held_lock(
+    path: str | Path, timeout_s: float, waiting_message: str, busy_message: str | None = None
+) -> Iterator[None]:
     """Hold the file lock at `path`, logging `waiting_message` once if another process holds it;
-    raise filelock.Timeout after `timeout_s` seconds of waiting."""
+    raise LockBusyError (`busy_message`) after `timeout_s` seconds of waiting (0: do not wait)."""
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(path), timeout=timeout_s)
     try:
         lock.acquire(timeout=0)
     except Timeout:
+        if timeout_s <= 0:
+            raise LockBusyError(busy_message or f"{path} is held by another run") from None
         log.info(waiting_message)
-        lock.acquire()
+        try:
+            lock.acquire()
+        except Timeout:
+            raise LockBusyError(busy_message or f"{path} was held by another run for {timeout_s:.0f} s") from None
     try:
         yield
     finally:

@@ -1,4 +1,5 @@
-"""Reading images the way every step must: EXIF orientation applied, any mode converted to RGB."""
+"""Reading images the way every step must: EXIF orientation applied, any mode converted to RGB,
+and images too large or too oddly shaped to be worth decoding refused with a reason."""
 
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ SPLIT_FOLDER_NAMES = {
 }
 """Folder names (compared case-insensitively) that mean a dataset ships its own split, and the split each names."""
 
-MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
-"""Pillow refuses larger images as decompression bombs when it opens them; checked here before decoding."""
+PILLOW_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+"""Pillow refuses larger images as decompression bombs when it opens them. `split.max_pixels` may
+not exceed it, so every image the split accepts can be decoded by the later steps."""
+
+
+class ImageRefused(ValueError):
+    """An image that is readable but refused (too many pixels, absurd shape); the message says why."""
 
 
 def is_image_name(path: str | Path) -> bool:
@@ -35,15 +41,23 @@ def split_folder_name(name: str) -> str | None:
     return SPLIT_FOLDER_NAMES.get(name.lower())
 
 
-def load_rgb(path: str | Path, max_side: int | None = None) -> Image.Image:
+def load_rgb(path: str | Path, max_side: int | None = None, max_pixels: int = PILLOW_PIXEL_LIMIT) -> Image.Image:
     """Open, decode fully, rotate by EXIF and convert to 8-bit RGB.
 
     `max_side` shrinks large photos early (JPEG draft mode), which is what keeps a 3024x3024 image
-    from costing 100x a 100x100 one. Raises OSError/ValueError for unreadable files.
+    from costing 100x a 100x100 one. An image of more than `max_pixels` pixels is refused from its
+    header, before decoding. Raises OSError/ValueError (ImageRefused) for unusable files.
     """
+    try:
+        return _decode_rgb(path, max_side, max_pixels)
+    except Image.DecompressionBombError as error:
+        raise ImageRefused(str(error)) from None
+
+
+def _decode_rgb(path: str | Path, max_side: int | None, max_pixels: int) -> Image.Image:
     with Image.open(path) as image:
-        if image.width * image.height > MAX_PIXELS:
-            raise ValueError(f"{image.width}x{image.height} pixels is above the limit of {MAX_PIXELS:,} pixels")
+        if image.width * image.height > max_pixels:
+            raise ImageRefused(f"{image.width}x{image.height} pixels is above the limit of {max_pixels:,} pixels")
         if max_side is not None and image.format == "JPEG":
             image.draft("RGB", (max_side, max_side))
         image.load()
@@ -57,15 +71,29 @@ def load_rgb(path: str | Path, max_side: int | None = None) -> Image.Image:
         return image.convert("RGB")
 
 
-def check_image(path: str | Path) -> tuple[int, int, Image.Image]:
+def check_image(path: str | Path, max_pixels: int, max_aspect_ratio: float) -> tuple[int, int, Image.Image]:
     """Fully decode an image; return its (width, height) after EXIF rotation and the decoded RGB image
     (large JPEGs decoded at 256 px or more a side), so callers can use it without decoding again.
-    Raise if unreadable."""
-    image = load_rgb(path, max_side=256)
-    with Image.open(path) as original:
-        width, height = original.size
-        orientation = original.getexif().get(0x0112, 1)
-    if image.width == 0 or image.height == 0:
+    Raise if it is unreadable, or ImageRefused (before decoding) if it has more than `max_pixels` pixels or its
+    longer side is more than `max_aspect_ratio` times its shorter side."""
+    try:
+        with Image.open(path) as original:
+            width, height = original.size
+            orientation = original.getexif().get(0x0112, 1)
+    except Image.DecompressionBombError as error:
+        raise ImageRefused(str(error)) from None
+    if width == 0 or height == 0:
         raise ValueError("image has zero size")
+    if width * height > max_pixels:
+        raise ImageRefused(
+            f"{width}x{height} is {width * height:,} pixels, above split.max_pixels ({max_pixels:,}); "
+            "raise it to use this image"
+        )
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        raise ImageRefused(
+            f"{width}x{height}: one side is {max(width, height) / min(width, height):,.0f} times the other, above "
+            f"split.max_aspect_ratio ({max_aspect_ratio:g}); the centre square the model sees would be a sliver of it"
+        )
+    image = load_rgb(path, max_side=256, max_pixels=max_pixels)
     width, height = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     return width, height, image

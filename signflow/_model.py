@@ -39,8 +39,7 @@ def create_model(cfg: TrainConfig, num_classes: int, weights_file: Path | None =
     check_model_name(cfg.model)
     kwargs: dict = {"num_classes": num_classes}
     if weights_file is not None:
-        if not weights_file.is_file():
-            raise ModelError(f"train.weights_file: {weights_file} does not exist")
+        check_weights_file(weights_file)
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file)}
     pretrained = cfg.pretrained or weights_file is not None
     try:
@@ -50,6 +49,24 @@ def create_model(cfg: TrainConfig, num_classes: int, weights_file: Path | None =
         raise ModelError(
             f"train.model {cfg.model!r}: could not load pretrained weights from {source}: {error}. "
             "Set train.weights_file to a local copy, or train.pretrained: false."
+        ) from None
+
+
+def check_weights_file(path: Path) -> None:
+    """Refuse a weights file that could run code when loaded: only safetensors files and checkpoints
+    that load with `torch.load(weights_only=True)` (tensors, numbers, strings, containers) are used."""
+    if not path.is_file():
+        raise ModelError(f"train.weights_file: {path} does not exist")
+    if path.suffix.lower() == ".safetensors":
+        return
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any refusal by the safe unpickler means "not weights only"
+        reason = str(error).splitlines()[0][:200]
+        raise ModelError(
+            f"train.weights_file: {path} is not a safetensors file or a weights-only PyTorch checkpoint "
+            f"({reason}); a pickled file can run code when loaded, so it is refused. Convert it to "
+            "safetensors (safetensors.torch.save_file(state_dict, 'weights.safetensors')) on a machine you trust."
         ) from None
 
 

@@ -26,10 +26,11 @@ def render_model_card(
     split_report: dict[str, Any],
     registration: dict[str, Any],
 ) -> str:
-    """Markdown for the card; `registration` holds model_name, version, data_version, git_commit."""
+    """Markdown for the card; `registration` holds model_name, version, data_version, data_source, git_commit."""
     sections = [
         [f"# Model card: {registration['model_name']} version {registration['version']}", ""],
         _what_it_is(bundle, params["train"]),
+        _how_to_use(registration),
         _data(params, split_report, registration),
         _metrics(metrics, bundle.summary),
         [
@@ -57,7 +58,22 @@ def _what_it_is(bundle: ModelBundle, train: dict[str, Any]) -> list[str]:
         "",
         f"Input: any image, EXIF-rotated, converted to RGB, shorter side resized to {prep.image_size} px "
         f"({prep.interpolation}) and centre-cropped, normalised with mean {list(prep.mean)} and std {list(prep.std)}. "
-        "These settings are stored in the model file and applied by `signflow predict`.",
+        "These settings are stored in the model file and applied by `signflow predict` and the MLflow model.",
+        "",
+    ]
+
+
+def _how_to_use(registration: dict[str, Any]) -> list[str]:
+    name, version = registration["model_name"], registration["version"]
+    return [
+        "## How to use it",
+        f"- `signflow predict --model {version} photo.jpg` prints the top 3 classes of each image.",
+        f'- `mlflow.pyfunc.load_model("models:/{name}/{version}")`, with `MLFLOW_TRACKING_URI` set to this registry, '
+        "loads it in Python (ONNX Runtime, no PyTorch); its `predict` takes a DataFrame with a column `image` of "
+        "image file bytes or base64 strings.",
+        f"- `mlflow models serve -m models:/{name}/{version} --env-manager local` serves it over HTTP: POST the "
+        "version's `serving_input_example.json` to `/invocations`.",
+        f"- `signflow serve --model {version}` opens a web page that classifies what your camera sees.",
         "",
     ]
 
@@ -66,8 +82,8 @@ def _data(params: dict[str, Any], split_report: dict[str, Any], registration: di
     split = params["split"]
     return [
         "## Data",
-        f"- Source: `{params['download']['url']}`",
-        f"- Data version (DVC md5 of `data/raw`): `{registration['data_version']}`",
+        f"- Source (data.dvc): `{registration.get('data_source', 'unrecorded')}`",
+        f"- Data version (DVC md5 of the fetched source, from data.dvc): `{registration['data_version']}`",
         f"- Code version (git commit): `{registration['git_commit']}`",
         f"- {_split_counts(split_report)}.",
         f"- Split: {_split_description(split_report, split)} Identical files are kept once (never in two splits).",
@@ -113,11 +129,34 @@ def _metrics(metrics: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         *_near_duplicate_rows(metrics),
         f"| mistakes | {metrics.get('mistakes', 'n/a')} |",
         f"| expected calibration error | {metrics.get('ece', float('nan')):.4f} |",
+        *_calibration_rows(metrics),
         f"| validation accuracy (epoch {summary.get('best_epoch', '?')}) | "
         f"{summary.get('valid_accuracy', float('nan')):.4f} |",
         "",
         f"With {test_images} test images, one mistake moves accuracy by "
         f"{1 / max(test_images, 1):.4f}: treat differences of a few mistakes between models as noise.",
+        "",
+        *_calibration_note(metrics),
+    ]
+
+
+def _calibration_rows(metrics: dict[str, Any]) -> list[str]:
+    if "ece_uncalibrated" not in metrics:
+        return []
+    return [
+        f"| expected calibration error before temperature scaling | {metrics['ece_uncalibrated']:.4f} |",
+        f"| mean confidence (before temperature scaling) | {metrics['mean_confidence']:.4f} "
+        f"({metrics['mean_confidence_uncalibrated']:.4f}) |",
+    ]
+
+
+def _calibration_note(metrics: dict[str, Any]) -> list[str]:
+    if "temperature" not in metrics:
+        return []
+    return [
+        f"Probabilities are calibrated: the logits are divided by a temperature of {metrics['temperature']:.4f}, "
+        "fitted on the validation split after training (temperature scaling), in the model file, the ONNX graph "
+        "and the MLflow model alike. This changes the probabilities, never the predicted class.",
         "",
     ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,18 @@ class ModelBundle:
     state_dict: dict[str, torch.Tensor]
     train_params: dict[str, Any]
     summary: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0
+    """Softmax temperature fitted on the validation split (signflow._calibration): probabilities are
+    softmax(logits / temperature). Model files from before calibration have none: 1.0."""
 
     def fingerprint(self) -> str:
-        """sha256 of the weights and class list: equal models get equal fingerprints."""
+        """sha256 of the weights, class list and temperature: equal models (same probabilities) get
+        equal fingerprints. A temperature of 1.0 is left out, so uncalibrated models keep theirs."""
         digest = hashlib.sha256()
         digest.update(self.model_name.encode())
         digest.update("\n".join(self.class_names).encode())
+        if self.temperature != 1.0:
+            digest.update(f"temperature={self.temperature!r}".encode())
         for name in sorted(self.state_dict):
             tensor = self.state_dict[name].detach().cpu().contiguous()
             digest.update(name.encode())
@@ -83,6 +90,7 @@ def save_bundle(bundle: ModelBundle, path: str | Path) -> Path:
         "state_dict": {k: v.detach().cpu() for k, v in bundle.state_dict.items()},
         "train_params": bundle.train_params,
         "summary": bundle.summary,
+        "temperature": float(bundle.temperature),
     }
     return write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
@@ -97,6 +105,9 @@ def load_bundle(path: str | Path) -> ModelBundle:
         raise CheckpointError(f"{path}: not a readable signflow model file ({error})") from None
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a signflow model file (format {FORMAT_VERSION} expected)")
+    temperature = payload.get("temperature", 1.0)
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise CheckpointError(f"{path}: softmax temperature {temperature!r} is not a positive number; retrain")
     return ModelBundle(
         model_name=payload["model_name"],
         class_names=list(payload["class_names"]),
@@ -104,4 +115,5 @@ def load_bundle(path: str | Path) -> ModelBundle:
         state_dict=payload["state_dict"],
         train_params=payload["train_params"],
         summary=payload.get("summary", {}),
+        temperature=float(temperature),
     )

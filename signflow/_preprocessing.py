@@ -9,8 +9,8 @@ normalisation happens on batches (`normalize`).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +20,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from signflow._images import load_rgb
+from signflow.errors import SignflowError
+
+
+class ImageReadError(SignflowError, OSError):
+    """An image of a split that can no longer be read; the message names the file."""
+
 
 _PIL_INTERPOLATION = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -47,12 +53,13 @@ class Preprocessing:
 
 
 def resize_center_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:
-    size = prep.image_size
-    scale = size / min(image.size)
-    new_size = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
-    image = image.resize(new_size, _PIL_INTERPOLATION.get(prep.interpolation, Image.Resampling.BILINEAR))
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    """The image's centre square, resized to `image_size`: what resizing the shorter side and then
+    centre-cropping gives, computed without the intermediate image (which, for a 1x100000 strip,
+    would be 160 x 16,000,000 pixels)."""
+    size, side = prep.image_size, min(image.size)
+    left, top = (image.width - side) / 2, (image.height - side) / 2
+    resample = _PIL_INTERPOLATION.get(prep.interpolation, Image.Resampling.BILINEAR)
+    return image.resize((size, size), resample, box=(left, top, left + side, top + side))
 
 
 def image_to_uint8(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
@@ -65,14 +72,45 @@ def read_image(path: str | Path, prep: Preprocessing) -> torch.Tensor:
     return image_to_uint8(load_rgb(path, max_side=2 * prep.image_size), prep)
 
 
+def decode_chunks(
+    paths: Sequence[Path], prep: Preprocessing, chunk_size: int = 256, desc: str = "decode"
+) -> Iterator[torch.Tensor]:
+    """`paths` decoded in order, as (n, 3, S, S) uint8 chunks of `chunk_size` images.
+
+    A pool of one thread per core decodes (decoding releases the GIL); at most two chunks are in
+    flight, so memory does not grow with the number of images. A file that cannot be read stops
+    with an error naming it.
+    """
+    with (
+        ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
+        tqdm(total=len(paths), desc=desc, unit="img", leave=False) as progress,
+    ):
+
+        def submit(start: int) -> list[Future]:
+            return [pool.submit(_read_named, path, prep) for path in paths[start : start + chunk_size]]
+
+        pending = submit(0)
+        for start in range(0, len(paths), chunk_size):
+            current, pending = pending, submit(start + chunk_size)
+            chunk = torch.stack([future.result() for future in current])
+            progress.update(len(chunk))
+            yield chunk
+
+
+def _read_named(path: Path, prep: Preprocessing) -> torch.Tensor:
+    try:
+        return read_image(path, prep)
+    except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three for bad files
+        raise ImageReadError(f"{path}: cannot read image ({error}); rerun the split step to leave it out") from None
+
+
 def load_images(paths: Sequence[Path], prep: Preprocessing, desc: str = "decode") -> torch.Tensor:
-    """Decode `paths` once into an (N, 3, S, S) uint8 tensor (threads: decoding releases the GIL)."""
-    out = torch.empty((len(paths), 3, prep.image_size, prep.image_size), dtype=torch.uint8)
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        decoded = pool.map(lambda path: read_image(path, prep), paths)
-        for index, image in enumerate(tqdm(decoded, total=len(paths), desc=desc, unit="img", leave=False)):
-            out[index] = image
-    return out
+    """Decode `paths` into one (N, 3, S, S) uint8 tensor: for a few images (the whole split never
+    needs to be in memory: see `decode_chunks`)."""
+    chunks = list(decode_chunks(paths, prep, desc=desc))
+    if not chunks:
+        return torch.empty((0, 3, prep.image_size, prep.image_size), dtype=torch.uint8)
+    return torch.cat(chunks)
 
 
 def normalize(batch: torch.Tensor, prep: Preprocessing) -> torch.Tensor:

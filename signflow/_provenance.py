@@ -1,34 +1,55 @@
-"""Where a model came from: the git commit and the DVC hash of the raw data."""
+"""Where a model came from: the git commit, the DVC hash of the raw data, and the test set it was scored on."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 
 import yaml
 
+SOURCE_PATHS = ("signflow", "tasks", "flows", "pyproject.toml", "dvc.yaml")
+"""What `-dirty` looks at: the code and the pipeline's definition. The pipeline's own outputs that git
+tracks (dvc.lock, reports) change on every run, and params are recorded with every model anyway."""
+
 
 def git_commit(repo_root: str | Path = ".") -> str:
-    """HEAD's commit, with `-dirty` when tracked files have uncommitted changes; `none` outside git."""
+    """HEAD's commit, with `-dirty` when tracked source files have uncommitted changes; `none` outside git."""
 
     def run(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=repo_root, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
         commit = run("rev-parse", "HEAD")
-        dirty = run("status", "--porcelain", "--untracked-files=no")
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", *SOURCE_PATHS)
     except (OSError, subprocess.CalledProcessError):
         return "none"
     return f"{commit}-dirty" if dirty else commit
 
 
-def data_version(lock_path: str | Path = "dvc.lock", stage: str = "download", out: str = "data/raw") -> str:
-    """The DVC hash (md5 of the directory listing) recorded for the raw data, or `unrecorded`."""
-    path = Path(lock_path)
-    if not path.is_file():
-        return "unrecorded"
-    lock = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    for entry in lock.get("stages", {}).get(stage, {}).get("outs", []):
-        if entry.get("path") == out:
-            return str(entry.get("md5", "unrecorded"))
-    return "unrecorded"
+def _data_record(data_dvc: str | Path) -> dict:
+    path = Path(data_dvc)
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+
+
+def data_version(data_dvc: str | Path = "data.dvc") -> str:
+    """The DVC hash of the raw dataset as data.dvc records it (md5 of the fetched archive or folder
+    listing), or `unrecorded`."""
+    outs = _data_record(data_dvc).get("outs") or [{}]
+    return str(outs[0].get("md5") or "unrecorded")
+
+
+def data_source(data_dvc: str | Path = "data.dvc") -> str:
+    """The source data.dvc names (URL or path), or `unrecorded`."""
+    deps = _data_record(data_dvc).get("deps") or [{}]
+    return str(deps[0].get("path") or "unrecorded")
+
+
+def fingerprint_test_set(split_dir: str | Path) -> str:
+    """sha256 of the test split's rows (path, label and content hash of every image, sorted): two
+    models' test accuracies are comparable exactly when their fingerprints are equal."""
+    import pandas as pd
+
+    manifest = pd.read_csv(Path(split_dir) / "test.csv", usecols=["path", "label", "sha256"], dtype=str)
+    rows = sorted(manifest.itertuples(index=False, name=None))
+    return hashlib.sha256("\n".join("\t".join(row) for row in rows).encode()).hexdigest()

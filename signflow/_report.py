@@ -28,39 +28,6 @@ def save_figure(figure: Figure, path: Path) -> None:
     write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
 
 
-def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> pd.DataFrame:
-    """Per confidence bin (equal width on [0, 1]): images, mean confidence and accuracy."""
-    confidence = probabilities.max(1) if len(labels) else np.empty(0)
-    correct = probabilities.argmax(1) == labels if len(labels) else np.empty(0, dtype=bool)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    # Bin i holds (edge_i, edge_i+1]; a confidence of exactly 0 cannot occur for a softmax.
-    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
-    rows = []
-    for b in range(bins):
-        members = index == b
-        count = int(members.sum())
-        rows.append(
-            {
-                "bin": b,
-                "lower": float(edges[b]),
-                "upper": float(edges[b + 1]),
-                "images": count,
-                "confidence": float(confidence[members].mean()) if count else float("nan"),
-                "accuracy": float(correct[members].mean()) if count else float("nan"),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def expected_calibration_error(table: pd.DataFrame) -> float:
-    """ECE: the image-weighted mean gap between confidence and accuracy over the bins."""
-    total = table["images"].sum()
-    if total == 0:
-        return float("nan")
-    used = table[table["images"] > 0]
-    return float((used["images"] * (used["confidence"] - used["accuracy"]).abs()).sum() / total)
-
-
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> None:
     """Two panels: counts, and rows normalised to recall (each true class sums to 1)."""
     n = len(class_names)
@@ -111,13 +78,20 @@ def plot_learning_curves(history: pd.DataFrame, path: Path) -> None:
     save_figure(figure, path)
 
 
-def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> None:
-    """Reliability diagram: accuracy per confidence bin against the diagonal, with bin counts."""
-    figure, ax = new_figure(figsize=(5.5, 5))
+def plot_reliability(
+    table: pd.DataFrame, ece: float, path: Path, uncalibrated: pd.DataFrame | None = None, ece_before: float = 0.0
+) -> None:
+    """Reliability diagram: accuracy per confidence bin against the diagonal, with bin counts; with
+    `uncalibrated` (the bins before temperature scaling) also its mean confidence against accuracy."""
+    figure, ax = new_figure(figsize=(5.5, 6))
     used = table[table["images"] > 0]
     width = float(table["upper"].iloc[0] - table["lower"].iloc[0]) if len(table) else 0.1
     ax.bar(used["lower"], used["accuracy"], width=width, align="edge", edgecolor="black", alpha=0.7, label="accuracy")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    if uncalibrated is not None:
+        before = uncalibrated[uncalibrated["images"] > 0]
+        label = f"before temperature scaling (ECE {ece_before:.4f})"
+        ax.plot(before["confidence"], before["accuracy"], "o:", color="tab:red", markersize=4, label=label)
     for _, row in used.iterrows():
         ax.text(
             row["lower"] + width / 2,
@@ -133,7 +107,7 @@ def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> None:
         ylabel="accuracy",
         title=f"Reliability (ECE {ece:.4f}; numbers = images)",
     )
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=8, frameon=False)  # below: no data hidden
     save_figure(figure, path)
 
 
@@ -199,6 +173,21 @@ def split_section(split: str, metrics: dict) -> list[str]:
     return lines
 
 
+def _calibration_rows(metrics: dict) -> list[str]:
+    """ECE and mean confidence as served (after temperature scaling), and before it when known."""
+    rows = [
+        f"| expected calibration error | {metrics['ece']:.4f} |",
+        f"| mean confidence | {metrics['mean_confidence']:.4f} |",
+    ]
+    if "ece_uncalibrated" in metrics:
+        rows += [
+            f"| softmax temperature (fitted on validation) | {metrics['temperature']:.4f} |",
+            f"| expected calibration error before temperature scaling | {metrics['ece_uncalibrated']:.4f} |",
+            f"| mean confidence before temperature scaling | {metrics['mean_confidence_uncalibrated']:.4f} |",
+        ]
+    return rows
+
+
 def markdown_report(
     metrics: dict,
     per_class: pd.DataFrame,
@@ -221,8 +210,7 @@ def markdown_report(
         f"| macro F1 | {metrics['macro_f1']:.4f} |",
         f"| test images | {metrics['test_images']} |",
         f"| mistakes | {metrics['mistakes']} |",
-        f"| expected calibration error | {metrics['ece']:.4f} |",
-        f"| mean confidence | {metrics['mean_confidence']:.4f} |",
+        *_calibration_rows(metrics),
         "",
         *split_section(split, metrics),
         "## Per class",

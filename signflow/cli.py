@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -20,11 +22,14 @@ from signflow.errors import SignflowError
 
 log = logging.getLogger("signflow")
 
+LOCK_WAIT_S = 6 * 3600
+"""How long a command waits for another signflow run in the same project to finish."""
 
-def cmd_download(params: Params, args: argparse.Namespace):
-    from signflow.download import download_dataset
 
-    return download_dataset(params.download, args.raw)
+def cmd_extract(params: Params, args: argparse.Namespace):
+    from signflow.download import extract_dataset
+
+    return extract_dataset(args.source, args.raw, params.download)
 
 
 def cmd_split(params: Params, args: argparse.Namespace):
@@ -36,7 +41,7 @@ def cmd_split(params: Params, args: argparse.Namespace):
 def cmd_train(params: Params, args: argparse.Namespace):
     from signflow.train import fine_tune
 
-    return fine_tune(params.train, args.raw, args.split, args.model, args.train_log)
+    return fine_tune(params.train, args.raw, args.split, args.model, args.train_log, args.cache)
 
 
 def cmd_evaluate(params: Params, args: argparse.Namespace):
@@ -62,12 +67,13 @@ def cmd_register(params: Params, args: argparse.Namespace):
 def cmd_sweep(params: Params, args: argparse.Namespace):
     from signflow.sweep import sweep
 
-    return sweep(args.params, args.raw, args.split, args.sweep_dir, args.project_dir)
+    return sweep(args.params, args.raw, args.split, args.sweep_dir, args.project_dir, args.cache)
 
 
 def _add_paths(parser: argparse.ArgumentParser, *names: str) -> None:
     here, outputs = layout.Workspace(), layout.Workspace().outputs
     options = {
+        "source": ("--source", here.source, "the fetched source data.dvc records (an archive or a folder)"),
         "raw": ("--raw", here.raw, "raw dataset folder (<class>/<images>)"),
         "split": ("--split", here.split, "folder of split manifests"),
         "model": ("--model", here.model, "model file"),
@@ -77,6 +83,11 @@ def _add_paths(parser: argparse.ArgumentParser, *names: str) -> None:
         "onnx": ("--onnx", outputs.onnx, "ONNX model file"),
         "card": ("--card", outputs.model_card, "model card (markdown)"),
         "sweep_dir": ("--sweep-dir", here.sweep, "folder for trials, comparison table and the winner"),
+        "cache": (
+            "--cache-dir",
+            here.cache,
+            f"folder for decoded images and frozen features kept between runs (${layout.CACHE_ENV} sets it too)",
+        ),
         "project_dir": (
             "--project-dir",
             Path("."),
@@ -89,7 +100,12 @@ def _add_paths(parser: argparse.ArgumentParser, *names: str) -> None:
 
 
 COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
-    "download": (cmd_download, "fetch download.url, verify and extract it into the raw dataset folder", ("raw",)),
+    "extract": (
+        cmd_extract,
+        "extract the fetched source (data/source, see data.dvc) safely into the raw dataset folder: class "
+        "folders found, junk left out",
+        ("source", "raw"),
+    ),
     "split": (
         cmd_split,
         "check every image, find near-duplicates and write train/valid/test manifests (split.strategy: the "
@@ -99,7 +115,7 @@ COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
     "train": (
         cmd_train,
         "fine-tune train.model and keep the checkpoint best on validation",
-        ("raw", "split", "model", "train_log"),
+        ("raw", "split", "model", "train_log", "cache"),
     ),
     "evaluate": (
         cmd_evaluate,
@@ -122,7 +138,7 @@ COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
         cmd_sweep,
         "train every combination of sweep.grid on the split, compare them, and evaluate and register the "
         "winner (best validation accuracy); finished trials are skipped on a rerun",
-        ("raw", "split", "sweep_dir", "project_dir"),
+        ("raw", "split", "sweep_dir", "project_dir", "cache"),
     ),
 }
 
@@ -140,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--params", type=Path, default=layout.PARAMS, help="params file (default: params.yaml)")
         _add_paths(sub, *paths)
     add_predict_parser(commands)
+    add_serve_parser(commands)
+    add_source_parser(commands)
     return parser
 
 
@@ -175,6 +193,88 @@ def add_predict_parser(commands) -> None:
     )
 
 
+def add_serve_parser(commands) -> None:
+    help_text = "open a web page that classifies camera frames (or an uploaded photo) with a registered model"
+    sub = commands.add_parser(
+        "serve",
+        help=help_text,
+        description=help_text + ". Open the address it prints, allow the camera and hold up a sign: the top 3 "
+        "classes update a few times a second. The model runs with ONNX Runtime from the version's MLflow model. "
+        "Stop with Ctrl-C.",
+    )
+    sub.add_argument(
+        "--model",
+        default="champion",
+        help="a registry alias or version number of register.model_name (default: champion), an MLflow model "
+        "folder, or an exported .onnx file (or a folder holding model.onnx)",
+    )
+    sub.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1; browsers allow the camera only on localhost or HTTPS)",
+    )
+    sub.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sub.add_argument(
+        "--params",
+        type=Path,
+        default=layout.PARAMS,
+        help="params file for the registry settings (default: params.yaml)",
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from signflow.serve import serve
+
+    serve(args.model, args.params, args.host, args.port)
+    return 0
+
+
+def add_source_parser(commands) -> None:
+    help_text = "show, check or change where the raw dataset comes from (data.dvc)"
+    sub = commands.add_parser(
+        "source",
+        help=help_text,
+        description=help_text + ". data.dvc is DVC's record of the source: a URL or path, and the hash of "
+        "what was fetched. `dvc repro` fetches it again only when it changed.",
+    )
+    actions = sub.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = actions.add_parser(
+        "check",
+        help="say whether the source has new data, without downloading it",
+        description="Print the source, the version fetched, and whether the source changed since (a HEAD "
+        "request for https; nothing is downloaded). Exits 1 when the source cannot be reached.",
+    )
+    change = actions.add_parser(
+        "set",
+        help="point data.dvc at another URL or path and fetch it",
+        description="Write URL_OR_PATH into data.dvc and fetch it (`dvc update data.dvc`); then `dvc repro` "
+        "reruns what depends on the data. URL_OR_PATH: an archive (zip, tar, tar.gz/bz2/xz) at an https:// "
+        "URL (one file, not a folder), or any URL DVC can import (s3://, gs://, ... with the matching "
+        "dvc plugin); or a local archive or folder of class folders (a path outside the project is kept "
+        "absolute, one inside it relative). If the fetch fails, data.dvc is left as it was.",
+    )
+    change.add_argument("url", metavar="URL_OR_PATH")
+    change.add_argument("--no-fetch", action="store_true", help="only write data.dvc; the next `dvc repro` fetches")
+    for parser in (check, change):
+        parser.add_argument("--project-dir", type=Path, default=Path("."), help="project root holding data.dvc")
+
+
+def run_source(args: argparse.Namespace) -> int:
+    from signflow import source
+
+    if args.action == "set":
+        with project_lock(args.project_dir):
+            result = source.set_source(args.project_dir, args.url, fetch=not args.no_fetch)
+        print(result.note)
+        print("Next: `git add data.dvc && git commit`, then `dvc repro`.")
+        return 0
+    record, state = source.check_source(args.project_dir)
+    print(f"source: {record.url}\nfetched: {record.version or 'not yet'}\nstate: {state}")
+    if state == source.CHANGED:
+        print("`dvc repro` fetches the new data and reruns what depends on it.")
+    return 1 if state == source.UNREACHABLE else 0
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from signflow.predict import choose_predictor, model_files, predict_images, write_predictions_csv
 
@@ -201,6 +301,26 @@ def _print_result(result: object) -> None:
         print(json.dumps(asdict(result), indent=2, default=str))
 
 
+@contextmanager
+def project_lock(project_dir: Path) -> Iterator[None]:
+    """Hold the project's run lock, as every command that writes the workspace does: a Prefect flow
+    run, a sweep and these commands never write the same files at once. Under `dvc repro` (which sets
+    DVC_STAGE) a busy lock stops the command at once: `dvc repro` holds DVC's repo lock, which the
+    run holding ours may be waiting for."""
+    from signflow._fileio import held_lock
+
+    lock = layout.Workspace(project_dir).run_lock
+    under_dvc = "DVC_STAGE" in os.environ
+    busy = f"another signflow run (a Prefect flow run, `signflow sweep`, ...) holds {lock}; " + (
+        "`dvc repro` stops at this stage: run it again when that run has finished"
+        if under_dvc
+        else "run this again when it has finished"
+    )
+    waiting = f"another signflow run holds {lock}; waiting for it to finish"
+    with held_lock(lock, 0 if under_dvc else LOCK_WAIT_S, waiting, busy):
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -209,8 +329,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return run_predict(args)
-        params = load_params(args.params)
-        result = COMMANDS[args.command][0](params, args)
+        if args.command == "serve":
+            return run_serve(args)
+        if args.command == "source":
+            return run_source(args)
+        with project_lock(Path(args.params).parent):
+            params = load_params(args.params)  # read once the lock is ours: the previous holder may have changed it
+            result = COMMANDS[args.command][0](params, args)
     except SignflowError as error:
         print(f"signflow {args.command}: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1

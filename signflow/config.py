@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from signflow._images import PILLOW_PIXEL_LIMIT
 from signflow.errors import SignflowError
 
 
@@ -40,13 +41,13 @@ def _float_from_yaml(value: Any) -> Any:
 
 
 class DownloadConfig(_Section):
-    url: str = Field(min_length=1)
-    """Archive URL (https://, file://, any fsspec URL), a local archive path, or a local folder."""
+    """How the fetched source (`data/source`) becomes the class-folder dataset. Where the source comes
+    from is not a param: `data.dvc` records it (`signflow source set`)."""
+
     sha256: str | None
+    """When set, an archive source must have exactly this sha256; None accepts what data.dvc fetched."""
     class_root: str | None
     """Folder inside the source that holds the class folders; None finds it."""
-    retries: int = Field(ge=0, le=20)
-    timeout_s: float = Field(gt=0)
 
     @field_validator("sha256")
     @classmethod
@@ -77,8 +78,16 @@ class SplitConfig(_Section):
     """Largest Hamming distance (of 256 bits) between perceptual hashes of two near-duplicates."""
     max_cluster_fraction: float = Field(gt=0, le=1)
     """With near_duplicates: group, a cluster holding more of its class than this stops the split with advice."""
+    max_pixels: int = Field(ge=1, le=PILLOW_PIXEL_LIMIT)
+    """Images with more pixels are left out (read from the header, before decoding): decoding one
+    costs 3 bytes a pixel, several times over. At most Pillow's own decompression-bomb limit."""
+    max_aspect_ratio: float = Field(ge=1)
+    """Images whose longer side is more than this many times the shorter are left out: the model
+    sees only their centre square."""
 
-    _coerce = field_validator("train", "valid", "test", "max_cluster_fraction", mode="before")(_float_from_yaml)
+    _coerce = field_validator(
+        "train", "valid", "test", "max_aspect_ratio", "max_cluster_fraction", mode="before"
+    )(_float_from_yaml)
 
     @field_validator("group_pattern")
     @classmethod
@@ -144,7 +153,12 @@ class TrainConfig(_Section):
     inference_batch_size: int = Field(ge=1, le=4096)
     """Images per forward pass where no gradients are needed: frozen-feature caching and validation."""
     cached_views: int = Field(ge=1, le=64)
-    """Augmented views of each training image cached when cache_frozen_features is on; epochs cycle them."""
+    """Augmented views of each training image cached when cache_frozen_features is on; epochs cycle
+    them (no more views than epochs are computed)."""
+    cache_dtype: Literal["float16", "float32"]
+    """Number format of the cached frozen features on disk: float16 halves their size (and the I/O)."""
+    loader_workers: int = Field(ge=0, le=64)
+    """Processes reading training batches from the cache files; 0 reads in the training process."""
     cache_runtime: Literal["auto", "onnxruntime", "torch"]
     """What runs the frozen layers for the cache: auto = ONNX Runtime on the CPU, PyTorch on CUDA."""
     device: Literal["auto", "cpu", "cuda"]
@@ -209,8 +223,6 @@ class ScheduleConfig(_Section):
     """Runs of the deployment at once; 1 keeps two runs from sharing the workspace."""
     collision_strategy: Literal["ENQUEUE", "CANCEL_NEW"]
     """What a run that would exceed the limit does: wait for the running one, or be cancelled."""
-    refresh_data: bool
-    """Scheduled runs always re-run the download step, so new data at download.url is noticed."""
 
     @field_validator("cron")
     @classmethod
@@ -322,18 +334,16 @@ def _is_relative_local(url: str) -> bool:
 
 
 def resolve_relative_paths(params: Params, base_dir: Path) -> Params:
-    """Relative local paths in params (data, weights, sqlite registry) are relative to the params file's
+    """Relative local paths in params (weights, sqlite registry) are relative to the params file's
     folder, so `dvc repro` and a flow started from another folder read the same files."""
     base_dir = base_dir.resolve()
-    download, train, register = params.download, params.train, params.register
-    if _is_relative_local(download.url):
-        download = download.model_copy(update={"url": str(base_dir / download.url)})
+    train, register = params.train, params.register
     if train.weights_file and _is_relative_local(train.weights_file):
         train = train.model_copy(update={"weights_file": str(base_dir / train.weights_file)})
     database = register.tracking_uri.removeprefix("sqlite:///")
     if register.tracking_uri.startswith("sqlite:///") and not Path(database).is_absolute():
         register = register.model_copy(update={"tracking_uri": f"sqlite:///{base_dir / database}"})
-    return params.model_copy(update={"download": download, "train": train, "register": register})
+    return params.model_copy(update={"train": train, "register": register})
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:

@@ -1,10 +1,12 @@
-"""Download step: fetch a class-folder dataset, verify it, extract it safely, publish it atomically.
+"""Download step, local half: turn the fetched source into the class-folder dataset, safely.
 
-The source is an archive (zip, tar, tar.gz/bz2/xz) at an https:// URL, a file:// URL, any URL
-fsspec can open, or a local path; or a local folder of class folders. The result is
+DVC fetches the source that `data.dvc` names into `data/source` (signflow/source.py): an archive
+(zip, tar, tar.gz/bz2/xz, recognised by its content since the file has no extension) or a folder of
+class folders. This module extracts it safely, finds the class folders, leaves junk out and writes
 `dest/<class name>/<image files>`, or `dest/<split>/<class name>/<image files>` (split: train, valid,
-test) when the source ships its own split folders, plus `dest/SOURCE.json`; `dest` is replaced in
-one step only after everything succeeded, so an interrupted run leaves the previous dataset (or none).
+test) when the source ships its own split folders, plus `dest/SOURCE.json`; `dest` is replaced in one
+step only after everything succeeded, so an interrupted run leaves the previous dataset (or none). It
+never touches the network and never modifies the source.
 """
 
 from __future__ import annotations
@@ -14,17 +16,10 @@ import os
 import shutil
 import stat
 import tarfile
-import time
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlparse
-
-from tqdm.auto import tqdm
 
 from signflow._fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
 from signflow._images import is_image_name, is_junk, split_folder_name
@@ -34,9 +29,8 @@ from signflow.errors import SignflowError
 __all__ = [
     "DatasetInfo",
     "DownloadError",
-    "NetworkError",
-    "download_dataset",
     "extract_archive",
+    "extract_dataset",
     "find_class_root",
     "find_class_roots",
 ]
@@ -47,11 +41,7 @@ SOURCE_INFO_NAME = "SOURCE.json"
 
 
 class DownloadError(SignflowError, RuntimeError):
-    """The source could not be fetched, verified or understood; the message says what to do."""
-
-
-class NetworkError(DownloadError):
-    """The source could not be reached; worth retrying later, unlike bad content."""
+    """The source could not be verified or understood; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -71,66 +61,6 @@ class DatasetInfo:
 
     def summary_line(self) -> str:
         return f"{self.num_images} images, {len(self.class_names)} classes"
-
-
-def _local_path(url: str) -> Path | None:
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return Path(unquote(parsed.path))
-    if parsed.scheme == "" or (len(parsed.scheme) == 1 and url[1:3] in (":\\", ":/")):
-        return Path(url).expanduser()
-    return None
-
-
-def _http_fetch(url: str, target: Path, timeout_s: float) -> None:
-    request = urllib.request.Request(url, headers={"User-Agent": "signflow"})
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with open(target, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="download") as bar:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                bar.update(len(chunk))
-        if total is not None and target.stat().st_size != total:
-            raise urllib.error.ContentTooShortError(
-                f"got {target.stat().st_size} of {total} bytes",
-                None,  # type: ignore[arg-type]
-            )
-
-
-def _fsspec_fetch(url: str, target: Path, timeout_s: float) -> None:
-    import fsspec
-
-    with fsspec.open(url, "rb") as source, open(target, "wb") as out:
-        shutil.copyfileobj(source, out, 1 << 20)
-
-
-# Besides 5xx: request timeout and rate limiting are worth another try; other 4xx are not.
-_TRANSIENT_HTTP = frozenset({408, 429})
-
-
-def fetch_with_retries(
-    url: str, target: Path, retries: int, timeout_s: float, sleep: Callable[[float], None] = time.sleep
-) -> None:
-    """Fetch a remote URL to `target`, retrying network errors with exponential back-off."""
-    fetch = _http_fetch if urlparse(url).scheme in ("http", "https") else _fsspec_fetch
-    for attempt in range(retries + 1):
-        try:
-            fetch(url, target, timeout_s)
-            return
-        except urllib.error.HTTPError as error:
-            if error.code < 500 and error.code not in _TRANSIENT_HTTP:
-                raise DownloadError(f"{url}: HTTP {error.code} {error.reason}; check download.url") from None
-            if attempt == retries:
-                raise NetworkError(f"{url}: HTTP {error.code} {error.reason}; check download.url") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
-            if attempt == retries:
-                raise NetworkError(
-                    f"{url}: could not download after {retries + 1} attempt(s): {error}. "
-                    "Check the network, or point download.url at a local copy."
-                ) from None
-        delay = min(2.0**attempt, 30.0)
-        log.warning("download of %s failed (attempt %d/%d); retrying in %.0f s", url, attempt + 1, retries + 1, delay)
-        sleep(delay)
 
 
 def _check_member_name(name: str, archive: Path) -> PurePosixPath:
@@ -177,8 +107,8 @@ def extract_archive(archive: Path, dest: Path) -> None:
         _extract_tar(archive, dest)
     else:
         raise DownloadError(
-            f"{archive}: not a zip or tar archive (or truncated); download.url must point at an archive "
-            "or at a folder of class folders"
+            f"{archive}: not a zip or tar archive (or truncated); the source in data.dvc must be an archive "
+            "or a folder of class folders (`signflow source set URL_OR_PATH`)"
         )
 
 
@@ -314,37 +244,37 @@ def _copy_dataset(roots: dict[str, Path], dest: Path) -> tuple[dict[str, int], l
     return counts, skipped
 
 
-def _materialise_source(cfg: DownloadConfig, scratch: Path) -> tuple[Path, str | None]:
+def _materialise_source(source: Path, cfg: DownloadConfig, scratch: Path) -> tuple[Path, str | None]:
     """Return a local folder tree holding the source's files, and the archive's sha256 (if archive)."""
-    local = _local_path(cfg.url)
-    if local is not None and local.is_dir():
+    if source.is_dir():
         if cfg.sha256:
-            raise DownloadError("download.sha256 applies to archives; download.url is a folder (set sha256: null)")
-        return local, None
-    if local is not None:
-        if not local.is_file():
-            raise DownloadError(f"download.url: {local} does not exist")
-        archive = local
-    else:
-        archive = scratch / "archive"
-        fetch_with_retries(cfg.url, archive, cfg.retries, cfg.timeout_s)
-    digest = sha256_file(archive)
+            raise DownloadError(
+                f"download.sha256 applies to archives; the source {source} is a folder (set sha256: null)"
+            )
+        return source, None
+    if not source.is_file():
+        raise DownloadError(
+            f"{source} does not exist: `dvc repro` fetches the source data.dvc names (or `dvc pull` gets it from "
+            "the DVC remote)"
+        )
+    digest = sha256_file(source)
     if cfg.sha256 and digest != cfg.sha256:
         raise DownloadError(
-            f"{cfg.url}: sha256 is {digest}, but download.sha256 expects {cfg.sha256}; the file is corrupt or "
+            f"{source}: sha256 is {digest}, but download.sha256 expects {cfg.sha256}; the file is corrupt or "
             "changed upstream (set download.sha256 to null to accept any content)"
         )
     tree = scratch / "tree"
     tree.mkdir()
-    extract_archive(archive, tree)
+    extract_archive(source, tree)
     return tree, digest
 
 
-def download_dataset(cfg: DownloadConfig, dest: str | Path) -> DatasetInfo:
-    """Fetch `cfg.url` into `dest` as `<class>/<files>`; `dest` changes only if every step succeeds."""
-    dest = Path(dest)
+def extract_dataset(source: str | Path, dest: str | Path, cfg: DownloadConfig) -> DatasetInfo:
+    """Turn `source` (an archive or a folder) into `dest` as `<class>/<files>`; `dest` changes only if
+    every step succeeds."""
+    source, dest = Path(source), Path(dest)
     with staging_dir(dest) as scratch:
-        tree, digest = _materialise_source(cfg, scratch)
+        tree, digest = _materialise_source(source, cfg, scratch)
         if cfg.class_root:
             if not (tree / cfg.class_root).is_dir():
                 raise DownloadError(f"download.class_root: {cfg.class_root!r} is not a folder in the source")
@@ -353,9 +283,9 @@ def download_dataset(cfg: DownloadConfig, dest: str | Path) -> DatasetInfo:
             roots = find_class_roots(tree)
         staged = scratch / "dataset"
         counts, skipped = _copy_dataset(roots, staged)
-        common = Path(os.path.commonpath(list(roots.values()))) if len(roots) > 1 else roots[""]
+        common = Path(os.path.commonpath(list(roots.values())))
         info = DatasetInfo(
-            source=cfg.url,
+            source=str(source),
             source_sha256=digest,
             class_root=common.relative_to(tree).as_posix(),
             class_names=sorted(counts),
@@ -365,7 +295,7 @@ def download_dataset(cfg: DownloadConfig, dest: str | Path) -> DatasetInfo:
         )
         write_json_atomic(staged / SOURCE_INFO_NAME, asdict(info))
         replace_dir_atomic(staged, dest)
-    log.info("downloaded %d files in %d classes from %s", info.num_images, len(info.class_names), cfg.url)
+    log.info("extracted %d files in %d classes from %s", info.num_images, len(info.class_names), source)
     if info.split_folders:
         log.info("kept the source's split folders: %s", info.split_folders)
     for line in skipped:

@@ -1,10 +1,11 @@
 """Evaluate step: the model on the test split only, and the report a person reads.
 
 Writes into the reports folder (names in `signflow.layout`): `metrics.json` (accuracy, macro F1,
-test-set size, mistakes, expected calibration error), `per_class.csv`, `predictions.csv` (one row
-per test image), `calibration.csv`, `confusion.png` (counts and row-normalised),
-`learning_curves.png` (from the train step's epoch log), `mistakes.png` (the most confident
-mistakes), `reliability.png` and `report.md` tying them together.
+test-set size, mistakes, expected calibration error with the model's softmax temperature and
+without it), `per_class.csv`, `predictions.csv` (one row per test image), `calibration.csv`,
+`confusion.png` (counts and row-normalised), `learning_curves.png` (from the train step's epoch
+log), `mistakes.png` (the most confident mistakes), `reliability.png` and `report.md` tying them
+together. Probabilities are softmax(logits / temperature), the numbers every use of the model gives.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 
 from signflow import _report as report
 from signflow import layout
+from signflow._calibration import calibration_bins, expected_calibration_error, softmax
 from signflow._fileio import write_atomic, write_json_atomic, write_text_atomic
 from signflow._forward import predict_logits
 from signflow._model import resolve_device
 from signflow._model_file import ModelBundle, load_bundle
-from signflow._preprocessing import load_images
+from signflow._preprocessing import decode_chunks
 from signflow.config import EvaluateConfig
 from signflow.split import read_class_names, read_manifest, read_split_report
 
@@ -69,6 +71,8 @@ class Scores:
     predictions: pd.DataFrame
     calibration: pd.DataFrame
     confusion: np.ndarray
+    uncalibrated: pd.DataFrame
+    """The calibration bins of softmax(logits) without the temperature: the "before" of the report."""
 
 
 def evaluate(
@@ -86,16 +90,16 @@ def evaluate(
     bundle.check_classes(read_class_names(split_dir), f"{split_dir}/classes.json")
     bundle.check_preprocessing(str(model_path))
     manifest = read_manifest(split_dir, "test")
-    probabilities = probabilities_for(bundle, [raw_dir / p for p in manifest["path"]], cfg.batch_size)
-    scores = score(manifest, probabilities, bundle.class_names, cfg.calibration_bins)
+    logits = logits_for(bundle, [raw_dir / p for p in manifest["path"]], cfg.batch_size)
+    scores = score(manifest, logits, bundle.temperature, bundle.class_names, cfg.calibration_bins)
     split_report = read_split_report(split_dir)
     scores.metrics.update(near_duplicate_metrics(manifest, scores.predictions, split_report))
     split = split_report.get("description", "unknown: the split has no report.json (made by an older signflow)")
     write_report(scores, bundle, cfg, raw_dir, reports_dir, train_log, split)
     metrics = scores.metrics
     log.info(
-        "test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images",
-        *(metrics[k] for k in ("accuracy", "macro_f1", "ece", "test_images")),
+        "test accuracy %.4f, macro F1 %.4f, ECE %.4f (%.4f before temperature %.3f) on %d images",
+        *(metrics[k] for k in ("accuracy", "macro_f1", "ece", "ece_uncalibrated", "temperature", "test_images")),
     )
     return EvaluationResult(
         metrics["accuracy"],
@@ -111,15 +115,21 @@ def evaluate(
     )
 
 
-def probabilities_for(bundle: ModelBundle, paths: list[Path], batch_size: int) -> np.ndarray:
-    """Softmax probabilities (float64) of the model for each image, run as it was trained
-    (channels_last: MobileNet-style CNNs ran about twice as fast with it on the CPU)."""
-    images = load_images(paths, bundle.preprocessing, desc="decode test")
+def logits_for(bundle: ModelBundle, paths: list[Path], batch_size: int) -> np.ndarray:
+    """The model's logits (float32, before the temperature) for each image, run as it was trained
+    (channels_last: MobileNet-style CNNs ran about twice as fast with it on the CPU). Images are
+    decoded and scored a chunk at a time: memory does not grow with the test split."""
     device = resolve_device("auto")
     memory_format = torch.channels_last if bundle.channels_last else torch.contiguous_format
     model = bundle.build_model().to(device, memory_format=memory_format)
-    logits = predict_logits(model, images, bundle.preprocessing, batch_size, device, bundle.channels_last)
-    return torch.softmax(logits, dim=1).numpy().astype(np.float64)
+    chunks = decode_chunks(paths, bundle.preprocessing, chunk_size=4 * batch_size, desc="evaluate test")
+    logits = [
+        predict_logits(model, images, bundle.preprocessing, batch_size, device, bundle.channels_last)
+        for images in chunks
+    ]
+    if not logits:
+        return np.empty((0, len(bundle.class_names)), dtype=np.float32)
+    return torch.cat(logits).numpy()
 
 
 def compute_metrics(labels: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> tuple[dict, pd.DataFrame]:
@@ -150,13 +160,19 @@ def near_duplicate_metrics(manifest: pd.DataFrame, predictions: pd.DataFrame, sp
     return metrics
 
 
-def score(manifest: pd.DataFrame, probabilities: np.ndarray, class_names: list[str], bins: int) -> Scores:
+def score(manifest: pd.DataFrame, logits: np.ndarray, temperature: float, class_names: list[str], bins: int) -> Scores:
+    """Metrics of the probabilities the model gives (softmax of logits / temperature), and the
+    calibration without the temperature for comparison (same predictions: same accuracy)."""
     labels = manifest["label_index"].to_numpy()
+    probabilities, uncalibrated = softmax(logits, temperature), softmax(logits)
     predicted = probabilities.argmax(1)
     metrics, per_class = compute_metrics(labels, predicted, class_names)
-    calibration = report.calibration_bins(labels, probabilities, bins)
-    metrics["ece"] = report.expected_calibration_error(calibration)
+    calibration, before = calibration_bins(labels, probabilities, bins), calibration_bins(labels, uncalibrated, bins)
+    metrics["ece"] = expected_calibration_error(calibration)
     metrics["mean_confidence"] = float(probabilities.max(1).mean())
+    metrics["temperature"] = float(temperature)
+    metrics["ece_uncalibrated"] = expected_calibration_error(before)
+    metrics["mean_confidence_uncalibrated"] = float(uncalibrated.max(1).mean())
     names = np.array(class_names)
     predictions = pd.DataFrame(
         {
@@ -168,7 +184,7 @@ def score(manifest: pd.DataFrame, probabilities: np.ndarray, class_names: list[s
         }
     )
     confusion = confusion_matrix(labels, predicted, labels=list(range(len(names))))
-    return Scores(metrics, per_class, predictions, calibration, confusion)
+    return Scores(metrics, per_class, predictions, calibration, confusion, before)
 
 
 def write_report(
@@ -192,7 +208,14 @@ def write_report(
     report.plot_confusion(scores.confusion, bundle.class_names, figures["confusion matrix"])
     report.plot_learning_curves(_read_history(train_log), figures["learning curves"])
     report.plot_mistakes(mistakes, raw_dir, scores.metrics["test_images"], figures["most confident mistakes"])
-    report.plot_reliability(scores.calibration, scores.metrics["ece"], figures["reliability diagram"])
+    metrics = scores.metrics
+    report.plot_reliability(
+        scores.calibration,
+        metrics["ece"],
+        figures["reliability diagram"],
+        scores.uncalibrated,
+        metrics["ece_uncalibrated"],
+    )
     summary = {"model_name": bundle.model_name, **bundle.summary}
     markdown = report.markdown_report(scores.metrics, scores.per_class, mistakes, summary, layout.FIGURES, split)
     write_text_atomic(reports_dir / layout.REPORT_MARKDOWN, markdown)

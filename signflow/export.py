@@ -1,8 +1,13 @@
 """Export step: the trained model as ONNX, checked against PyTorch before it is written.
 
 The ONNX file carries what a user of it needs, in its metadata: the class list, the preprocessing
-the model was trained with, the timm model name and the fingerprint of the PyTorch weights it came
-from. `signflow predict` reads them from there, so an .onnx file is usable on its own.
+the model was trained with, the timm model name, the softmax temperature and the fingerprint of the
+PyTorch weights it came from. `signflow predict` and the MLflow model read them from there, so an
+.onnx file is usable on its own.
+
+The temperature is baked into the graph: its output `logits` are the model's logits divided by
+`signflow.temperature`, so a plain softmax of them gives the calibrated probabilities, the same
+numbers `signflow predict` prints with the PyTorch model.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from signflow._fileio import atomic_path
 from signflow._model_file import ModelBundle, load_bundle
@@ -42,13 +48,29 @@ class ExportResult:
         return f"max |ONNX - PyTorch| {self.max_abs_difference:.1e}"
 
 
+OUTPUT_DESCRIPTION = "logits divided by signflow.temperature: their softmax gives the calibrated probabilities"
+
+
 def metadata_for(bundle: ModelBundle, fingerprint: str) -> dict[str, str]:
     return {
         "signflow.model_name": bundle.model_name,
         "signflow.class_names": json.dumps(bundle.class_names),
-        "signflow._preprocessing": json.dumps(bundle.preprocessing.to_dict()),
+        "signflow.preprocessing": json.dumps(bundle.preprocessing.to_dict()),
+        "signflow.temperature": repr(float(bundle.temperature)),
+        "signflow.output": OUTPUT_DESCRIPTION,
         "signflow.fingerprint": fingerprint,
     }
+
+
+class TemperatureScaled(nn.Module):
+    """The model with its logits divided by the softmax temperature (one Div node in ONNX)."""
+
+    def __init__(self, model: nn.Module, temperature: float):
+        super().__init__()
+        self.model, self.temperature = model, float(temperature)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images) / self.temperature
 
 
 def parity_inputs(bundle: ModelBundle, count: int = 8, seed: int = 0) -> torch.Tensor:
@@ -60,13 +82,14 @@ def parity_inputs(bundle: ModelBundle, count: int = 8, seed: int = 0) -> torch.T
 
 
 def export_onnx(cfg: ExportConfig, model_path: str | Path, onnx_path: str | Path) -> ExportResult:
-    """Write `model_path` as ONNX to `onnx_path` (dynamic batch size); fail, keeping any previous
-    file, if ONNX Runtime's logits differ from PyTorch's by more than `cfg.tolerance`."""
+    """Write `model_path` as ONNX to `onnx_path` (dynamic batch size, the temperature applied); fail,
+    keeping any previous file, if ONNX Runtime's logits differ from PyTorch's by more than
+    `cfg.tolerance` (measured before the division by the temperature, in the model's own logits)."""
     import onnx
 
     bundle = load_bundle(model_path)
     fingerprint = bundle.fingerprint()
-    model = bundle.build_model()
+    model = TemperatureScaled(bundle.build_model(), bundle.temperature).eval()
     inputs = parity_inputs(bundle)
     with torch.inference_mode():
         expected = model(inputs).numpy()
@@ -79,7 +102,7 @@ def export_onnx(cfg: ExportConfig, model_path: str | Path, onnx_path: str | Path
             entry.key, entry.value = key, value
         onnx.save(proto, str(tmp))
         actual = onnx_session(tmp).run([OUTPUT_NAME], {INPUT_NAME: inputs.numpy()})[0]
-        difference = float(np.abs(actual - expected).max())
+        difference = float(np.abs(actual - expected).max()) * bundle.temperature
         if not difference <= cfg.tolerance:
             raise ExportError(
                 f"ONNX Runtime and PyTorch disagree by {difference:.2e} (> export.tolerance {cfg.tolerance:.0e}) "

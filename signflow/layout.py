@@ -7,11 +7,19 @@ theirs from the same `Workspace` and `ModelOutputs`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
 RUN_LOCK = ".signflow-run.lock"
+DATA_DVC = "data.dvc"
+"""DVC's record of the raw dataset: its source (URL or path) and the hash of what was fetched."""
+RUNS = "runs"
+"""Override runs (Prefect `overrides`, `--set`) each get a workspace `runs/<flow run id>/` under here."""
+CACHE = ".signflow-cache"
+CACHE_ENV = "SIGNFLOW_CACHE_DIR"
+"""Environment variable that moves every workspace's cache folder (e.g. to a larger disk)."""
 
 METRICS = "metrics.json"
 """The evaluate step's headline metrics (test accuracy, macro F1, ...), in the reports folder."""
@@ -54,10 +62,21 @@ class Workspace:
     """A project's files under `root`: the layout `dvc repro` and the Prefect flow both use."""
 
     root: Path = Path(".")
+    cache_root: Path | None = None
+    """Where `cache` lives when not under `root`: override runs share their project's cache."""
 
     @property
     def params(self) -> Path:
         return self.root / PARAMS
+
+    @property
+    def data_dvc(self) -> Path:
+        return self.root / DATA_DVC
+
+    @property
+    def source(self) -> Path:
+        """The fetched source as DVC keeps it (an archive file or a folder); `data.dvc` owns it."""
+        return self.root / "data" / "source"
 
     @property
     def raw(self) -> Path:
@@ -91,6 +110,22 @@ class Workspace:
     @property
     def run_lock(self) -> Path:
         return self.root / RUN_LOCK
+
+    @property
+    def runs(self) -> Path:
+        return self.root / RUNS
+
+    def override_run(self, run_id: str) -> Workspace:
+        """The workspace of one override run: its own data/raw, data/split, models/ and reports/; the
+        content-keyed cache is the project's (an entry is only reused for identical inputs)."""
+        return Workspace(self.runs / run_id, cache_root=self.cache)
+
+    @property
+    def cache(self) -> Path:
+        """Decoded images and frozen features the train step keeps between runs (see
+        signflow._disk_cache): ignored by git and DVC, safe to delete when no run is going.
+        `SIGNFLOW_CACHE_DIR` puts it elsewhere."""
+        return Path(os.environ.get(CACHE_ENV) or self.cache_root or self.root / CACHE)
 
 
 def winner_outputs(sweep_dir: Path) -> ModelOutputs:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ import torch
 
 from signflow._fileio import write_atomic
 from signflow._images import is_image_name, is_junk
-from signflow._mlflow import mlflow_client, resolve_tracking_uri
+from signflow._mlflow import VersionNotFound, downloaded_version, is_registry_reference, resolve_tracking_uri
 from signflow._model_file import load_bundle
 from signflow._onnx import INPUT_NAME, onnx_session
 from signflow._preprocessing import Preprocessing, normalize, read_image
@@ -51,7 +49,7 @@ class TorchPredictor:
     def __init__(self, model_path: Path):
         bundle = load_bundle(model_path)
         self.class_names, self.preprocessing = bundle.class_names, bundle.preprocessing
-        self.fingerprint = bundle.fingerprint()
+        self.fingerprint, self.temperature = bundle.fingerprint(), bundle.temperature
         # channels_last (as trained): MobileNet-style CNNs ran about twice as fast with it on the CPU
         self.memory_format = torch.channels_last if bundle.channels_last else torch.contiguous_format
         self.model = bundle.build_model().to(memory_format=self.memory_format)
@@ -60,7 +58,7 @@ class TorchPredictor:
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
         logits = self.model(normalize(images, self.preprocessing).contiguous(memory_format=self.memory_format))
-        return torch.softmax(logits.float(), dim=1).numpy()
+        return torch.softmax(logits.float() / self.temperature, dim=1).numpy()
 
 
 class OnnxPredictor:
@@ -74,7 +72,9 @@ class OnnxPredictor:
         meta = self.session.get_modelmeta().custom_metadata_map
         try:
             self.class_names = json.loads(meta["signflow.class_names"])
-            self.preprocessing = Preprocessing.from_dict(json.loads(meta["signflow._preprocessing"]))
+            # "signflow._preprocessing": the key of files exported at commit d8aea16
+            preprocessing = meta.get("signflow.preprocessing") or meta["signflow._preprocessing"]
+            self.preprocessing = Preprocessing.from_dict(json.loads(preprocessing))
         except KeyError:
             raise PredictError(
                 f"{onnx_path}: no signflow metadata (class list, preprocessing); export it with `signflow export`"
@@ -84,6 +84,7 @@ class OnnxPredictor:
         self.source = str(onnx_path)
 
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        # the exported graph already divides by the model's temperature (signflow.export)
         logits = self.session.run(None, {self.input_name: normalize(images, self.preprocessing).numpy()})[0]
         return torch.softmax(torch.from_numpy(logits).float(), dim=1).numpy()
 
@@ -156,8 +157,11 @@ def choose_predictor(model_file: Path | None, onnx_file: Path | None, backend: s
 
 
 def _files_in(folder: Path) -> tuple[Path | None, Path | None]:
-    model_file, onnx_file = folder / MODEL_FILE, folder / ONNX_FILE
-    return (model_file if model_file.is_file() else None, onnx_file if onnx_file.is_file() else None)
+    """(.pt, .onnx) in a folder; the ONNX file of an MLflow model folder (a registered version) is
+    in its `artifacts/`."""
+    model_file = folder / MODEL_FILE
+    onnx_file = next((p for p in (folder / ONNX_FILE, folder / "artifacts" / ONNX_FILE) if p.is_file()), None)
+    return (model_file if model_file.is_file() else None, onnx_file)
 
 
 def local_model_files(spec: Path) -> tuple[Path | None, Path | None]:
@@ -191,32 +195,17 @@ def model_files(spec: str, params_path: Path) -> AbstractContextManager[tuple[Pa
     return nullcontext((model_file, onnx_file, str(path)))
 
 
-def is_registry_reference(spec: str) -> bool:
-    """A version number or an alias name (letters, digits, - and _), unless such a path exists."""
-    return not Path(spec).exists() and re.fullmatch(r"[A-Za-z0-9_-]+", spec) is not None
-
-
 @contextmanager
 def registry_model_files(
     spec: str, model_name: str, tracking_uri: str
 ) -> Iterator[tuple[Path | None, Path | None, str]]:
     """Download a registered version's model folder to a temporary folder; yields (.pt, .onnx, label)."""
-    from mlflow.artifacts import download_artifacts
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow_client(tracking_uri)
     try:
-        version = client.get_model_version(model_name, spec) if spec.isdigit() else None
-        version = version or client.get_model_version_by_alias(model_name, spec)
-    except MlflowException as error:
-        raise PredictError(
-            f"{model_name!r} has no version or alias {spec!r} in the registry at {tracking_uri} "
-            f"({error.message.splitlines()[0]}); run the pipeline first, or give a model file path"
-        ) from None
-    with tempfile.TemporaryDirectory(prefix="signflow-model-") as tmp:
-        folder = Path(download_artifacts(artifact_uri=version.source, dst_path=tmp, tracking_uri=tracking_uri))
-        model_file, onnx_file = _files_in(folder)
-        yield model_file, onnx_file, f"{model_name} version {version.version}"
+        with downloaded_version(model_name, spec, tracking_uri) as (folder, version):
+            model_file, onnx_file = _files_in(folder)
+            yield model_file, onnx_file, f"{model_name} version {version}"
+    except VersionNotFound as error:
+        raise PredictError(str(error)) from None
 
 
 def _batches(items: list, size: int) -> Iterable[list]:

@@ -1,7 +1,12 @@
 """Register step: a model version in MLflow's registry, with params, metrics, data version, commit.
 
 The `champion` alias moves to the new version only when its test accuracy passes the gate and
-beats the current champion. Registering the same model twice (same fingerprint) adds no version.
+beats the current champion's on the same test set (the same images: same data and split). A model
+scored on another test set is registered without moving the alias, and the receipt says why. The
+alias is compared and moved under a lock kept in the registry itself, so machines sharing one
+MLflow server take turns. Registering the same model twice (same fingerprint) adds no version.
+The version's `model/` folder is also an MLflow model (signflow._mlflow_model), so
+`mlflow.pyfunc.load_model` and `mlflow models serve` can use the version directly.
 """
 
 from __future__ import annotations
@@ -9,7 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import tempfile
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -21,21 +30,27 @@ from filelock import FileLock
 
 from signflow._fileio import write_json_atomic, write_text_atomic
 from signflow._mlflow import mlflow_client, resolve_tracking_uri
+from signflow._mlflow_model import log_mlflow_model
 from signflow._model_card import render_model_card
 from signflow._model_file import ModelBundle, load_bundle
-from signflow._provenance import data_version, git_commit
+from signflow._provenance import data_source, data_version, fingerprint_test_set, git_commit
 from signflow.config import Params, RegisterConfig
 from signflow.errors import SignflowError
-from signflow.layout import REPORT_FILES, ModelOutputs
+from signflow.layout import DATA_DVC, REPORT_FILES, ModelOutputs
 from signflow.split import read_split_report
 
-__all__ = ["Candidate", "Registration", "RegistryError", "register_model", "register_run"]
+__all__ = ["Candidate", "ChampionDecision", "Registration", "RegistryError", "register_model", "register_run"]
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 FINGERPRINT_TAG = "signflow.fingerprint"
 ACCURACY_TAG = "signflow.test_accuracy"
+TEST_SET_TAG = "signflow.test_set"
+DATA_VERSION_TAG = "signflow.data_version"
+CHAMPION_LOCK_SUFFIX = ".champion-lock"
+CHAMPION_LOCK_LEASE_S = 120.0
+"""A champion lock older than this was left by a registration that died; the next one removes it."""
 
 CardWriter = Callable[[ModelBundle, dict, str], Path]
 """Writes the model card of (bundle, metrics, version number) and returns its path."""
@@ -56,6 +71,7 @@ class Registration:
     champion_version: str | None
     newly_created: bool
     tracking_uri: str
+    champion_reason: str
 
     def summary_line(self) -> str:
         return f"{self.model_name} v{self.version}, champion v{self.champion_version}, new: {self.newly_created}"
@@ -100,6 +116,10 @@ class Candidate:
     def accuracy(self) -> float:
         return float(self.metrics["accuracy"])
 
+    @property
+    def onnx_file(self) -> Path | None:
+        return next((path for path in self.model_files if path.suffix == ".onnx"), None)
+
 
 def register_model(
     cfg: RegisterConfig, candidate: Candidate, receipt_path: str | Path, write_card: CardWriter | None = None
@@ -116,7 +136,7 @@ def register_model(
         else:
             version = existing
             log.info("model already registered as %s version %s; no new version", cfg.model_name, version.version)
-        champion = _update_champion(client, cfg, version.version, candidate.accuracy)
+        champion, decision = move_champion(client, cfg, version.version, candidate)
         if write_card is not None:
             card = write_card(candidate.bundle, candidate.metrics, str(version.version))
             if existing is None:
@@ -132,22 +152,30 @@ def register_model(
         champion_version=str(champion.version) if champion else None,
         newly_created=existing is None,
         tracking_uri=tracking_uri,
+        champion_reason=decision.reason,
     )
     write_json_atomic(receipt_path, asdict(result))
     return result
 
 
 def register_run(
-    params: Params, model_path: str | Path, outputs: ModelOutputs, *, project_dir: str | Path, split_dir: str | Path
+    params: Params,
+    model_path: str | Path,
+    outputs: ModelOutputs,
+    *,
+    project_dir: str | Path,
+    split_dir: str | Path,
+    run_tags: dict[str, str] | None = None,
 ) -> Registration:
-    """Register the evaluate step's outputs with their provenance (data version from `dvc.lock`, git
-    commit of `project_dir`) and the ONNX export when there is one, then write the model card;
-    what `signflow register`, the Prefect task and the sweep's winner all call."""
+    """Register the evaluate step's outputs with their provenance (data version from `data.dvc`, the
+    test set's fingerprint, git commit of `project_dir`, and `run_tags`, e.g. the Prefect flow run) and
+    the ONNX export when there is one, then write the model card; what `signflow register`, the Prefect
+    task and the sweep's winner all call."""
     project_dir = Path(project_dir)
     tags = {
-        "signflow.data_version": data_version(project_dir / "dvc.lock"),
-        "signflow.git_commit": git_commit(project_dir),
+        **provenance_tags(project_dir, Path(split_dir)),
         **split_tags(read_split_report(split_dir), outputs.metrics),
+        **(run_tags or {}),
     }
     onnx = outputs.onnx if outputs.onnx.is_file() else None
     if onnx is None:
@@ -162,6 +190,17 @@ def register_run(
     )
     card = partial(_write_card, params=params, split_dir=Path(split_dir), tags=tags, card_path=outputs.model_card)
     return register_model(params.register, candidate, outputs.receipt, card)
+
+
+def provenance_tags(project_dir: Path, split_dir: Path) -> dict[str, str]:
+    """Where the model came from: the data (data.dvc's version and source), the exact test set it was
+    scored on, and the code (git commit)."""
+    return {
+        DATA_VERSION_TAG: data_version(project_dir / DATA_DVC),
+        "signflow.data_source": data_source(project_dir / DATA_DVC),
+        TEST_SET_TAG: fingerprint_test_set(split_dir),
+        "signflow.git_commit": git_commit(project_dir),
+    }
 
 
 def split_tags(split_report: dict[str, Any], metrics_path: Path) -> dict[str, str]:
@@ -181,8 +220,9 @@ def split_tags(split_report: dict[str, Any], metrics_path: Path) -> dict[str, st
 
 @contextmanager
 def registry_lock(tracking_uri: str) -> Iterator[None]:
-    """One registration per registry at a time on this machine: creating a fresh SQLite registry,
-    checking for a duplicate and moving the champion alias are not safe to interleave."""
+    """One registration per registry at a time on this machine: creating a fresh SQLite registry and
+    checking for a duplicate are not safe to interleave. (The champion alias is also guarded across
+    machines, by `champion_lock`.)"""
     key = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
     with FileLock(str(Path(tempfile.gettempdir()) / f"signflow-register-{key}.lock"), timeout=600):
         yield
@@ -233,9 +273,19 @@ def _log_run(client, run_id: str, candidate: Candidate) -> None:
     for key, value in candidate.metrics.items():
         client.log_metric(run_id, key, float(value))
     for model_file in candidate.model_files:
-        client.log_artifact(run_id, str(model_file), artifact_path="model")
+        if model_file != candidate.onnx_file:  # the MLflow model holds it (model/artifacts/model.onnx)
+            client.log_artifact(run_id, str(model_file), artifact_path="model")
+    _log_mlflow_model(client, run_id, candidate)
     for report in candidate.report_files:
         client.log_artifact(run_id, str(report), artifact_path="reports")
+
+
+def _log_mlflow_model(client, run_id: str, candidate: Candidate) -> None:
+    """Make the run's `model/` folder an MLflow model that runs the ONNX file (no PyTorch needed)."""
+    if candidate.onnx_file is None:
+        log.warning("no ONNX file: this version gets no MLflow model (mlflow.pyfunc and `mlflow models serve` need it)")
+        return
+    log_mlflow_model(client, run_id, candidate.onnx_file, candidate.bundle.preprocessing.image_size, "model")
 
 
 def _create_version(client, cfg: RegisterConfig, tracking_uri: str, candidate: Candidate):
@@ -257,20 +307,116 @@ def _create_version(client, cfg: RegisterConfig, tracking_uri: str, candidate: C
     return client.create_model_version(cfg.model_name, source, run_id=run.info.run_id, tags=version_tags)
 
 
-def _update_champion(client, cfg: RegisterConfig, version: str, accuracy: float):
-    """Point `champion` at `version` if its accuracy passes the gate and beats the champion's;
-    returns the champion afterwards."""
-    champion = _champion(client, cfg.model_name)
-    champion_accuracy = float(champion.tags.get(ACCURACY_TAG, "-inf")) if champion else float("-inf")
-    promote = accuracy >= cfg.min_accuracy and (champion is None or accuracy > champion_accuracy)
-    if promote and (champion is None or champion.version != version):
-        client.set_registered_model_alias(cfg.model_name, CHAMPION, version)
-        log.info("champion -> version %s (test accuracy %.4f)", version, accuracy)
-    elif accuracy < cfg.min_accuracy:
-        log.warning(
-            "test accuracy %.4f is below register.min_accuracy %.4f: champion not moved", accuracy, cfg.min_accuracy
+@dataclass(frozen=True)
+class ChampionDecision:
+    promote: bool
+    reason: str
+    warn: bool = False
+    """The user should hear about it: below the gate, or not comparable with the champion."""
+
+
+def decide_champion(cfg: RegisterConfig, version: str, candidate: Candidate, champion) -> ChampionDecision:
+    """Whether `version` should become the champion, and why (or why not), in words for the log and
+    the receipt. Accuracies are compared only when both models were scored on the same test set."""
+    accuracy, test_set = candidate.accuracy, candidate.tags.get(TEST_SET_TAG)
+    if champion is not None and champion.version == version:
+        return ChampionDecision(False, f"version {version} is the champion already")
+    if accuracy < cfg.min_accuracy:
+        return ChampionDecision(
+            False, f"test accuracy {accuracy:.4f} is below register.min_accuracy {cfg.min_accuracy:.4f}", warn=True
         )
-    return _champion(client, cfg.model_name)
+    if champion is None:
+        return ChampionDecision(True, f"no champion yet: version {version} (test accuracy {accuracy:.4f})")
+    theirs = champion.tags.get(TEST_SET_TAG)
+    if theirs is None or theirs != test_set:
+        return ChampionDecision(
+            False,
+            f"champion version {champion.version} was scored on another test set (test set "
+            f"{(theirs or 'unrecorded')[:12]}, data {champion.tags.get(DATA_VERSION_TAG, 'unrecorded')[:12]}) than "
+            f"version {version} (test set {(test_set or 'unrecorded')[:12]}, data "
+            f"{candidate.tags.get(DATA_VERSION_TAG, 'unrecorded')[:12]}): their accuracies are not comparable, so "
+            "the alias was not moved. To promote it, set the alias `champion` on it in the MLflow UI",
+            warn=True,
+        )
+    best = float(champion.tags.get(ACCURACY_TAG, "-inf"))
+    if accuracy > best:
+        return ChampionDecision(
+            True,
+            f"test accuracy {accuracy:.4f} beats champion version {champion.version} ({best:.4f}) on the same test set",
+        )
+    return ChampionDecision(
+        False, f"test accuracy {accuracy:.4f} does not beat champion version {champion.version} ({best:.4f})"
+    )
+
+
+def move_champion(client, cfg: RegisterConfig, version: str, candidate: Candidate):
+    """Compare `version` with the champion and move the alias if it is better, holding the registry's
+    champion lock; re-read the alias after setting it. Returns (the champion afterwards, the decision)."""
+    with champion_lock(client, cfg.model_name):
+        decision = decide_champion(cfg, version, candidate, _champion(client, cfg.model_name))
+        if decision.promote:
+            client.set_registered_model_alias(cfg.model_name, CHAMPION, version)
+        champion = _champion(client, cfg.model_name)
+    if decision.promote and (champion is None or champion.version != version):
+        raise RegistryError(
+            f"{cfg.model_name}: the champion alias was set to version {version} but reads "
+            f"{champion.version if champion else 'nothing'}: something outside signflow moves it"
+        )
+    (log.warning if decision.warn else log.info)("champion: %s", decision.reason)
+    return champion, decision
+
+
+@contextmanager
+def champion_lock(client, model_name: str, timeout_s: float = 600) -> Iterator[None]:
+    """Mutual exclusion for comparing and moving the champion alias, shared by every machine that
+    uses this registry: the registry itself refuses a second registered model of the same name, so
+    whoever creates `<model name>.champion-lock` holds the lock until it deletes it. A lock whose
+    holder died expires after CHAMPION_LOCK_LEASE_S seconds."""
+    from mlflow.exceptions import MlflowException
+
+    name, holder = model_name + CHAMPION_LOCK_SUFFIX, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(
+                name,
+                tags={"holder": holder, "expires": repr(time.time() + CHAMPION_LOCK_LEASE_S)},
+                description=f"signflow: held while the `{CHAMPION}` alias of {model_name} is compared and moved",
+            )
+            break
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        _remove_expired_lock(client, name)
+        if time.monotonic() > deadline:
+            raise RegistryError(f"{name} was held by another registration for {timeout_s:.0f} s; try again")
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        _release_lock(client, name, holder)
+
+
+def _remove_expired_lock(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        lock = client.get_registered_model(name)
+        if float(lock.tags.get("expires", "0")) < time.time():
+            log.warning("removing %s left by a registration that stopped (%s)", name, lock.tags.get("holder"))
+            client.delete_registered_model(name)
+    except MlflowException:
+        pass  # released meanwhile
+
+
+def _release_lock(client, name: str, holder: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if client.get_registered_model(name).tags.get("holder") == holder:
+            client.delete_registered_model(name)
+    except MlflowException:
+        log.warning("%s: could not release the champion lock; it expires by itself", name)
 
 
 def _check_exported_from(onnx_path: Path, fingerprint: str, model_path: str | Path) -> None:
@@ -288,7 +434,8 @@ def _write_card(bundle, metrics, version, *, params: Params, split_dir: Path, ta
     registration = {
         "model_name": params.register.model_name,
         "version": version,
-        "data_version": tags["signflow.data_version"],
+        "data_version": tags[DATA_VERSION_TAG],
+        "data_source": tags["signflow.data_source"],
         "git_commit": tags["signflow.git_commit"],
     }
     text = render_model_card(

@@ -25,7 +25,6 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 
 from signflow._fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
 from signflow._group_split import assign_groups
-from signflow._images import check_image, is_junk, split_folder_name
+from signflow._images import ImageRefused, check_image, is_junk, split_folder_name
 from signflow._near_duplicates import HASH_BITS, NearDuplicates, components, find_near_pairs, image_hashes
 from signflow._split_report import SPLITS, build_report
 from signflow.config import SplitConfig
@@ -76,14 +75,20 @@ class SplitResult:
         return f"{self.counts}; {self.description}"
 
 
-def _check_file(file: Path, hash_images: bool) -> tuple[int, int, str, np.ndarray | None] | Exception:
+def _check_file(file: Path, cfg: SplitConfig, hash_images: bool) -> tuple[int, int, str, np.ndarray | None] | Exception:
     """(width, height, sha256, perceptual hashes) of a usable image, or the error that makes it unusable."""
     try:
-        width, height, image = check_image(file)
+        width, height, image = check_image(file, cfg.max_pixels, cfg.max_aspect_ratio)
         hashes = image_hashes(image) if hash_images else None
     except Exception as error:  # noqa: BLE001 - any decoder failure means "unusable image"
         return error
     return width, height, sha256_file(file), hashes
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, ImageRefused):
+        return f"refused: {error}"
+    return f"unreadable image: {type(error).__name__}: {error}"
 
 
 def shipped_split_folders(raw_dir: Path) -> dict[str, str]:
@@ -102,12 +107,15 @@ def shipped_split_folders(raw_dir: Path) -> dict[str, str]:
 
 
 def scan_images(
-    raw_dir: Path, split_folders: dict[str, str] | None = None, hash_images: bool = False
+    raw_dir: Path, cfg: SplitConfig, split_folders: dict[str, str] | None = None
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
     """Open and hash every file under `raw_dir/<class>/` (or `raw_dir/<split folder>/<class>/`); return
-    usable rows (path, label, folder, sha256, width, height, and `hashes` when asked) and the rejects."""
+    usable rows (path, label, folder, sha256, width, height, and perceptual `hashes` unless
+    split.near_duplicates is off) and the rejects (unreadable, or refused by `split.max_pixels` /
+    `split.max_aspect_ratio`)."""
     depth = 2 if split_folders else 1
     folder_split = {folder: split for split, folder in (split_folders or {}).items()}
+    hash_images = cfg.near_duplicates != "off"
     files = sorted(
         p
         for p in raw_dir.rglob("*")
@@ -116,12 +124,13 @@ def scan_images(
     rows, rejected = [], []
     # Decoding releases the GIL: threads check images in parallel; map keeps the files' order.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        checks = pool.map(partial(_check_file, hash_images=hash_images), files)
-        for file, result in zip(files, tqdm(checks, total=len(files), desc="check images", unit="img"), strict=True):
+        checked = pool.map(lambda file: _check_file(file, cfg, hash_images), files)
+        checked = tqdm(checked, total=len(files), desc="check images", unit="img")
+        for file, result in zip(files, checked, strict=True):
             parts = file.relative_to(raw_dir).parts
             relative = "/".join(parts)
             if isinstance(result, Exception):
-                rejected.append({"path": relative, "reason": f"unreadable image: {type(result).__name__}: {result}"})
+                rejected.append({"path": relative, "reason": _reason(result)})
                 continue
             width, height, digest, hashes = result
             row = {"path": relative, "label": parts[depth - 1], "folder": folder_split.get(parts[0], "")}
@@ -416,7 +425,7 @@ def split_dataset(raw_dir: str | Path, out_dir: str | Path, cfg: SplitConfig) ->
     strategy = choose_strategy(cfg, split_folders, raw_dir)
     if cfg.group_pattern and strategy != "group":
         log.warning("split.group_pattern is used only with split.strategy: group; ignored (strategy %s)", strategy)
-    images, rejected = scan_images(raw_dir, split_folders, hash_images=cfg.near_duplicates != "off")
+    images, rejected = scan_images(raw_dir, cfg, split_folders)
     images, duplicates = drop_duplicates(images)
     rejected += duplicates
     class_names = sorted(images["label"].unique().tolist()) if len(images) else []
@@ -449,14 +458,17 @@ def _write_split(out_dir: Path, images: pd.DataFrame, class_names: list[str], re
 
 
 def _log_summary(report: dict[str, Any], out_dir: Path) -> None:
-    unreadable = sum(r["reason"].startswith("unreadable") for r in report["excluded"])
+    excluded = report["excluded"]
+    unreadable = sum(r["reason"].startswith("unreadable") for r in excluded)
+    refused = sum(r["reason"].startswith("refused") for r in excluded)
     log.info(
-        "split %d images into %s; left out %d (%d unreadable, %d duplicates), listed in %s",
+        "split %d images into %s; left out %d (%d unreadable, %d refused, %d duplicates), listed in %s",
         sum(report["counts"].values()),
         report["counts"],
-        len(report["excluded"]),
+        len(excluded),
         unreadable,
-        len(report["excluded"]) - unreadable,
+        refused,
+        len(excluded) - unreadable - refused,
         out_dir / "report.json",
     )
     log.info("test split: %s", report["description"])

@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -59,8 +60,13 @@ class Trial:
 
     def dvc_command(self) -> str:
         """The `dvc exp run` that reproduces this trial as the pipeline's own train step."""
-        sets = " ".join(f"-S '{key}={json.dumps(value)}'" for key, value in self.overrides.items())
+        sets = " ".join(f"-S {_single_quoted(f'{key}={json.dumps(value)}')}" for key, value in self.overrides.items())
         return f"dvc exp run {sets}"
+
+
+def _single_quoted(text: str) -> str:
+    """`text` as one shell word in single quotes; an embedded quote closes, escapes and reopens them."""
+    return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
 def plan_trials(raw_params: dict[str, Any], cfg: SweepConfig, base_dir: str | Path = ".") -> list[Trial]:
@@ -74,12 +80,23 @@ def plan_trials(raw_params: dict[str, Any], cfg: SweepConfig, base_dir: str | Pa
         params = resolve_relative_paths(params, Path(base_dir))
         digest = hashlib.sha256(params.train.model_dump_json().encode()).hexdigest()[:10]
         label = "-".join(f"{key.split('.')[-1]}={value}" for key, value in overrides.items())
-        trials.append(Trial(f"{label}-{digest}", overrides, params))
+        trials.append(Trial(f"{safe_name(label)}-{digest}", overrides, params))
     return trials
 
 
+def safe_name(label: str, limit: int = 80) -> str:
+    """A folder name made from grid values: letters, digits and `_.=-` only, no `..`, bounded length
+    (the hash that follows it keeps names unique)."""
+    name = re.sub(r"[^A-Za-z0-9_.=-]", "_", label).replace("..", "_")
+    return name.strip(".")[:limit] or "trial"
+
+
 def trial_dir(sweep_dir: str | Path, trial: Trial) -> Path:
-    return Path(sweep_dir) / "trials" / trial.name
+    trials = (Path(sweep_dir) / "trials").resolve()
+    folder = (trials / trial.name).resolve()
+    if folder.parent != trials:
+        raise SweepError(f"trial name {trial.name!r} would leave {trials}")
+    return folder
 
 
 def finished_result(sweep_dir: str | Path, trial: Trial) -> dict[str, Any] | None:
@@ -91,9 +108,16 @@ def finished_result(sweep_dir: str | Path, trial: Trial) -> dict[str, Any] | Non
 
 
 def run_trial(
-    trial: Trial, raw_dir: str | Path, split_dir: str | Path, sweep_dir: str | Path, deadline: float | None = None
+    trial: Trial,
+    raw_dir: str | Path,
+    split_dir: str | Path,
+    sweep_dir: str | Path,
+    deadline: float | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train one trial (or return its earlier result); a trial past `deadline` (epoch seconds) is not run."""
+    """Train one trial (or return its earlier result); a trial past `deadline` (epoch seconds) is not run.
+    Trials share `cache_dir`: those with the same image size decode the images once, and those that
+    differ only past the frozen prefix (e.g. in the learning rate) share its cached features."""
     from signflow.train import fine_tune
 
     done = finished_result(sweep_dir, trial)
@@ -106,7 +130,7 @@ def run_trial(
     folder = trial_dir(sweep_dir, trial)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    result = fine_tune(trial.train, raw_dir, split_dir, folder / "model.pt", folder / "train_log.csv")
+    result = fine_tune(trial.train, raw_dir, split_dir, folder / "model.pt", folder / "train_log.csv", cache_dir)
     record = {
         "trial": trial.name,
         "overrides": trial.overrides,
@@ -191,6 +215,7 @@ def run_trials(
     sweep_dir: str | Path,
     max_minutes: float,
     runner: Callable[[list[tuple[Trial, float | None]]], list[dict[str, Any]]] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """All trials, one after another, or through `runner([(trial, deadline), ...])` (e.g. Prefect
     tasks). The first trial has no deadline, so even a tiny budget yields a winner."""
@@ -200,7 +225,7 @@ def run_trials(
         return runner(jobs)
     results = []
     for index, (trial, trial_deadline) in enumerate(jobs):
-        results.append(run_trial(trial, raw_dir, split_dir, sweep_dir, trial_deadline))
+        results.append(run_trial(trial, raw_dir, split_dir, sweep_dir, trial_deadline, cache_dir))
         log.info("trial %d/%d %s: %s", index + 1, len(trials), trial.name, results[-1]["status"])
     return results
 
@@ -265,6 +290,7 @@ def sweep(
     split_dir: str | Path,
     sweep_dir: str | Path,
     project_dir: str | Path,
+    cache_dir: str | Path | None = None,
 ) -> SweepResult:
     """The whole sweep, one trial after another: trials, comparison, then the winner evaluated on
     the test split, exported and registered exactly as the pipeline's own steps do."""
@@ -277,7 +303,7 @@ def sweep(
     raw_params = read_params_file(params_path)
     cfg = parse_params(raw_params, str(params_path)).sweep
     trials = plan_trials(raw_params, cfg, params_path.parent)
-    results = run_trials(trials, raw_dir, split_dir, sweep_dir, cfg.max_minutes)
+    results = run_trials(trials, raw_dir, split_dir, sweep_dir, cfg.max_minutes, cache_dir=cache_dir)
     winner = pick_winner(results)
     table = comparison_table(results, winner)
     paths = write_comparison(table, sweep_dir)

@@ -3,14 +3,17 @@
 `fine_tune` reads as the list of steps it takes: seed, build the model and data, resume from an
 epoch checkpoint if there is one, run the epochs, write the epoch log and the best model. The
 model with the best validation accuracy (ties: lower validation loss) is written to `model_path`
-with its class list and preprocessing; per-epoch metrics go to `log_path` (CSV).
+with its class list, preprocessing and the softmax temperature fitted on its validation logits
+(signflow._calibration); per-epoch metrics go to `log_path` (CSV).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from signflow._calibration import fit_temperature, negative_log_likelihood
 from signflow._fileio import write_atomic
 from signflow._model import (
     apply_freeze_policy,
@@ -30,8 +34,9 @@ from signflow._model import (
     resolve_device,
 )
 from signflow._model_file import ModelBundle, save_bundle
-from signflow._preprocessing import Preprocessing, load_images
-from signflow._runners import PlainRunner, SplitTensors, TrainingError, create_runner, memory_format_for
+from signflow._preprocessing import Preprocessing
+from signflow._runners import PlainRunner, TrainingError, create_runner, memory_format_for
+from signflow._training_data import SplitFiles, TrainingData
 from signflow._training_state import TrainingState, restore_checkpoint, resume_key, resume_path, save_checkpoint
 from signflow.config import TrainConfig
 from signflow.split import read_class_names, read_manifest
@@ -72,16 +77,34 @@ class TrainingRun:
 
 
 def fine_tune(
-    cfg: TrainConfig, raw_dir: str | Path, split_dir: str | Path, model_path: str | Path, log_path: str | Path
+    cfg: TrainConfig,
+    raw_dir: str | Path,
+    split_dir: str | Path,
+    model_path: str | Path,
+    log_path: str | Path,
+    cache_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train as `cfg` says and write the best model to `model_path`, the epoch log to `log_path`.
 
-    After each epoch the full training state goes to `<model_path>.resume`; a rerun with the same
-    params and data continues from there (see signflow._training_state) and removes it when done.
-    If the loss becomes NaN or infinite, training stops with a TrainingError and `model_path` keeps
-    whatever it held before.
+    Decoded images and frozen features go to `cache_dir` (the workspace's `.signflow-cache/` from
+    the CLI and the flows), where a rerun with the same inputs finds them; None uses a temporary
+    folder removed afterwards. After each epoch the full training state goes to
+    `<model_path>.resume`; a rerun with the same params and data continues from there (see
+    signflow._training_state) and removes it when done. If the loss becomes NaN or infinite,
+    training stops with a TrainingError and `model_path` keeps whatever it held before.
     """
-    run = prepare_training(cfg, Path(raw_dir), Path(split_dir))
+    with ExitStack() as cleanup:
+        if cache_dir is None:
+            cache_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="signflow-cache-"))
+        run = prepare_training(cfg, Path(raw_dir), Path(split_dir), Path(cache_dir))
+        cleanup.callback(run.runner.close)
+        return train_and_save(run, cfg, split_dir, model_path, log_path)
+
+
+def train_and_save(
+    run: TrainingRun, cfg: TrainConfig, split_dir: str | Path, model_path: str | Path, log_path: str | Path
+) -> TrainResult:
+    """Resume or start, run the epochs, write the epoch log and the best model (see `fine_tune`)."""
     checkpoint, key = resume_path(model_path), resume_key(cfg, split_dir, run.class_names)
     state = resume_or_start(run, checkpoint, key)
     started = time.perf_counter()
@@ -91,7 +114,8 @@ def fine_tune(
         checkpoint.unlink(missing_ok=True)  # resuming would only meet the same NaN again
         raise TrainingError(f"{error}. Nothing was saved: {model_path} keeps what it held before this run") from None
     write_atomic(log_path, lambda tmp: pd.DataFrame(state.history).to_csv(tmp, index=False))
-    save_model(run, state, model_path)
+    calibration = calibrate(run, state)
+    save_model(run, state, model_path, calibration)
     checkpoint.unlink(missing_ok=True)
     trainable, total = count_parameters(run.model)
     return TrainResult(
@@ -112,22 +136,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_training(cfg: TrainConfig, raw_dir: Path, split_dir: Path) -> TrainingRun:
-    """Seed, build the model, decode the train and valid splits, and create the optimiser, the
-    schedule and the runner (which caches frozen features, drawing its views from the generator)."""
+def prepare_training(cfg: TrainConfig, raw_dir: Path, split_dir: Path, cache_dir: Path) -> TrainingRun:
+    """Seed, build the model, and create the optimiser, the schedule and the runner, which decodes
+    the train and valid splits into `cache_dir` and caches frozen features there (drawing its views
+    from the generator), unless an earlier run with the same inputs already did."""
     seed_everything(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     class_names = read_class_names(split_dir)
     model, prep = build_model(cfg, len(class_names), device)
-    train_data = load_split(raw_dir, split_dir, "train", prep)
-    valid_data = load_split(raw_dir, split_dir, "valid", prep)
+    train, valid = (read_split(raw_dir, split_dir, name) for name in ("train", "valid"))
+    data = TrainingData(cache_dir, prep, train, valid)
     optimizer = create_optimizer(cfg, model)
     scheduler = create_scheduler(cfg, optimizer)
     generator = torch.Generator().manual_seed(cfg.seed)
-    runner = create_runner(model, train_data, valid_data, prep, cfg, device, generator)
-    return TrainingRun(cfg, class_names, model, prep, optimizer, scheduler, generator, runner, len(train_data.labels))
+    runner = create_runner(model, data, prep, cfg, device, generator)
+    return TrainingRun(cfg, class_names, model, prep, optimizer, scheduler, generator, runner, len(data.train))
 
 
 def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> tuple[nn.Module, Preprocessing]:
@@ -145,10 +170,14 @@ def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> tup
     return model, prep
 
 
-def load_split(raw_dir: Path, split_dir: Path, name: str, prep: Preprocessing) -> SplitTensors:
+def read_split(raw_dir: Path, split_dir: Path, name: str) -> SplitFiles:
     manifest = read_manifest(split_dir, name)
-    images = load_images([raw_dir / p for p in manifest["path"]], prep, desc=f"decode {name}")
-    return SplitTensors(images, torch.tensor(manifest["label_index"].to_numpy(), dtype=torch.long))
+    return SplitFiles(
+        name,
+        [raw_dir / p for p in manifest["path"]],
+        manifest["sha256"].tolist(),
+        torch.tensor(manifest["label_index"].to_numpy(), dtype=torch.long),
+    )
 
 
 def create_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -224,8 +253,24 @@ def images_per_second(run: TrainingRun, state: TrainingState) -> float:
     return len(state.history) * run.train_images / max(state.train_seconds, 1e-9)
 
 
-def save_model(run: TrainingRun, state: TrainingState, model_path: str | Path) -> Path:
-    """The best epoch's weights with the class list, preprocessing and train params, atomically."""
+def calibrate(run: TrainingRun, state: TrainingState) -> dict:
+    """Fit the softmax temperature on the validation logits of the kept (best) weights, which are
+    loaded into the model for it. Returns the temperature and the validation NLL before and after;
+    temperature 1.0 (no change) without a validation split."""
+    if len(run.runner.valid_data.labels) == 0 or state.best_weights is None:
+        log.info("no validation split: probabilities are not calibrated (temperature 1.0)")
+        return {"temperature": 1.0}
+    run.model.load_state_dict(state.best_weights)
+    logits = run.runner.valid_logits().numpy()
+    labels = run.runner.valid_data.labels.numpy()
+    temperature = fit_temperature(logits, labels)
+    before, after = (negative_log_likelihood(logits, labels, t) for t in (1.0, temperature))
+    log.info("temperature %.4f fitted on validation: NLL %.4f -> %.4f", temperature, before, after)
+    return {"temperature": temperature, "valid_nll_uncalibrated": before, "valid_nll": after}
+
+
+def save_model(run: TrainingRun, state: TrainingState, model_path: str | Path, calibration: dict) -> Path:
+    """The best epoch's weights with the class list, preprocessing, temperature and train params, atomically."""
     bundle = ModelBundle(
         model_name=run.cfg.model,
         class_names=run.class_names,
@@ -239,6 +284,8 @@ def save_model(run: TrainingRun, state: TrainingState, model_path: str | Path) -
             "epochs_run": len(state.history),
             "train_images_per_second": images_per_second(run, state),
             "train_seconds": state.train_seconds,
+            **calibration,
         },
+        temperature=calibration["temperature"],
     )
     return save_bundle(bundle, model_path)

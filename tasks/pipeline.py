@@ -1,12 +1,19 @@
-"""One Prefect task per pipeline step. Each calls the library function `dvc.yaml` calls, and adds
-only what Prefect is for: retries on network I/O, logs, and artifacts in the UI.
+"""One Prefect task per pipeline step: download → split → fine-tune → evaluate → export → register.
+
+Each task asks DVC whether its stage is up to date (and then skips it), runs the library function
+`dvc.yaml` runs, and records the stage in dvc.lock, unless a dep or param changed while it ran. Each
+takes the previous step's outcome, so the run graph in the UI shows the chain. Without a recorder
+(an override run in its own workspace) a task just runs its step and records nothing.
 
 Prefect's own result caching is off (`cache_policy=NONE`): DVC decides what is up to date.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +23,99 @@ from prefect.cache_policies import NONE
 
 from signflow import _dvc_state as dvc_state
 from signflow.config import DownloadConfig, EvaluateConfig, ExportConfig, Params, SplitConfig, TrainConfig
-from signflow.download import DatasetInfo, NetworkError, download_dataset
+from signflow.download import extract_dataset
 from signflow.evaluate import EvaluationResult, evaluate
-from signflow.export import ExportResult, export_onnx
-from signflow.layout import ModelOutputs
+from signflow.export import export_onnx
+from signflow.layout import Workspace
 from signflow.register import Registration, register_run
-from signflow.split import SplitResult, split_dataset
-from signflow.train import TrainResult, fine_tune
+from signflow.source import NetworkError, require_fetched, sync_source
+from signflow.split import split_dataset
+from signflow.train import fine_tune
+
+STAGES = ["extract", "split", "train", "evaluate", "export", "register"]
+"""The dvc.yaml stages, in order; the download task runs `extract` after syncing data.dvc."""
+
+
+@dataclass(frozen=True)
+class DvcRecorder:
+    """How a run on the main workspace uses DVC: the project, the inputs (code, params) each stage
+    had when the run started, whether to run up-to-date stages anyway, and the default remote."""
+
+    project: Path
+    started_with: dict[str, dvc_state.StageInputs]
+    force: bool = False
+    remote: str | None = None
+
+    @classmethod
+    def start(cls, project: Path, force: bool = False) -> DvcRecorder:
+        with dvc_state.open_repo(project) as repo:
+            return cls(project, dvc_state.source_inputs(repo, STAGES), force, dvc_state.default_remote(repo))
+
+    @contextmanager
+    def repo(self) -> Iterator[Any]:
+        with dvc_state.open_repo(self.project) as repo:
+            yield repo
+
+    def check(self, repo, stage: str) -> tuple[dvc_state.StageInputs, bool]:
+        """What the step will run with (its produced deps as they are now, the rest as at the start),
+        and whether DVC says it is up to date with exactly that."""
+        now = dvc_state.stage_inputs(repo, stage)
+        expected = {**now, **self.started_with[stage]}
+        fresh = not self.force and now == expected and dvc_state.stage_is_up_to_date(repo, stage)
+        return expected, fresh
+
+
+class StepOutcome:
+    """What one step did: its library result (None when skipped) and whether dvc.lock records it
+    (None when the run keeps no DVC record).
+
+    A plain class on purpose: Prefect links a task's result, and a dataclass's fields too, to the task
+    by identity, and a field such as the stage name (an interned string, also in DvcRecorder) would
+    draw false edges in the run graph."""
+
+    __slots__ = ("notes", "ran", "recorded", "result", "stage")
+
+    def __init__(
+        self, stage: str, result: Any = None, ran: bool = True, recorded: bool | None = None, notes: tuple = ()
+    ):
+        self.stage, self.result, self.ran, self.recorded, self.notes = stage, result, ran, recorded, tuple(notes)
+
+    def __repr__(self) -> str:
+        return f"StepOutcome({self.stage!r}, ran={self.ran}, recorded={self.recorded}, notes={self.notes})"
+
+    def noted(self, *notes: str) -> StepOutcome:
+        return StepOutcome(self.stage, self.result, self.ran, self.recorded, (*notes, *self.notes))
+
+    def summary_line(self) -> str:
+        outcome = self.result.summary_line() if self.ran and self.result is not None else "skipped (up to date)"
+        return "; ".join([outcome, *self.notes])
+
+
+def run_step(stage: str, dvc: DvcRecorder | None, step: Callable[[], Any]) -> StepOutcome:
+    """Run one step unless DVC says its stage is up to date; record it in dvc.lock afterwards. DVC's
+    lock is held while checking and recording, not while the step runs."""
+    if dvc is None:
+        return StepOutcome(stage, step())
+    with dvc.repo() as repo:
+        expected, fresh = dvc.check(repo, stage)
+    if fresh:
+        get_run_logger().info("%s: up to date (dvc.lock), skipped", stage)
+        return StepOutcome(stage, ran=False, recorded=True)
+    result = step()
+    with dvc.repo() as repo:
+        return _recorded(repo, stage, expected, result)
+
+
+def _recorded(repo, stage: str, expected: dvc_state.StageInputs, result: Any) -> StepOutcome:
+    changed = dvc_state.record_stage(repo, stage, expected)
+    if not changed:
+        return StepOutcome(stage, result, recorded=True)
+    note = (
+        f"not recorded in dvc.lock: {', '.join(changed)} changed while it ran; the next run (or `dvc repro`) "
+        "runs it again with what is there now"
+    )
+    get_run_logger().warning("%s: %s", stage, note)
+    return StepOutcome(stage, result, recorded=False, notes=(note,))
 
 
 def _network_failure(task, task_run, state) -> bool:
@@ -36,25 +129,50 @@ def _network_failure(task, task_run, state) -> bool:
 
 
 @task(name="download", retries=2, retry_delay_seconds=[30, 120], retry_condition_fn=_network_failure, cache_policy=NONE)
-def download_task(cfg: DownloadConfig, dest: Path) -> DatasetInfo:
-    return download_dataset(cfg, dest)
+def download_task(cfg: DownloadConfig, workspace: Workspace, dvc: DvcRecorder | None, project: Path) -> StepOutcome:
+    """Fetch the source data.dvc names if it changed (a HEAD request when it did not), then extract it
+    into the raw dataset. DVC's lock is held throughout, so no `dvc repro` fetches at the same time.
+    An override run (no recorder) extracts the source the project has fetched, fetching nothing."""
+    source = Workspace(project).source
+    with dvc_state.open_repo(project) as repo:
+        if dvc is None:
+            require_fetched(repo, project)
+            return StepOutcome("extract", extract_dataset(source, workspace.raw, cfg))
+        sync = sync_source(repo, project)
+        get_run_logger().info(sync.note)
+        expected, fresh = dvc.check(repo, "extract")
+        if fresh:
+            return StepOutcome("extract", ran=False, recorded=True, notes=(sync.note,))
+        result = extract_dataset(source, workspace.raw, cfg)
+        outcome = _recorded(repo, "extract", expected, result)
+    return outcome.noted(sync.note)
 
 
 @task(name="split", cache_policy=NONE)
-def split_task(cfg: SplitConfig, raw_dir: Path, split_dir: Path) -> SplitResult:
-    return split_dataset(raw_dir, split_dir, cfg)
+def split_task(cfg: SplitConfig, workspace: Workspace, dvc: DvcRecorder | None, after: StepOutcome) -> StepOutcome:
+    return run_step("split", dvc, lambda: split_dataset(workspace.raw, workspace.split, cfg))
 
 
 @task(name="fine-tune", cache_policy=NONE)
-def train_task(cfg: TrainConfig, raw_dir: Path, split_dir: Path, model_path: Path, log_path: Path) -> TrainResult:
-    return fine_tune(cfg, raw_dir, split_dir, model_path, log_path)
+def train_task(cfg: TrainConfig, workspace: Workspace, dvc: DvcRecorder | None, after: StepOutcome) -> StepOutcome:
+    w = workspace
+    return run_step("train", dvc, lambda: fine_tune(cfg, w.raw, w.split, w.model, w.train_log, w.cache))
 
 
 @task(name="evaluate", cache_policy=NONE)
 def evaluate_task(
-    cfg: EvaluateConfig, model_path: Path, raw_dir: Path, split_dir: Path, reports_dir: Path, train_log: Path
-) -> EvaluationResult:
-    result = evaluate(cfg, model_path, raw_dir, split_dir, reports_dir, train_log)
+    cfg: EvaluateConfig, workspace: Workspace, dvc: DvcRecorder | None, after: StepOutcome
+) -> StepOutcome:
+    w = workspace
+    reports = w.outputs.reports
+    outcome = run_step("evaluate", dvc, lambda: evaluate(cfg, w.model, w.raw, w.split, reports, w.train_log))
+    if outcome.ran:
+        publish_evaluation(outcome.result, reports)
+    return outcome
+
+
+def publish_evaluation(result: EvaluationResult, reports_dir: Path) -> None:
+    """The test metrics (table) and the evaluation report (markdown) as artifacts on the run's page."""
     create_table_artifact(
         key="test-metrics",
         table=[
@@ -74,66 +192,76 @@ def evaluate_task(
         + f"\nThe figures are in `{reports_dir}`; `dvc plots show` renders them as HTML.\n",
         description="Evaluation report of this run's model",
     )
-    return result
 
 
 @task(name="export", cache_policy=NONE)
-def export_task(cfg: ExportConfig, model_path: Path, onnx_path: Path) -> ExportResult:
-    return export_onnx(cfg, model_path, onnx_path)
+def export_task(cfg: ExportConfig, workspace: Workspace, dvc: DvcRecorder | None, after: StepOutcome) -> StepOutcome:
+    return run_step("export", dvc, lambda: export_onnx(cfg, workspace.model, workspace.outputs.onnx))
 
 
 @task(name="register", cache_policy=NONE)
 def register_task(
-    params: Params, model_path: Path, outputs: ModelOutputs, *, project_dir: Path, split_dir: Path
-) -> Registration:
-    result = register_run(params, model_path, outputs, project_dir=project_dir, split_dir=split_dir)
-    create_markdown_artifact(
-        key="registration",
-        markdown=(
-            f"**{result.model_name}** version {result.version} (test accuracy {result.test_accuracy:.4f}); "
-            f"champion: version {result.champion_version}; new version: {result.newly_created}"
-        ),
+    params: Params,
+    workspace: Workspace,
+    dvc: DvcRecorder | None,
+    after: StepOutcome,
+    *,
+    project: Path,
+    run_tags: dict[str, str],
+) -> StepOutcome:
+    w = workspace
+    outcome = run_step(
+        "register",
+        dvc,
+        lambda: register_run(params, w.model, w.outputs, project_dir=project, split_dir=w.split, run_tags=run_tags),
     )
-    return result
+    if outcome.ran:
+        publish_registration(outcome.result, run_tags)
+    return outcome
 
 
-@task(name="dvc-status", cache_policy=NONE)
-def stage_up_to_date_task(stage: str, project_dir: Path) -> bool:
-    return dvc_state.stage_is_up_to_date(stage, project_dir)
+def publish_registration(result: Registration, run_tags: dict[str, str]) -> None:
+    """The registration, with why the champion alias moved or not, as an artifact on the run's page."""
+    lines = [
+        f"**{result.model_name}** version {result.version} (test accuracy {result.test_accuracy:.4f}); "
+        f"champion: version {result.champion_version}; new version: {result.newly_created}",
+        "",
+        f"Champion: {result.champion_reason}",
+    ]
+    lines += [f"- `{key}`: {value}" for key, value in sorted(run_tags.items())]
+    create_markdown_artifact(key="registration", markdown="\n".join(lines) + "\n")
 
 
-@task(name="dvc-commit", cache_policy=NONE)
-def record_stage_task(stage: str, project_dir: Path) -> None:
-    dvc_state.record_stage(stage, project_dir)
-
-
-SKIPPED = "skipped (up to date)"
-"""What a flow records for a step DVC reported up to date."""
-
-
-def run_stage(stage: str, project_dir: Path, use_dvc: bool, force: bool, step: Callable[[], Any]) -> Any:
-    """Run one step's task unless DVC says the stage is up to date; record it in dvc.lock after it ran."""
-    if use_dvc and not force and stage_up_to_date_task(stage, project_dir):
-        get_run_logger().info("%s: up to date (dvc.lock), skipped", stage)
-        return SKIPPED
-    result = step()
-    if use_dvc:
-        record_stage_task(stage, project_dir)
-    return result
+@task(name="push", retries=2, retry_delay_seconds=[30, 120], cache_policy=NONE)
+def push_task(project: Path, after: StepOutcome) -> str:
+    """`dvc push` to the default remote: the data, the model and everything else DVC caches."""
+    with dvc_state.open_repo(project) as repo:
+        remote = dvc_state.default_remote(repo)
+        count = dvc_state.push(repo)
+    message = f"dvc push: {count} file(s) sent to remote {remote!r}"
+    get_run_logger().info(message)
+    return message
 
 
 @task(name="summary", cache_policy=NONE)
-def summary_task(results: dict[str, Any]) -> str:
+def summary_task(outcomes: dict[str, StepOutcome], header: list[str]) -> str:
     """Say what this run did, in the log and as a markdown artifact on the run's page."""
     lines = ["| step | outcome |", "|---|---|"]
-    for stage, result in results.items():
-        lines.append(f"| {stage} | {result if result == SKIPPED else result.summary_line()} |")
-    ran = [stage for stage, result in results.items() if result != SKIPPED]
-    if ran in ([], ["download"]):
-        headline = "Nothing changed since the last successful run (same data, same params): no new model."
+    lines += [f"| {step} | {outcome.summary_line()} |" for step, outcome in outcomes.items()]
+    ran = [step for step, outcome in outcomes.items() if outcome.ran]
+    if not ran:
+        headline = "Nothing changed since the last successful run (same data, code and params): no new model."
     else:
         headline = f"Ran: {', '.join(ran)}."
-    markdown = f"{headline}\n\n" + "\n".join(lines) + "\n"
+    markdown = "\n\n".join([headline, *header, "\n".join(lines)]) + "\n"
     get_run_logger().info(headline)
     create_markdown_artifact(key="pipeline-summary", markdown=markdown, description="What this run did")
     return headline
+
+
+def run_tags_for(flow_run_id: str, flow_run_name: str, overrides: dict[str, Any] | None, workspace: str) -> dict:
+    """MLflow tags that tie a registered version to the Prefect flow run (and workspace) that made it."""
+    tags = {"signflow.flow_run_id": flow_run_id, "signflow.flow_run_name": flow_run_name}
+    if overrides:
+        tags.update({"signflow.overrides": json.dumps(overrides, sort_keys=True), "signflow.workspace": workspace})
+    return tags

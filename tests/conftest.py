@@ -11,6 +11,18 @@ import pytest
 from tests.helpers import SHARED, build_class_folders, pack_upstream_zip, tiny_params, venv_path
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped, with the reason shown, where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_environment(tmp_path_factory):
     """Tests never touch the network, the user's Prefect home or a team MLflow server."""
@@ -28,6 +40,12 @@ def _isolated_environment(tmp_path_factory):
         DVC_NO_ANALYTICS="1",
     )
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    # Prefect binds its console log handlers (the root logger's too) to sys.stderr as it is when
+    # `prefect.main` is first imported (by `from prefect import flow`). Do it here, on pytest's
+    # session-wide capture: first done inside a test that uses capsys, the handlers would keep that
+    # test's stream, closed afterwards, and every later flow run would fail logging to it.
+    import prefect.main  # noqa: F401
+
     yield
     os.environ.clear()
     os.environ.update(saved)
@@ -60,13 +78,13 @@ def shared_dir() -> Path:
 def trained(tmp_path, tiny_zip):
     """A tiny model trained end to end on the tiny dataset (library calls, no DVC, no Prefect)."""
     from signflow.config import parse_params
-    from signflow.download import download_dataset
+    from signflow.download import extract_dataset
     from signflow.split import split_dataset
     from signflow.train import fine_tune
 
-    params = parse_params(tiny_params(tiny_zip, epochs=3))
+    params = parse_params(tiny_params(epochs=3))
     raw, split = tmp_path / "raw", tmp_path / "split"
-    download_dataset(params.download, raw)
+    extract_dataset(tiny_zip, raw, params.download)
     split_dataset(raw, split, params.split)
     result = fine_tune(params.train, raw, split, tmp_path / "model.pt", tmp_path / "train_log.csv")
     return params, raw, split, result

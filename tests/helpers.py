@@ -77,9 +77,10 @@ def pack_upstream_zip(class_root: Path, archive: Path) -> Path:
     return archive
 
 
-def tiny_params(url: str | Path, **train_overrides) -> dict:
+def tiny_params(**train_overrides) -> dict:
+    """params.yaml for tiny runs: a tiny timm model at 32 px, no weights, no accuracy gate."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["download"].update(url=str(url), sha256=None, retries=0)
+    params["download"].update(sha256=None)
     params["train"].update(
         model="test_efficientnet",
         pretrained=False,
@@ -96,12 +97,19 @@ def tiny_params(url: str | Path, **train_overrides) -> dict:
     return params
 
 
-def make_project(tmp_path: Path, url: str | Path, **train_overrides) -> Path:
-    """A git + DVC repo holding this project's dvc.yaml and a params.yaml for the tiny dataset."""
+def make_project(tmp_path: Path, source: str | Path, **train_overrides) -> Path:
+    """A git + DVC repo like a clone of this one (dvc.yaml, the signflow code its stages depend on),
+    with data.dvc pointing at `source` and a params.yaml for tiny runs."""
+    from signflow.source import normalise_source, render_data_dvc
+
     project = tmp_path / "project"
     project.mkdir()
     shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
-    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(url, **train_overrides), sort_keys=False))
+    shutil.copytree(ROOT / "signflow", project / "signflow", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / ".gitignore", project / ".gitignore")
+    (project / "README.md").write_text("# a signflow project\n")
+    (project / "data.dvc").write_text(render_data_dvc(*normalise_source(str(source), project)))
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(**train_overrides), sort_keys=False))
     for command in (
         ["git", "init", "-q"],
         ["dvc", "init", "-q"],
@@ -122,16 +130,15 @@ def section(name: str, **overrides: Any):
     `overrides` applied; e.g. section("evaluate", gallery_size=3)."""
     from signflow.config import Params
 
-    return Params.model_fields[name].annotation.model_validate(_merged(tiny_params("x.zip")[name], overrides))
+    return Params.model_fields[name].annotation.model_validate(_merged(tiny_params()[name], overrides))
 
 
 def _merged(base: dict, overrides: dict) -> dict:
-    """`base` with `overrides` applied; nested mappings (train.augment) are merged key by key."""
+    """`base` with `overrides` applied; the nested section train.augment is merged key by key, any other
+    value (a sweep grid, say) is replaced whole."""
     merged = dict(base)
     for key, value in overrides.items():
-        merged[key] = (
-            _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-        )
+        merged[key] = {**base[key], **value} if key == "augment" else value
     return merged
 
 
@@ -151,6 +158,106 @@ def small_timm_model(name: str, num_classes: int):
 
     extra = {"mlp_ratio": 1 / 64} if name.startswith("vgg") else {}
     return timm.create_model(name, pretrained=False, num_classes=num_classes, **extra)
+
+
+class CodeRunningPickle:
+    """Unpickling this runs `touch marker`: what a malicious checkpoint would do to the loader."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class EtagServer:
+    """One file served over HTTP on 127.0.0.1 with an ETag (its md5), Last-Modified and Content-Length,
+    like a CDN; `publish` replaces it (new ETag), `stop` makes it unreachable. `complete_bodies` counts
+    GETs whose whole body was sent: DVC's existence checks open a GET and drop it after the headers."""
+
+    def __init__(self, payload: bytes, name: str = "dataset.zip"):
+        import http.server
+        import threading
+
+        self.name, self.complete_bodies, self.requests = name, 0, []
+        self.publish(payload)
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _headers(self) -> bool:
+                server.requests.append(f"{self.command} {self.path}")
+                if self.path != f"/{server.name}":
+                    self.send_error(404)
+                    return False
+                self.send_response(200)
+                self.send_header("ETag", f'"{server.etag}"')
+                self.send_header("Last-Modified", server.modified)
+                self.send_header("Content-Length", str(len(server.payload)))
+                self.end_headers()
+                return True
+
+            def do_HEAD(self):  # noqa: N802 - http.server's naming
+                self._headers()
+
+            def do_GET(self):  # noqa: N802
+                if not self._headers():
+                    return
+                try:
+                    for start in range(0, len(server.payload), 1 << 16):
+                        self.wfile.write(server.payload[start : start + (1 << 16)])
+                    self.wfile.flush()
+                    server.complete_bodies += 1
+                except OSError:
+                    pass  # the client dropped it after the headers
+
+            def log_message(self, *args):
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/{name}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def publish(self, payload: bytes) -> None:
+        import hashlib
+        import time
+        from email.utils import formatdate
+
+        self.payload, self.etag = payload, hashlib.md5(payload).hexdigest()
+        self.modified = formatdate(time.time(), usegmt=True)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def padded_archive(class_root: Path, archive: Path, padding_mb: int = 16) -> bytes:
+    """The upstream-style zip of `class_root` plus incompressible padding, so that a real download
+    (whole body) is told apart from an existence check (headers and the first chunks only)."""
+    pack_upstream_zip(class_root, archive)
+    with zipfile.ZipFile(archive, "a") as bundle:
+        bundle.writestr("padding.bin", np.random.default_rng(0).bytes(padding_mb << 20), zipfile.ZIP_STORED)
+    return archive.read_bytes()
+
+
+def image_split(folder: Path, name: str, count: int, seed: int, size: int = 32, classes: int = 3):
+    """A split of `count` random-noise PNGs of `size` px (decoded at that size, they are exactly
+    these pixels) with random labels, as training reads it (signflow._training_data.SplitFiles)."""
+    import hashlib
+
+    import torch
+
+    from signflow._training_data import SplitFiles
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        path = folder / name / f"{index:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    hashes = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    labels = torch.from_numpy(rng.integers(0, classes, count)).long()
+    return SplitFiles(name, paths, hashes, labels)
 
 
 # Photo-like pictures for near-duplicate tests: smooth backgrounds with a shape on them.

@@ -17,7 +17,7 @@ def test_every_command_has_help(command, capsys):
 
 
 def test_bad_params_exit_2_with_the_key_and_no_traceback(tmp_path):
-    raw = tiny_params("x.zip")
+    raw = tiny_params()
     raw["train"]["epoch"] = 3
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     run = subprocess.run([sys.executable, "-m", "signflow", "split"], cwd=tmp_path, capture_output=True, text=True)
@@ -27,8 +27,8 @@ def test_bad_params_exit_2_with_the_key_and_no_traceback(tmp_path):
 
 
 def test_runtime_error_exits_1_with_a_message(tmp_path, capsys):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tmp_path / "missing.zip")))
-    code = main(["download", "--params", str(tmp_path / "params.yaml"), "--raw", str(tmp_path / "raw")])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    code = main(["extract", "--params", str(tmp_path / "params.yaml"), "--source", str(tmp_path / "missing")])
     assert code == 1
     assert "does not exist" in capsys.readouterr().err
 
@@ -43,7 +43,7 @@ def test_flow_cli_rejects_a_malformed_override():
 def test_serve_refuses_a_bad_schedule_a_bad_override_and_a_missing_server(tmp_path, capsys, monkeypatch):
     from flows.serve import main as serve
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tmp_path / "data.zip")))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     assert serve(["--project-dir", str(tmp_path), "--cron", "99 * * * *"]) == 2
     assert "cron" in capsys.readouterr().err.lower()
@@ -53,3 +53,11 @@ def test_serve_refuses_a_bad_schedule_a_bad_override_and_a_missing_server(tmp_pa
     assert "interval_s" in capsys.readouterr().err
     assert serve(["--project-dir", str(tmp_path)]) == 2
     assert "PREFECT_API_URL is not set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("action", ["set", "check"])
+def test_source_commands_have_help(action, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["source", action, "--help"])
+    assert exit_info.value.code == 0
+    assert "--project-dir" in capsys.readouterr().out

@@ -1,25 +1,25 @@
-import http.server
+"""The download step's local half: the fetched source (an archive or a folder) becomes the class
+folders, safely; the fetching itself is DVC's (tests/test_source.py)."""
+
 import io
 import json
 import tarfile
-import threading
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from signflow._fileio import sha256_file
-from signflow.config import DownloadConfig
-from signflow.download import DownloadError, NetworkError, download_dataset, fetch_with_retries
+from signflow.download import DatasetInfo, DownloadError, extract_dataset
 from tests.helpers import CLASS_COLOURS, PER_CLASS, build_class_folders, build_split_folders, section, zip_folder
 
 
-def cfg(url, **kw) -> DownloadConfig:
-    return section("download", url=str(url), retries=kw.pop("retries", 0), **kw)
+def extract(source, dest, **download) -> DatasetInfo:
+    return extract_dataset(source, dest, section("download", **download))
 
 
 def test_upstream_layout_zip_finds_classes_and_leaves_examples_out(tiny_zip, tmp_path):
-    info = download_dataset(cfg(tiny_zip), tmp_path / "raw")
+    info = extract(tiny_zip, tmp_path / "raw")
     assert info.class_root == "Sign-Language-Digits-Dataset-master/Dataset"
     assert info.class_names == sorted(CLASS_COLOURS)
     assert info.counts == {name: PER_CLASS for name in CLASS_COLOURS}
@@ -29,27 +29,31 @@ def test_upstream_layout_zip_finds_classes_and_leaves_examples_out(tiny_zip, tmp
     assert json.loads((raw / "SOURCE.json").read_text())["source_sha256"] == sha256_file(tiny_zip)
 
 
-def test_local_folder_and_file_url_sources(class_folders, tiny_zip, tmp_path):
-    assert download_dataset(cfg(class_folders), tmp_path / "a").num_images == 3 * PER_CLASS
-    assert download_dataset(cfg(tiny_zip.as_uri()), tmp_path / "b").num_images == 3 * PER_CLASS
+def test_folder_source_and_archive_without_an_extension(class_folders, tiny_zip, tmp_path):
+    assert extract(class_folders, tmp_path / "a").num_images == 3 * PER_CLASS
+    fetched = tmp_path / "source"  # DVC's copy has no extension: the archive is recognised by content
+    fetched.write_bytes(tiny_zip.read_bytes())
+    assert extract(fetched, tmp_path / "b").num_images == 3 * PER_CLASS
+    with pytest.raises(DownloadError, match="sha256 applies to archives"):
+        extract(class_folders, tmp_path / "c", sha256="0" * 64)
 
 
 def test_tar_gz_source(class_folders, tmp_path):
     archive = tmp_path / "data.tar.gz"
     with tarfile.open(archive, "w:gz") as bundle:
         bundle.add(class_folders, arcname="mydata")
-    assert download_dataset(cfg(archive), tmp_path / "raw").class_root == "mydata"
+    assert extract(archive, tmp_path / "raw").class_root == "mydata"
 
 
 def test_checksum_mismatch_keeps_the_previous_dataset(tiny_zip, tmp_path):
     raw = tmp_path / "raw"
-    download_dataset(cfg(tiny_zip), raw)
+    extract(tiny_zip, raw)
     before = sorted(p.relative_to(raw) for p in raw.rglob("*"))
     with pytest.raises(DownloadError, match="sha256 is .* but download.sha256 expects"):
-        download_dataset(cfg(tiny_zip, sha256="0" * 64), raw)
+        extract(tiny_zip, raw, sha256="0" * 64)
     assert sorted(p.relative_to(raw) for p in raw.rglob("*")) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")], "no staging folder left behind"
-    download_dataset(cfg(tiny_zip, sha256=sha256_file(tiny_zip)), raw)
+    extract(tiny_zip, raw, sha256=sha256_file(tiny_zip))
 
 
 def test_zip_entry_escaping_the_target_is_refused(tmp_path):
@@ -58,7 +62,7 @@ def test_zip_entry_escaping_the_target_is_refused(tmp_path):
         bundle.writestr("data/a/x.jpg", b"1")
         bundle.writestr("../../escaped.jpg", b"1")
     with pytest.raises(DownloadError, match="outside the target"):
-        download_dataset(cfg(archive), tmp_path / "raw")
+        extract(archive, tmp_path / "raw")
     assert not (tmp_path / "escaped.jpg").exists() and not (tmp_path / "raw").exists()
 
 
@@ -85,31 +89,31 @@ def _tar(archive, *entries: tuple[tarfile.TarInfo, io.BytesIO | None]):
 def test_absolute_and_link_entries_in_tar_are_refused(tmp_path):
     archive = _tar(tmp_path / "evil.tar", _link("data/a/link.jpg", tarfile.SYMTYPE, "/etc/passwd"))
     with pytest.raises(DownloadError, match="links and special files"):
-        download_dataset(cfg(archive), tmp_path / "raw")
+        extract(archive, tmp_path / "raw")
     with pytest.raises(DownloadError, match="outside the target"):
-        download_dataset(cfg(_tar(tmp_path / "abs.tar", _file("/tmp/abs.jpg"))), tmp_path / "raw")
+        extract(_tar(tmp_path / "abs.tar", _file("/tmp/abs.jpg")), tmp_path / "raw")
 
 
 def test_not_an_archive_and_truncated_archive(tiny_zip, tmp_path):
     text = tmp_path / "notes.zip"
     text.write_text("hello")
     with pytest.raises(DownloadError, match="not a zip or tar archive"):
-        download_dataset(cfg(text), tmp_path / "raw")
+        extract(text, tmp_path / "raw")
     truncated = tmp_path / "cut.zip"
     truncated.write_bytes(tiny_zip.read_bytes()[: tiny_zip.stat().st_size // 2])
     with pytest.raises(DownloadError):
-        download_dataset(cfg(truncated), tmp_path / "raw")
+        extract(truncated, tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
 
 
 def test_missing_source_and_single_class(tmp_path, class_folders):
-    with pytest.raises(DownloadError, match="does not exist"):
-        download_dataset(cfg(tmp_path / "nope.zip"), tmp_path / "raw")
+    with pytest.raises(DownloadError, match="does not exist: `dvc repro` fetches"):
+        extract(tmp_path / "nope.zip", tmp_path / "raw")
     single = tmp_path / "single"
     single.mkdir()
     (class_folders / "alpha").rename(single / "alpha")
     with pytest.raises(DownloadError, match="only one class folder"):
-        download_dataset(cfg(single), tmp_path / "raw")
+        extract(single, tmp_path / "raw")
 
 
 def test_ambiguous_class_roots_ask_for_class_root(class_folders, tmp_path):
@@ -119,8 +123,8 @@ def test_ambiguous_class_roots_ask_for_class_root(class_folders, tmp_path):
             for file in class_folders.rglob("*.JPG"):
                 bundle.write(file, f"{part}/{file.relative_to(class_folders).as_posix()}")
     with pytest.raises(DownloadError, match="set download.class_root"):
-        download_dataset(cfg(archive), tmp_path / "raw")
-    assert download_dataset(cfg(archive, class_root="photos"), tmp_path / "raw").num_images == 3 * PER_CLASS
+        extract(archive, tmp_path / "raw")
+    assert extract(archive, tmp_path / "raw", class_root="photos").num_images == 3 * PER_CLASS
 
 
 @pytest.mark.parametrize(
@@ -138,7 +142,7 @@ def test_split_folders_are_kept_under_their_split_names(tmp_path, names):
     raw/<split>/<class>/ with canonical split names; SOURCE.json says where each came from."""
     source = build_split_folders(tmp_path / "src", names, per_class=4)
     archive = zip_folder(source, tmp_path / "data.zip", prefix="MyData-v2/images")
-    info = download_dataset(cfg(archive), tmp_path / "raw")
+    info = extract(archive, tmp_path / "raw")
     assert info.split_folders == {split: f"MyData-v2/images/{folder}" for split, folder in names.items()}
     assert info.class_root == "MyData-v2/images"
     assert info.counts == {name: 4 * len(names) for name in CLASS_COLOURS}
@@ -154,8 +158,8 @@ def test_class_root_may_name_the_folder_holding_the_split_folders(tmp_path):
     source = build_split_folders(tmp_path / "src" / "kept", {"train": "train", "test": "test"}, per_class=3)
     build_class_folders(tmp_path / "src" / "other", per_class=3)
     with pytest.raises(DownloadError, match="set download.class_root"):
-        download_dataset(cfg(tmp_path / "src"), tmp_path / "raw")
-    info = download_dataset(cfg(tmp_path / "src", class_root="kept"), tmp_path / "raw")
+        extract(tmp_path / "src", tmp_path / "raw")
+    info = extract(tmp_path / "src", tmp_path / "raw", class_root="kept")
     assert info.split_folders == {"train": "kept/train", "test": "kept/test"}
     assert source.is_dir() and (tmp_path / "raw" / "test" / "alpha").is_dir()
 
@@ -166,57 +170,13 @@ def test_split_folders_of_loose_images_are_refused_with_the_layout_expected(tmp_
     (class_folders / "alpha").rename(loose / "train")
     (class_folders / "beta").rename(loose / "test")
     with pytest.raises(DownloadError, match=r"<split>/<class name>/<images>"):
-        download_dataset(cfg(loose), tmp_path / "raw")
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    failures_left = 0
-
-    def do_GET(self):  # noqa: N802
-        if type(self).failures_left > 0:
-            type(self).failures_left -= 1
-            self.send_error(429 if type(self).failures_left % 2 else 503, "busy")
-            return
-        super().do_GET()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def http_server(tiny_zip):
-    handler = lambda *a, **kw: _Handler(*a, directory=str(tiny_zip.parent), **kw)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-def test_https_path_downloads_from_a_local_server_with_retries(http_server, tiny_zip, tmp_path):
-    _Handler.failures_left = 2
-    sleeps: list[float] = []
-    target = tmp_path / "fetched.zip"
-    fetch_with_retries(f"{http_server}/{tiny_zip.name}", target, retries=3, timeout_s=5, sleep=sleeps.append)
-    assert sha256_file(target) == sha256_file(tiny_zip)
-    assert sleeps == [1.0, 2.0], "exponential back-off between attempts"
-    info = download_dataset(cfg(f"{http_server}/{tiny_zip.name}"), tmp_path / "raw")
-    assert info.num_images == 3 * PER_CLASS
-
-
-def test_http_404_is_not_retried_and_unreachable_host_is_a_network_error(http_server, tmp_path):
-    sleeps: list[float] = []
-    with pytest.raises(DownloadError, match="HTTP 404") as error:
-        fetch_with_retries(f"{http_server}/missing.zip", tmp_path / "x", retries=3, timeout_s=5, sleep=sleeps.append)
-    assert not isinstance(error.value, NetworkError) and sleeps == []
-    with pytest.raises(NetworkError, match="after 2 attempt"):
-        fetch_with_retries("http://127.0.0.1:9/x.zip", tmp_path / "y", retries=1, timeout_s=2, sleep=sleeps.append)
+        extract(loose, tmp_path / "raw")
 
 
 def test_junk_files_are_not_copied(class_folders, tmp_path):
     (class_folders / "alpha" / ".DS_Store").write_text("junk")
     (class_folders / "alpha" / "Thumbs.db").write_text("junk")
-    info = download_dataset(cfg(class_folders), tmp_path / "raw")
+    info = extract(class_folders, tmp_path / "raw")
     assert info.counts["alpha"] == PER_CLASS
     assert not Path(tmp_path / "raw" / "alpha" / ".DS_Store").exists()
 
@@ -224,12 +184,12 @@ def test_junk_files_are_not_copied(class_folders, tmp_path):
 def test_hard_links_in_tar_and_symbolic_links_in_zip_are_refused(tmp_path):
     archive = _tar(tmp_path / "hard.tar", _file("data/a/x.jpg"), _link("data/b/y.jpg", tarfile.LNKTYPE, "data/a/x.jpg"))
     with pytest.raises(DownloadError, match="links and special files"):
-        download_dataset(cfg(archive), tmp_path / "raw")
+        extract(archive, tmp_path / "raw")
     archive = tmp_path / "link.zip"
     with zipfile.ZipFile(archive, "w") as bundle:
         info = zipfile.ZipInfo("data/a/link.jpg")
         info.external_attr = 0o120777 << 16  # a symbolic link entry
         bundle.writestr(info, "/etc/passwd")
     with pytest.raises(DownloadError, match="symbolic link"):
-        download_dataset(cfg(archive), tmp_path / "raw")
+        extract(archive, tmp_path / "raw")
     assert not (tmp_path / "raw").exists()

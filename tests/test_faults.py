@@ -1,5 +1,5 @@
 """Faults leave the last good state intact: killed and interrupted runs, full disks, NaN losses,
-concurrent registrations, dropped connections."""
+concurrent registrations."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import multiprocessing
 import os
 import signal
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -24,18 +23,18 @@ from signflow._model_file import CheckpointError, load_bundle, save_bundle
 from signflow._runners import PlainRunner
 from signflow._training_state import resume_path
 from signflow.config import parse_params
-from signflow.download import NetworkError, download_dataset
+from signflow.download import extract_dataset
 from signflow.evaluate import evaluate
 from signflow.split import split_dataset
 from signflow.train import TrainingError, fine_tune
-from tests.helpers import section, tiny_params
+from tests.helpers import CodeRunningPickle, section, tiny_params
 
 
 @pytest.fixture
 def prepared(tmp_path, tiny_zip):
-    params = parse_params(tiny_params(tiny_zip, epochs=4, cache_frozen_features=False))
+    params = parse_params(tiny_params(epochs=4, cache_frozen_features=False))
     raw, split = tmp_path / "raw", tmp_path / "split"
-    download_dataset(params.download, raw)
+    extract_dataset(tiny_zip, raw, params.download)
     split_dataset(raw, split, params.split)
     return params, raw, split
 
@@ -120,6 +119,19 @@ def test_a_checkpoint_from_other_params_is_not_resumed(prepared, tmp_path, monke
     assert result.epochs_run == 4
 
 
+def test_a_resume_checkpoint_that_would_run_code_is_not_loaded(prepared, tmp_path, caplog):
+    """Anyone who can write models/ could plant `model.pt.resume`: it is read weights-only, so its
+    pickle payload never runs, and training starts over."""
+    params, raw, split = prepared
+    marker = tmp_path / "code-ran"
+    torch.save({"format": "signflow-resume-2", "payload": CodeRunningPickle(marker)}, resume_path(tmp_path / "m.pt"))
+    with caplog.at_level("WARNING"):
+        result = fine_tune(params.train, raw, split, tmp_path / "m.pt", tmp_path / "log.csv")
+    assert not marker.exists()
+    assert "unreadable or not a signflow checkpoint" in caplog.text
+    assert result.epochs_run == params.train.epochs
+
+
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(prepared, tmp_path, monkeypatch):
     params, raw, split = prepared
     real_save = torch.save
@@ -191,12 +203,12 @@ def test_evaluate_refuses_a_model_whose_preprocessing_was_changed(trained, tmp_p
 
 def _register_in_process(args):
     tracking, params_raw, model, accuracy, out = args
-    from signflow.register import Candidate, register_model
+    from signflow.register import TEST_SET_TAG, Candidate, register_model
 
     params = parse_params({**params_raw, "register": {**params_raw["register"], "tracking_uri": tracking}})
     metrics = Path(out) / f"metrics-{accuracy}.json"
     metrics.write_text(json.dumps({"accuracy": accuracy, "macro_f1": accuracy, "test_images": 9}))
-    candidate = Candidate.from_files(model, metrics, params.model_dump(mode="json"), {})
+    candidate = Candidate.from_files(model, metrics, params.model_dump(mode="json"), {TEST_SET_TAG: "same images"})
     result = register_model(params.register, candidate, Path(out) / f"rec-{accuracy}.json")
     return result.version, result.champion_version
 
@@ -228,85 +240,165 @@ def test_two_registrations_at_the_same_moment_make_two_versions_and_the_better_c
     assert "MLFLOW_TRACKING_URI" not in os.environ, "registering must not redirect later processes' registry"
 
 
-class _SlowArchive(BaseHTTPRequestHandler):
-    payload = b""
-    mode = "slow"
+def _register_on_another_machine(args):
+    """Register from a process with its own temp folder, as on another machine sharing the registry;
+    role "slow" dawdles between reading the champion and moving the alias, role "fast" reads it only
+    while "slow" dawdles: without a lock shared through the registry, "slow" overwrites "fast"."""
+    role, scratch, tracking, params_raw, model, accuracy = args
+    import tempfile
 
-    def do_GET(self):  # noqa: N802 - http.server's naming
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(self.payload)))
-        self.end_headers()
-        if self.mode == "drop":
-            self.wfile.write(self.payload[: len(self.payload) // 3])
-            self.wfile.flush()
-            self.connection.shutdown(2)
-            return
-        for start in range(0, len(self.payload), 1024):
-            self.wfile.write(self.payload[start : start + 1024])
-            self.wfile.flush()
-            time.sleep(0.05 if self.mode == "slow" else 0)
+    os.environ["TMPDIR"] = str(Path(scratch) / role)
+    Path(os.environ["TMPDIR"]).mkdir(exist_ok=True)
+    tempfile.tempdir = None
+    import signflow.register as register
 
-    def log_message(self, *args):
-        pass
+    marker, real_champion, calls = Path(scratch) / "slow-is-deciding", register._champion, []
+
+    def champion(client, name):
+        calls.append(name)
+        if role == "fast" and len(calls) == 1:
+            deadline = time.monotonic() + 120
+            while not marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        current = real_champion(client, name)
+        if role == "slow" and len(calls) == 1:
+            marker.touch()
+            time.sleep(4)
+        return current
+
+    register._champion = champion
+    params = parse_params({**params_raw, "register": {**params_raw["register"], "tracking_uri": tracking}})
+    metrics = Path(scratch) / f"metrics-{role}.json"
+    metrics.write_text(json.dumps({"accuracy": accuracy, "macro_f1": accuracy, "test_images": 9}))
+    tags = {register.TEST_SET_TAG: "same images"}
+    candidate = register.Candidate.from_files(model, metrics, params.model_dump(mode="json"), tags)
+    result = register.register_model(params.register, candidate, Path(scratch) / f"rec-{role}.json")
+    return result.version
 
 
-@pytest.fixture
-def archive_server(tiny_zip):
-    _SlowArchive.payload = tiny_zip.read_bytes()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowArchive)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/data.zip"
-    server.shutdown()
+def test_machines_sharing_a_registry_move_the_champion_one_at_a_time(trained, tmp_path):
+    params, *_ = trained
+    bundle = load_bundle(tmp_path / "model.pt")
+    save_bundle(bundle, tmp_path / "slow.pt")
+    bundle.state_dict = {k: v + 1 if v.is_floating_point() else v for k, v in bundle.state_dict.items()}
+    save_bundle(bundle, tmp_path / "fast.pt")
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking)
+    client.search_registered_models()  # the database exists before the two "machines" start
+    raw = params.model_dump(mode="json")
+    jobs = [
+        ("slow", str(tmp_path), tracking, raw, str(tmp_path / "slow.pt"), 0.7),
+        ("fast", str(tmp_path), tracking, raw, str(tmp_path / "fast.pt"), 0.9),
+    ]
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        versions = dict(zip(["slow", "fast"], pool.map(_register_on_another_machine, jobs), strict=True))
+    champion = client.get_model_version_by_alias(params.register.model_name, "champion")
+    assert str(champion.version) == versions["fast"], "the better model stays champion: no lost update"
+    names = [m.name for m in client.search_registered_models()]
+    assert names == [params.register.model_name], "the champion lock is gone once both finished"
 
 
-def test_download_killed_midway_leaves_the_previous_dataset_and_the_next_run_starts_clean(
-    archive_server, tmp_path, tiny_zip, venv_env
-):
+def test_a_champion_lock_left_by_a_dead_registration_expires(trained, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    import signflow.register as register
+
+    params, *_ = trained
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    name = params.register.model_name + register.CHAMPION_LOCK_SUFFIX
+    client.create_registered_model(name, tags={"holder": "dead", "expires": repr(time.time() + 1)})
+    started = time.monotonic()
+    with register.champion_lock(client, params.register.model_name):
+        assert client.get_registered_model(name).tags["holder"] != "dead"
+    assert time.monotonic() - started >= 0.9
+    assert [m.name for m in client.search_registered_models()] == []
+
+
+def _archive_slow_to_extract(tiny_zip: Path, target: Path, extra_files: int = 20000) -> Path:
+    """The tiny dataset plus thousands of small notes beside it: extraction takes a while."""
+    with zipfile.ZipFile(tiny_zip) as small, zipfile.ZipFile(target, "w") as big:
+        for item in small.infolist():
+            big.writestr(item, small.read(item))
+        for index in range(extra_files):
+            big.writestr(f"notes/note_{index:05d}.txt", "x")
+    return target
+
+
+def test_extract_killed_midway_leaves_the_previous_dataset_and_the_next_run_starts_clean(tmp_path, tiny_zip, venv_env):
     project = tmp_path / "proj"
-    project.mkdir()
-    download_dataset(section("download", url=str(tiny_zip)), project / "data" / "raw")
+    (project / "data").mkdir(parents=True)
+    extract_dataset(tiny_zip, project / "data" / "raw", section("download"))
     before = sorted(p.relative_to(project).as_posix() for p in (project / "data" / "raw").rglob("*"))
-    params = tiny_params(archive_server)
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    _SlowArchive.mode = "slow"
+    _archive_slow_to_extract(tiny_zip, project / "data" / "source")
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     process = subprocess.Popen(
-        ["signflow", "download"], cwd=project, env=venv_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        ["signflow", "extract"], cwd=project, env=venv_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + 60
     partial = []
-    while time.monotonic() < deadline and not partial:
+    while time.monotonic() < deadline and not partial and process.poll() is None:
         partial = [p for p in (project / "data").iterdir() if p.name.endswith(".partial") and any(p.rglob("*"))]
-        time.sleep(0.05)
-    time.sleep(0.3)
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert partial, "the download had started"
+    assert partial, "the extraction had started"
     after = sorted(p.relative_to(project).as_posix() for p in (project / "data" / "raw").rglob("*"))
-    assert after == before, "a killed download leaves the previous dataset untouched"
-    _SlowArchive.mode = "fast"
-    download_dataset(parse_params(params).download, project / "data" / "raw")
+    assert after == before, "a killed extraction leaves the previous dataset untouched"
+    extract_dataset(project / "data" / "source", project / "data" / "raw", section("download"))
     assert not [p for p in (project / "data").iterdir() if p.name.endswith(".partial")], "stale scratch removed"
 
 
-def test_a_dropped_connection_is_a_network_error_and_keeps_the_dataset(archive_server, tmp_path, tiny_zip):
-    raw = tmp_path / "raw"
-    download_dataset(section("download", url=str(tiny_zip)), raw)
-    before = sorted(p.name for p in raw.rglob("*"))
-    _SlowArchive.mode = "drop"
-    with pytest.raises(NetworkError):
-        download_dataset(section("download", url=archive_server, retries=1), raw)
-    assert sorted(p.name for p in raw.rglob("*")) == before
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
-
-
 def test_stale_scratch_of_a_live_process_is_kept(tmp_path):
+    from signflow._fileio import _host_tag
+
     target = tmp_path / "raw"
-    mine = tmp_path / f".raw.{os.getpid()}.abc.partial"
-    dead = tmp_path / ".raw.999999999.abc.partial"
-    mine.mkdir()
-    dead.mkdir()
-    assert remove_stale_scratch(target) == [dead]
+    mine = tmp_path / f".raw.{_host_tag()}-{os.getpid()}.abc.partial"
+    dead = tmp_path / f".raw.{_host_tag()}-999999999.abc.partial"
+    legacy_dead = tmp_path / ".raw.999999999.def.partial"  # named before hosts were recorded
+    for folder in (mine, dead, legacy_dead):
+        folder.mkdir()
+    assert sorted(remove_stale_scratch(target)) == sorted([dead, legacy_dead])
     assert mine.exists() and not dead.exists()
+
+
+def test_scratch_of_another_host_is_kept_until_it_is_a_day_old(tmp_path):
+    """Containers sharing a folder have their own process ids: a pid that is dead here may be alive
+    there, so another host's scratch is only removed once it has been untouched for a day."""
+    target = tmp_path / "model.pt"
+    fresh = tmp_path / ".model.pt.other-box-999999999.abc.tmp"
+    old = tmp_path / ".model.pt.other-box-999999998.def.tmp"
+    fresh.write_text("being written on another host")
+    old.write_text("left by a crash long ago")
+    day_and_a_bit = time.time() - 25 * 3600
+    os.utime(old, (day_and_a_bit, day_and_a_bit))
+    assert remove_stale_scratch(target) == [old]
+    assert fresh.exists()
+
+
+def test_outputs_get_the_mode_a_plain_write_gives(tmp_path):
+    """mkstemp/mkdtemp create 0600/0700 files: atomic writes must give the umask's mode to new files
+    and folders and keep an existing file's own mode, so other users (an MLflow server) can read them."""
+    import stat
+
+    from signflow._fileio import staging_dir, write_text_atomic
+
+    def mode(path):
+        return stat.S_IMODE(path.stat().st_mode)
+
+    previous = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "new.md", "x")
+        assert mode(tmp_path / "new.md") == 0o644
+        (tmp_path / "kept.md").write_text("old")
+        os.chmod(tmp_path / "kept.md", 0o640)
+        write_text_atomic(tmp_path / "kept.md", "new")
+        assert mode(tmp_path / "kept.md") == 0o640
+        with staging_dir(tmp_path / "dataset") as staged:
+            assert mode(staged) == 0o755
+    finally:
+        os.umask(previous)
 
 
 def test_image_size_the_model_cannot_take_is_a_config_error(prepared, tmp_path):

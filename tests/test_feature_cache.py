@@ -3,12 +3,15 @@ import math
 import pytest
 import torch
 
-from signflow._feature_cache import compute_features, onnx_prefix, split_model
+from signflow._feature_cache import FeatureCache, compute_features, onnx_prefix, split_model
 from signflow._model import apply_freeze_policy, create_model, preprocessing_for
-from signflow._runners import CachedRunner, PlainRunner, SplitTensors, create_runner
-from signflow.config import TrainConfig
+from signflow._preprocessing import load_images
+from signflow._runners import CachedRunner, PlainRunner, create_runner
+from signflow._training_data import TrainingData
 from signflow.train import create_optimizer
-from tests.helpers import augment_config, small_timm_model, train_config
+from tests.helpers import augment_config, image_split, small_timm_model, train_config
+
+CPU = torch.device("cpu")
 
 
 def cfg(**kw):
@@ -21,43 +24,153 @@ def cfg(**kw):
         lr=1e-2,
         trainable_blocks=3,
         channels_last=False,
+        loader_workers=0,
+        inference_batch_size=8,
+        cache_dtype="float32",
     )
     return train_config(**{**base, **kw})
 
 
-def data(n: int, seed: int) -> SplitTensors:
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    return SplitTensors(images, torch.randint(0, 3, (n,), generator=generator))
+@pytest.fixture
+def splits(tmp_path):
+    """24 train and 8 valid noise images of 32 px, 3 classes."""
+    return image_split(tmp_path / "images", "train", 24, seed=1), image_split(tmp_path / "images", "valid", 8, seed=2)
 
 
-def _train_one_epoch(runner_cls, config: TrainConfig):
-    torch.manual_seed(0)
+def model_and_prep(config, seed: int = 0):
+    torch.manual_seed(seed)
     model = create_model(config, num_classes=3)
     apply_freeze_policy(model, config.trainable_blocks)
-    prep = preprocessing_for(model, 32)
-    train, valid = data(24, 1), data(8, 2)
+    return model, preprocessing_for(model, config.image_size)
+
+
+def _train_one_epoch(runner_cls, config, splits, cache):
+    model, prep = model_and_prep(config)
+    data = TrainingData(cache, prep, *splits)
     generator = torch.Generator().manual_seed(5)
     if runner_cls is CachedRunner:
-        example = torch.randn(2, 3, 32, 32)
-        runner = CachedRunner(
-            split_model(model, example), model, train, valid, prep, config, torch.device("cpu"), generator
-        )
+        split = split_model(model, torch.randn(2, 3, 32, 32))
+        runner = CachedRunner(split, model, data, prep, config, CPU, generator)
     else:
-        runner = PlainRunner(model, train, valid, prep, config, torch.device("cpu"))
+        runner = PlainRunner(model, data, prep, config, CPU)
     optimizer = create_optimizer(config, model)
     loss, accuracy = runner.train_epoch(optimizer, torch.Generator().manual_seed(9), 1)
     return model, loss, runner.validate()
 
 
-def test_cached_tail_training_equals_the_plain_loop_without_augmentation():
+def test_cached_tail_training_equals_the_plain_loop_without_augmentation(splits, tmp_path):
     config = cfg(augment={"enabled": False}, cache_runtime="torch")
-    plain, plain_loss, plain_valid = _train_one_epoch(PlainRunner, config)
-    cached, cached_loss, cached_valid = _train_one_epoch(CachedRunner, config)
+    plain, plain_loss, plain_valid = _train_one_epoch(PlainRunner, config, splits, tmp_path / "a")
+    cached, cached_loss, cached_valid = _train_one_epoch(CachedRunner, config, splits, tmp_path / "b")
     assert cached_loss == pytest.approx(plain_loss, rel=1e-4)
     assert cached_valid[0] == pytest.approx(plain_valid[0], rel=1e-4)
     for (name, a), (_, b) in zip(plain.state_dict().items(), cached.state_dict().items(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+
+
+def test_loader_worker_processes_only_read_so_training_is_the_same(splits, tmp_path):
+    """The plain loop with batches read in a worker process trains exactly as reading in-process."""
+    results = []
+    for workers in (0, 1):
+        config = cfg(trainable_blocks="all", loader_workers=workers)
+        model, loss, valid = _train_one_epoch(PlainRunner, config, splits, tmp_path / f"w{workers}")
+        results.append((loss, valid, model.state_dict()))
+    assert results[0][:2] == results[1][:2]
+    for name, tensor in results[0][2].items():
+        assert torch.equal(tensor, results[1][2][name]), name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_disk_cached_features_are_the_in_memory_ones_and_a_rerun_reuses_them(splits, tmp_path, dtype, monkeypatch):
+    """What the runner reads back from the cache files is what computing the views in memory gives
+    (exactly in float32, to float16's precision in float16), the generator ends where drawing the
+    views leaves it, and a second run with the same inputs computes nothing."""
+    config = cfg(cached_views=2, epochs=2, cache_dtype=dtype, cache_runtime="torch", trainable_blocks=2)
+    model, prep = model_and_prep(config)
+    data = TrainingData(tmp_path / "cache", prep, *splits)
+    generator = torch.Generator().manual_seed(3)
+    runner = create_runner(model, data, prep, config, CPU, generator)
+    assert type(runner) is CachedRunner and runner.views == 2
+
+    # The in-memory path: the whole split decoded into one tensor, the views computed from it.
+    images, drawn = load_images(splits[0].paths, prep), torch.Generator().manual_seed(3)
+    chunks = lambda: images.split(config.inference_batch_size)  # noqa: E731
+    expected = [
+        torch.cat(
+            list(
+                compute_features(runner.split.prefix, chunks(), prep, CPU, runner.memory_format, config.augment, drawn)
+            )
+        )
+        for _ in range(2)
+    ]
+    assert torch.equal(generator.get_state(), drawn.get_state())
+
+    def read_view(features, view: int) -> torch.Tensor:
+        rows = features.array.read_range(view * 24, (view + 1) * 24)
+        return features.layout.to_tensor(torch.from_numpy(rows)).float()
+
+    for view in range(2):
+        actual = read_view(runner.train_features, view)
+        if dtype == "float32":
+            assert torch.equal(actual, expected[view])
+        else:
+            assert torch.allclose(actual, expected[view], rtol=1e-3, atol=1e-6)
+            assert not torch.equal(actual, expected[view]), "float16 rounds"
+    assert len(list((tmp_path / "cache").glob("*.bin"))) == 4, "train and valid images, train and valid features"
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("features were computed again")
+
+    monkeypatch.setattr("signflow._feature_cache.compute_features", must_not_run)
+    again_generator = torch.Generator().manual_seed(3)
+    again = create_runner(model, TrainingData(tmp_path / "cache", prep, *splits), prep, config, CPU, again_generator)
+    assert torch.equal(read_view(again.train_features, 1), read_view(runner.train_features, 1))
+    assert torch.equal(again_generator.get_state(), drawn.get_state()), "a reused cache moves the generator on"
+
+
+def test_a_changed_input_makes_a_new_cache_entry(splits, tmp_path):
+    """Images, image size, weights, cut point, view seed, views and number format are all in the key."""
+    base = cfg(cached_views=2, epochs=2, trainable_blocks=2)
+
+    def keys(config, image_splits=splits, weights_seed=0, generator_seed=3):
+        model, prep = model_and_prep(config, weights_seed)
+        data = TrainingData(tmp_path / "cache", prep, *image_splits)
+        split = split_model(model, torch.randn(2, 3, config.image_size, config.image_size))
+        cache = FeatureCache(split, data, config, CPU, torch.Generator().manual_seed(generator_seed))
+        return {"images": data.entries["train"].key, **{n: e.key for n, e in cache.entries.items()}}
+
+    reference = keys(base)
+    assert keys(base) == reference, "same inputs, same entries"
+    other = image_split(tmp_path / "other", "train", 24, seed=7)
+    assert keys(base, image_splits=(other, splits[1])).keys() == reference.keys()
+    changed = {
+        "images": keys(base, image_splits=(other, splits[1])),
+        "image size": keys(cfg(cached_views=2, epochs=2, trainable_blocks=2, image_size=48)),
+        "weights": keys(base, weights_seed=1),
+        "cut point": keys(cfg(cached_views=2, epochs=2, trainable_blocks=3)),
+        "view seed": keys(base, generator_seed=4),
+        "views": keys(cfg(cached_views=3, epochs=3, trainable_blocks=2)),
+        "number format": keys(cfg(cached_views=2, epochs=2, trainable_blocks=2, cache_dtype="float16")),
+    }
+    for what, new in changed.items():
+        assert new["train"] != reference["train"], what
+    assert changed["images"]["images"] != reference["images"]
+    assert changed["weights"]["images"] == reference["images"], "new weights reuse the decoded images"
+    assert changed["view seed"]["valid"] == reference["valid"], "the valid split has no augmented views"
+
+
+def test_a_changed_image_is_computed_again_not_reused(splits, tmp_path):
+    config = cfg(cached_views=1, trainable_blocks=2)
+    model, prep = model_and_prep(config)
+    create_runner(model, TrainingData(tmp_path / "cache", prep, *splits), prep, config, CPU, torch.Generator())
+    other = image_split(tmp_path / "other", "train", 24, seed=7)
+    runner = create_runner(
+        model, TrainingData(tmp_path / "cache", prep, other, splits[1]), prep, config, CPU, torch.Generator()
+    )
+    assert len(list((tmp_path / "cache").glob("images-*.bin"))) == 3
+    assert len(list((tmp_path / "cache").glob("features-*.bin"))) == 3
+    decoded = runner.data.images("train").read_range(0, 24)
+    assert (decoded == load_images(other.paths, prep).numpy()).all()
 
 
 def test_split_is_refused_for_full_fine_tune_and_used_when_frozen():
@@ -70,58 +183,66 @@ def test_split_is_refused_for_full_fine_tune_and_used_when_frozen():
     assert not any(p.requires_grad for p in split.prefix.parameters())
 
 
-def test_create_runner_falls_back_when_caching_is_off_or_impossible():
+def test_create_runner_falls_back_when_caching_is_off_or_impossible(splits, tmp_path):
     config = cfg(cache_frozen_features=False)
     model = create_model(config, num_classes=3)
     apply_freeze_policy(model, 2)
     prep = preprocessing_for(model, 32)
-    args = (model, data(8, 1), data(4, 2), prep)
-    assert type(create_runner(*args, config, torch.device("cpu"), torch.Generator())) is PlainRunner
+    data = TrainingData(tmp_path / "cache", prep, *splits)
+    assert type(create_runner(model, data, prep, config, CPU, torch.Generator())) is PlainRunner
     config = cfg(cache_frozen_features=True, cached_views=2)
-    assert type(create_runner(*args, config, torch.device("cpu"), torch.Generator())) is CachedRunner
+    assert type(create_runner(model, data, prep, config, CPU, torch.Generator())) is CachedRunner
     apply_freeze_policy(model, "all")
-    assert type(create_runner(*args, config, torch.device("cpu"), torch.Generator())) is PlainRunner
+    assert type(create_runner(model, data, prep, config, CPU, torch.Generator())) is PlainRunner
 
 
-def test_head_only_training_caches_pooled_features_with_channels_last():
+def test_head_only_training_caches_pooled_features_with_channels_last(splits, tmp_path):
     """trainable_blocks 0 cuts after global pooling: (N, C) features, where channels_last does not apply."""
-    config = cfg(trainable_blocks=0, channels_last=True, cached_views=2)
+    config = cfg(trainable_blocks=0, channels_last=True, cached_views=2, epochs=2)
     model = create_model(config, num_classes=3)
     apply_freeze_policy(model, 0)
     model = model.to(memory_format=torch.channels_last)
     prep = preprocessing_for(model, 32)
-    runner = create_runner(model, data(8, 1), data(4, 2), prep, config, torch.device("cpu"), torch.Generator())
+    data = TrainingData(tmp_path / "cache", prep, *splits)
+    runner = create_runner(model, data, prep, config, CPU, torch.Generator())
     assert type(runner) is CachedRunner
-    assert runner.train_views[0].dim() == 2
+    assert runner.train_features.array.spec.row_shape == (model.num_features,)
     runner.train_epoch(create_optimizer(config, model), torch.Generator().manual_seed(1), 1)
-    plain = PlainRunner(model, runner.train_data, runner.valid_data, prep, config, torch.device("cpu"))
+    plain = PlainRunner(model, data, prep, config, CPU)
     assert runner.validate() == pytest.approx(plain.validate(), rel=1e-4), "the cached validation is the model's own"
 
 
-def test_onnx_runtime_prefix_gives_the_torch_features_and_the_same_training():
+def test_channels_last_features_read_back_with_channels_last_strides(splits, tmp_path):
+    config = cfg(channels_last=True, trainable_blocks=2, cache_dtype="float32")
+    model, prep = model_and_prep(config)
+    model = model.to(memory_format=torch.channels_last)
+    runner = create_runner(model, TrainingData(tmp_path / "cache", prep, *splits), prep, config, CPU, torch.Generator())
+    rows = torch.from_numpy(runner.train_features.array.read_rows([3, 1]))
+    batch = runner.batch_inputs(rows, torch.Generator(), 1)
+    assert batch.dim() == 4 and batch.is_contiguous(memory_format=torch.channels_last)
+    assert batch.dtype == torch.float32
+
+
+def test_onnx_runtime_prefix_gives_the_torch_features_and_the_same_training(splits, tmp_path):
     """cache_runtime onnxruntime (the CPU default) and torch cache the same features, train the same."""
-    config = cfg(cached_views=2, trainable_blocks=2, lr=1e-4)
+    config = cfg(cached_views=2, epochs=2, trainable_blocks=2, lr=1e-4, cache_dtype="float32")
     results = {}
     for runtime in ("torch", "onnxruntime"):
-        torch.manual_seed(0)
-        model = create_model(config, num_classes=3)
-        apply_freeze_policy(model, config.trainable_blocks)
-        prep = preprocessing_for(model, 32)
+        model, prep = model_and_prep(config)
         runner = create_runner(
             model,
-            data(24, 1),
-            data(8, 2),
+            TrainingData(tmp_path / runtime, prep, *splits),
             prep,
             config.model_copy(update={"cache_runtime": runtime}),
-            torch.device("cpu"),
+            CPU,
             torch.Generator().manual_seed(3),
         )
         assert type(runner) is CachedRunner and runner.prefix_runtime == runtime
         loss, _ = runner.train_epoch(create_optimizer(config, model), torch.Generator().manual_seed(9), 1)
-        results[runtime] = (runner.train_views, runner.valid_features, loss)
-    for a, b in zip(results["torch"][0], results["onnxruntime"][0], strict=True):
-        assert torch.allclose(a, b, atol=1e-4)
-    assert torch.allclose(results["torch"][1], results["onnxruntime"][1], atol=1e-4)
+        train, valid = runner.train_features.array, runner.valid_features.array
+        results[runtime] = (train.read_range(0, len(train)), valid.read_range(0, len(valid)), loss)
+    for a, b in zip(results["torch"][:2], results["onnxruntime"][:2], strict=True):
+        assert torch.allclose(torch.from_numpy(a), torch.from_numpy(b), atol=1e-4)
     assert results["onnxruntime"][2] == pytest.approx(results["torch"][2], rel=1e-3)
 
 
@@ -159,25 +280,63 @@ def test_augment_matches_an_affine_grid_crop_and_flip_mirrors():
 
 
 @pytest.mark.parametrize("name", ["vgg16", "mobilenetv3_large_100"])
-def test_other_families_cache_through_onnx_runtime_and_train(name):
+def test_other_families_cache_through_onnx_runtime_and_train(name, splits, tmp_path):
     """No weights, small images: the ONNX Runtime cache path is exact enough and trains for these too."""
-    config = cfg(model=name, trainable_blocks=1, cached_views=1)
+    config = cfg(model=name, trainable_blocks=1, cached_views=1, cache_dtype="float32")
     model = small_timm_model(name, num_classes=3)
     apply_freeze_policy(model, config.trainable_blocks)
     prep = preprocessing_for(model, 32)
-    train = data(8, 1)
-    runner = create_runner(model, train, data(4, 2), prep, config, torch.device("cpu"), torch.Generator())
+    data = TrainingData(tmp_path / "cache", prep, *splits)
+    runner = create_runner(model, data, prep, config, CPU, torch.Generator())
     assert type(runner) is CachedRunner and runner.prefix_runtime == "onnxruntime"
-    torch_view = compute_features(
-        runner.split.prefix,
-        train.images,
-        prep,
-        batch_size=8,
-        device=torch.device("cpu"),
-        memory_format=torch.contiguous_format,
-        augment_cfg=config.augment,
-        generator=torch.Generator(),
+    chunks = load_images(splits[0].paths, prep).split(8)
+    torch_view = torch.cat(
+        list(
+            compute_features(
+                runner.split.prefix, chunks, prep, CPU, torch.contiguous_format, config.augment, torch.Generator()
+            )
+        )
     )
-    assert torch.allclose(runner.train_views[0], torch_view, atol=1e-3, rtol=1e-3)
+    cached = runner.train_features
+    stored = cached.layout.to_tensor(torch.from_numpy(cached.array.read_range(0, 24)))
+    assert torch.allclose(stored, torch_view, atol=1e-3, rtol=1e-3)
     loss, _ = runner.train_epoch(create_optimizer(config, model), torch.Generator().manual_seed(1), 1)
     assert math.isfinite(loss) and 0 <= runner.validate()[1] <= 1
+
+
+def test_a_rerun_on_the_cache_and_a_resumed_run_train_the_model_of_a_fresh_run(tiny_zip, tmp_path, monkeypatch):
+    """The train step on the frozen-feature cache: a second run reuses the cached views (the generator
+    moved on as if it had drawn them) and trains the same weights; so does an interrupted run resumed
+    on the cache, and a run with a temporary cache folder."""
+    from signflow._model_file import load_bundle
+    from signflow.config import parse_params
+    from signflow.download import extract_dataset
+    from signflow.split import split_dataset
+    from signflow.train import fine_tune
+    from tests.helpers import tiny_params
+
+    params = parse_params(tiny_params(epochs=3, trainable_blocks=1, cached_views=2, loader_workers=0))
+    raw, split, cache = tmp_path / "raw", tmp_path / "split", tmp_path / "cache"
+    extract_dataset(tiny_zip, raw, params.download)
+    split_dataset(raw, split, params.split)
+
+    def train(name: str, cache_dir):
+        fine_tune(params.train, raw, split, tmp_path / f"{name}.pt", tmp_path / f"{name}.csv", cache_dir)
+        return load_bundle(tmp_path / f"{name}.pt").fingerprint()
+
+    fresh = train("fresh", None)
+    assert not list(tmp_path.glob("signflow-cache-*")), "the temporary cache is removed"
+    assert train("first", cache) == fresh
+    assert train("reused", cache) == fresh
+    original = CachedRunner.train_epoch
+
+    def interrupt_at_epoch_2(self, optimizer, generator, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, optimizer, generator, epoch)
+
+    monkeypatch.setattr(CachedRunner, "train_epoch", interrupt_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train("resumed", cache)
+    monkeypatch.setattr(CachedRunner, "train_epoch", original)
+    assert train("resumed", cache) == fresh

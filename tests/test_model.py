@@ -9,7 +9,7 @@ from signflow._model import (
     preprocessing_for,
     set_train_mode,
 )
-from tests.helpers import small_timm_model, train_config
+from tests.helpers import CodeRunningPickle, small_timm_model, train_config
 
 
 def train_cfg(model: str, **kw):
@@ -51,6 +51,28 @@ def test_unknown_model_name_suggests_close_names():
 def test_missing_weights_file_is_named(tmp_path):
     with pytest.raises(ModelError, match="weights_file"):
         create_model(train_cfg("mobilenetv2_100"), num_classes=3, weights_file=tmp_path / "none.safetensors")
+
+
+def test_a_pickled_weights_file_is_refused_without_running_it(tmp_path):
+    import pickle
+
+    marker = tmp_path / "code-ran"
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(pickle.dumps({"state_dict": CodeRunningPickle(marker)}))
+    with pytest.raises(ModelError, match="not a safetensors file or a weights-only PyTorch checkpoint"):
+        create_model(train_cfg("mobilenetv2_100"), num_classes=3, weights_file=weights)
+    assert not marker.exists()
+
+
+def test_a_weights_only_checkpoint_and_safetensors_are_accepted(tmp_path):
+    from safetensors.torch import save_file
+
+    state = small_timm_model("mobilenetv2_100", num_classes=1000).state_dict()
+    torch.save(state, tmp_path / "weights.pth")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "weights.safetensors")
+    for name in ("weights.pth", "weights.safetensors"):
+        model = create_model(train_cfg("mobilenetv2_100"), num_classes=3, weights_file=tmp_path / name)
+        assert torch.equal(model.conv_stem.weight, state["conv_stem.weight"]), name
 
 
 def test_frozen_batchnorm_stays_in_eval_mode_and_keeps_statistics():

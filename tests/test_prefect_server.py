@@ -120,10 +120,10 @@ async def _task_runs_and_artifacts(url: str, run_id):
     return tasks, artifacts
 
 
-def _trigger(env: dict) -> str:
+def _trigger(env: dict, *options: str) -> str:
     """`prefect deployment run`, as a user types it; returns the flow run id it prints."""
     result = subprocess.run(
-        [sys.executable, "-m", "prefect", "deployment", "run", DEPLOYMENT],
+        [sys.executable, "-m", "prefect", "deployment", "run", DEPLOYMENT, *options],
         env=env,
         capture_output=True,
         text=True,
@@ -143,7 +143,7 @@ def _wait_for_run(env: dict, run_id: str, serve: subprocess.Popen, log: Path):
     return _wait(final, 420, f"flow run {run_id}", serve, log)
 
 
-def test_served_deployment_has_its_schedule_runs_and_skips_unchanged_work(
+def test_served_deployment_has_its_schedule_runs_skips_unchanged_work_and_isolates_override_runs(
     prefect_server, tmp_path, tiny_zip, venv_env, monkeypatch
 ):
     url, env = prefect_server
@@ -166,7 +166,6 @@ def test_served_deployment_has_its_schedule_runs_and_skips_unchanged_work(
         assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"], "schedule from params.yaml"
         assert deployment.global_concurrency_limit.limit == 1, "concurrency limit from params.yaml"
         assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
-        assert deployment.parameters["refresh_data"] is True
         assert deployment.parameters["project_dir"] == str(project)
 
         first = _wait_for_run(env, _trigger(env), serve, log)
@@ -183,11 +182,27 @@ def test_served_deployment_has_its_schedule_runs_and_skips_unchanged_work(
         second = _wait_for_run(env, _trigger(env), serve, log)
         assert second.state.type.value == "COMPLETED"
         tasks, artifacts = asyncio.run(_task_runs_and_artifacts(url, second.id))
-        ran = {t.name.rsplit("-", 1)[0] for t in tasks}
-        assert "fine-tune" not in ran and "register" not in ran, "unchanged data and params: nothing retrained"
         summary = next(a for a in artifacts if a.key == "pipeline-summary")
-        assert summary.data.startswith("Nothing changed")
+        assert summary.data.startswith("Nothing changed"), "unchanged data, code and params: nothing retrained"
+        assert "registration" not in {a.key for a in artifacts}
         assert json.loads((project / "models" / "registered.json").read_text()) == receipt
+
+        main_files = {p: p.read_bytes() for p in [project / "dvc.lock", *sorted((project / "models").iterdir())]}
+        override = _wait_for_run(env, _trigger(env, "--param", 'overrides={"train.epochs": 1}'), serve, log)
+        assert override.state.type.value == "COMPLETED", log.read_text()[-4000:]
+        workspace = project / "runs" / str(override.id)
+        run_receipt = json.loads((workspace / "models" / "registered.json").read_text())
+        assert run_receipt["version"] == "2", "the override run registered its own model"
+        assert {p: p.read_bytes() for p in main_files} == main_files, "the main workspace and dvc.lock are untouched"
+        _, artifacts = asyncio.run(_task_runs_and_artifacts(url, override.id))
+        by_key = {a.key: a.data for a in artifacts}
+        assert str(workspace) in by_key["pipeline-summary"], "the run's page says where its outputs are"
+        assert str(override.id) in by_key["registration"]
+        from mlflow import MlflowClient
+
+        version = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_model_version("sign-language-digits", "2")
+        assert version.tags["signflow.flow_run_id"] == str(override.id)
+        assert version.tags["signflow.flow_run_name"] == override.name
     finally:
         _stop(serve)
 

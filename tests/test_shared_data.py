@@ -8,7 +8,7 @@ import pytest
 
 from signflow.cli import main
 from signflow.config import parse_params
-from signflow.download import download_dataset
+from signflow.download import extract_dataset
 from signflow.evaluate import evaluate
 from signflow.split import read_manifest, split_dataset
 from signflow.train import fine_tune
@@ -18,13 +18,12 @@ UPSTREAM_COUNTS = [205, 206, 206, 206, 207, 207, 207, 206, 208, 204]
 
 
 def test_real_archive_downloads_and_splits_stratified(shared_dir, tmp_path):
-    info = download_dataset(
-        section("download", url=str(shared_dir / "datasets" / "sign-language-digits.zip")), tmp_path / "raw"
-    )
+    info = extract_dataset(shared_dir / "datasets" / "sign-language-digits.zip", tmp_path / "raw", section("download"))
     assert info.class_names == [str(d) for d in range(10)]
     assert [info.counts[c] for c in info.class_names] == UPSTREAM_COUNTS
     assert not list((tmp_path / "raw").rglob("example_*"))
-    result = split_dataset(tmp_path / "raw", tmp_path / "split", section("split", seed=42))
+    cfg = section("split", train=0.7, valid=0.15, test=0.15, seed=42)
+    result = split_dataset(tmp_path / "raw", tmp_path / "split", cfg)
     assert sum(result.counts.values()) + result.excluded == 2062
     # Distinct photos of similar hands: a few small near-duplicate clusters (28 of 61 images when measured),
     # each within one class and one split, and no test image with a near-twin in train.
@@ -42,11 +41,11 @@ def test_real_report_is_consistent_and_predict_reads_the_examples(shared_dir, tm
     """A short real fine-tune (last 4 blocks, 3 epochs at 96 px); its report must agree with the test manifest and
     predict must name the digit of most of the archive's 10 Examples/ photos."""
     archive = shared_dir / "datasets" / "sign-language-digits.zip"
-    raw = tiny_params(archive, model="mobilenetv2_100", pretrained=True, trainable_blocks=4, image_size=96)
+    raw = tiny_params(model="mobilenetv2_100", pretrained=True, trainable_blocks=4, image_size=96)
     raw["train"].update(weights_file=str(shared_dir / "weights" / "mobilenetv2_100.tv_in1k.safetensors"), epochs=3)
     raw["train"].update(batch_size=64, lr=3e-3)
     params = parse_params(raw)
-    download_dataset(params.download, tmp_path / "raw")
+    extract_dataset(archive, tmp_path / "raw", params.download)
     split_dataset(tmp_path / "raw", tmp_path / "split", params.split)
     fine_tune(params.train, tmp_path / "raw", tmp_path / "split", tmp_path / "model.pt", tmp_path / "log.csv")
     result = evaluate(

@@ -128,13 +128,33 @@ def test_images_of_every_kind_are_used_with_their_true_size(class_folders, tmp_p
     assert gray.float().mean() > 20, "16-bit values are scaled down, not clipped to white or black"
 
 
+def test_images_over_the_pixel_limit_or_of_absurd_shape_are_refused_with_the_reason(class_folders, tmp_path):
+    from PIL import Image
+
+    folder = class_folders / "beta"
+    Image.new("RGB", (1, 100_000), (200, 40, 40)).save(folder / "strip.png")
+    Image.new("RGB", (400, 300), (40, 200, 40)).save(folder / "big.png")
+    Image.new("RGB", (40, 100), (40, 40, 200)).save(folder / "tall.png")
+    assert (folder / "strip.png").stat().st_size < 2000, "a few hundred bytes"
+    cfg = section("split", train=0.5, valid=0.25, test=0.25, seed=3, max_pixels=110_000, max_aspect_ratio=10)
+    split_dataset(class_folders, tmp_path / "split", cfg)
+    reasons = {r["path"]: r["reason"] for r in json.loads((tmp_path / "split" / "report.json").read_text())["excluded"]}
+    assert reasons["beta/strip.png"].startswith("refused: 1x100000: one side is 100,000 times the other")
+    assert "split.max_aspect_ratio (10)" in reasons["beta/strip.png"]
+    assert reasons["beta/big.png"] == (
+        "refused: 400x300 is 120,000 pixels, above split.max_pixels (110,000); raise it to use this image"
+    )
+    used = pd.concat(manifests(tmp_path / "split").values())
+    assert "beta/tall.png" in set(used["path"]), "2.5 times taller than wide is kept"
+
+
 def test_empty_class_folder_and_readme_files_are_left_out_and_reported(class_folders, tmp_path):
-    from signflow.download import download_dataset
+    from signflow.download import extract_dataset
 
     (class_folders / "delta").mkdir()
     (class_folders / "README.md").write_text("# about")
     (class_folders / "alpha" / "README.txt").write_text("notes")
-    info = download_dataset(section("download", url=str(class_folders)), tmp_path / "raw")
+    info = extract_dataset(class_folders, tmp_path / "raw", section("download"))
     assert "delta" not in info.class_names
     assert any(line.startswith("delta/: class folder without images") for line in info.skipped)
     assert any(line.startswith("alpha/README.txt: not an image") for line in info.skipped)

@@ -134,7 +134,7 @@ def test_a_group_pattern_matching_nothing_or_only_some_files_names_the_pattern_a
     ],
 )
 def test_bad_split_settings_are_refused_naming_the_key(changes, message):
-    raw = tiny_params("x.zip")
+    raw = tiny_params()
     raw["split"].update(changes)
     with pytest.raises(ConfigError, match=message):
         parse_params(raw)

@@ -2,6 +2,7 @@
 table and plot, the winner registered, reruns that skip finished trials, and the time budget."""
 
 import json
+import shlex
 
 import pandas as pd
 import pytest
@@ -9,9 +10,9 @@ import yaml
 
 import signflow.train
 from signflow.config import ConfigError
-from signflow.download import download_dataset
+from signflow.download import extract_dataset
 from signflow.split import split_dataset
-from signflow.sweep import plan_trials, sweep
+from signflow.sweep import plan_trials, sweep, trial_dir
 from tests.helpers import section, tiny_params
 
 GRID = {"train.trainable_blocks": [1, "all"], "train.lr": [3e-3, 1e-3]}
@@ -19,13 +20,13 @@ GRID = {"train.trainable_blocks": [1, "all"], "train.lr": [3e-3, 1e-3]}
 
 @pytest.fixture
 def project(tmp_path, tiny_zip, monkeypatch):
-    raw = tiny_params(tiny_zip, epochs=2)
+    raw = tiny_params(epochs=2)
     raw["sweep"] = {"grid": GRID, "max_trials": 3, "max_minutes": 30, "workers": 1}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     from signflow.config import load_params
 
     params = load_params(tmp_path / "params.yaml")
-    download_dataset(params.download, tmp_path / "data" / "raw")
+    extract_dataset(tiny_zip, tmp_path / "data" / "raw", params.download)
     split_dataset(tmp_path / "data" / "raw", tmp_path / "data" / "split", params.split)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return tmp_path
@@ -38,7 +39,7 @@ def _sweep(project):
 
 
 def test_plan_is_every_combination_in_order_up_to_max_trials():
-    trials = plan_trials(tiny_params("x.zip"), section("sweep", grid=GRID, max_trials=3))
+    trials = plan_trials(tiny_params(), section("sweep", grid=GRID, max_trials=3))
     assert [t.overrides for t in trials] == [
         {"train.trainable_blocks": 1, "train.lr": 3e-3},
         {"train.trainable_blocks": 1, "train.lr": 1e-3},
@@ -49,11 +50,25 @@ def test_plan_is_every_combination_in_order_up_to_max_trials():
     assert trials[0].dvc_command() == "dvc exp run -S 'train.trainable_blocks=1' -S 'train.lr=0.003'"
 
 
+def test_trial_names_stay_inside_the_trials_folder_and_commands_are_quoted(tmp_path):
+    """Grid values become folder names and a shell command: `..`, slashes and quotes must not escape."""
+    raw = tiny_params()
+    raw["train"]["weights_file"] = None
+    grid = {"train.weights_file": ["../../../etc/evil", "a'; rm -rf ~; '"]}
+    trials = plan_trials(raw, section("sweep", grid=grid, max_trials=2), base_dir=tmp_path)
+    for trial in trials:
+        assert "/" not in trial.name and ".." not in trial.name
+        folder = trial_dir(tmp_path / "sweep", trial)
+        assert folder.parent == (tmp_path / "sweep" / "trials").resolve()
+    command = shlex.split(trials[1].dvc_command())
+    assert command == ["dvc", "exp", "run", "-S", "train.weights_file=" + json.dumps("a'; rm -rf ~; '")]
+
+
 def test_bad_grids_are_refused_with_the_key_or_trial_named():
     with pytest.raises(ValueError, match="train.\\* keys only"):
         section("sweep", grid={"split.seed": [1, 2]})
     with pytest.raises(ConfigError, match="sweep trial .*train.lr"):
-        plan_trials(tiny_params("x.zip"), section("sweep", grid={"train.lr": [1e-3, -1]}))
+        plan_trials(tiny_params(), section("sweep", grid={"train.lr": [1e-3, -1]}))
 
 
 def test_sweep_picks_the_best_validation_trial_writes_the_comparison_and_registers_it(project):

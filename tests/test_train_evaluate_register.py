@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 from signflow._model_file import CheckpointError, load_bundle, save_bundle
 from signflow.evaluate import evaluate
-from signflow.register import Candidate, register_model
+from signflow.register import TEST_SET_TAG, Candidate, register_model
+from signflow.split import split_dataset
 from signflow.train import fine_tune
 from tests.helpers import section
 
@@ -56,10 +58,10 @@ def test_evaluate_refuses_a_model_with_another_class_list(trained, tmp_path):
         evaluate(section("evaluate"), tmp_path / "shifted.pt", raw, split, tmp_path / "reports")
 
 
-def _register(params, tmp_path, model, accuracy):
+def _register(params, tmp_path, model, accuracy, test_set="test set A"):
     metrics = tmp_path / f"metrics-{accuracy}.json"
     metrics.write_text(json.dumps({"accuracy": accuracy, "macro_f1": accuracy, "test_images": 9}))
-    tags = {"signflow.data_version": "abc.dir", "signflow.git_commit": "none"}
+    tags = {"signflow.data_version": "abc.dir", "signflow.git_commit": "none", TEST_SET_TAG: test_set}
     candidate = Candidate.from_files(model, metrics, params.model_dump(mode="json"), tags)
     return register_model(params.register, candidate, tmp_path / "rec.json")
 
@@ -91,6 +93,38 @@ def test_register_versions_champion_gate_and_no_duplicates(trained, tmp_path, mo
     assert run.data.params["train.model"] == "test_efficientnet"
     assert run.data.metrics["accuracy"] == pytest.approx(0.9)
     assert json.loads((tmp_path / "rec.json").read_text())["champion_version"] == "3"
+
+
+def _variant(tmp_path, offset: float) -> Path:
+    bundle = load_bundle(tmp_path / "model.pt")
+    bundle.state_dict = {k: v + offset if v.is_floating_point() else v for k, v in bundle.state_dict.items()}
+    return save_bundle(bundle, tmp_path / f"variant-{offset}.pt")
+
+
+def test_the_champion_is_compared_only_with_a_model_scored_on_the_same_test_set(trained, tmp_path, monkeypatch, caplog):
+    params, *_ = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert _register(params, tmp_path, tmp_path / "model.pt", 0.8).is_champion
+    with caplog.at_level("WARNING"):
+        other = _register(params, tmp_path, _variant(tmp_path, 1.0), 0.99, test_set="test set B")
+    assert other.version == "2" and other.newly_created and other.champion_version == "1"
+    assert "another test set" in other.champion_reason and "not comparable" in other.champion_reason
+    assert "another test set" in caplog.text
+    receipt = json.loads((tmp_path / "rec.json").read_text())
+    assert "another test set" in receipt["champion_reason"], "the registration artifact says why"
+    better = _register(params, tmp_path, _variant(tmp_path, 2.0), 0.85)
+    assert better.is_champion and "beats champion version 1 (0.8000) on the same test set" in better.champion_reason
+
+
+def test_the_test_set_fingerprint_is_the_test_images_and_labels(trained, tmp_path):
+    from signflow._provenance import fingerprint_test_set
+
+    _, raw, split, _ = trained
+    same = fingerprint_test_set(split)
+    split_dataset(raw, tmp_path / "again", section("split"))
+    assert fingerprint_test_set(tmp_path / "again") == same, "same data and split: same test set"
+    split_dataset(raw, tmp_path / "other", section("split", seed=7))
+    assert fingerprint_test_set(tmp_path / "other") != same, "another split: another test set"
 
 
 def test_checkpoint_write_is_atomic(trained, tmp_path, monkeypatch):

@@ -1,0 +1,129 @@
+"""The MLflow model of a registered signflow version: its ONNX file run by ONNX Runtime.
+
+This is an MLflow "models-from-code" file. The register step saves it with `python_model=<this
+file>`; MLflow copies it into the model folder and *runs* it when the model is loaded (nothing is
+unpickled). It is self-contained on purpose: it imports only mlflow, numpy, pandas, Pillow and
+onnxruntime, never signflow or torch, so a registered version keeps serving exactly as it was
+registered whatever signflow becomes, and `mlflow models serve` can run it in any environment with
+those packages (`--env-manager virtualenv` installs only them). Its image steps repeat
+`signflow._images.load_rgb` and `signflow._preprocessing.read_image` (a test checks they give the
+same pixels); the class list, preprocessing and temperature come from the ONNX file's metadata.
+
+Input: a DataFrame with a column `image` holding the encoded bytes of an image file (JPEG, PNG,
+...), as bytes or as a base64 string (a JSON request to /invocations sends base64).
+Output: one row per image: `classes` and `probabilities` (top-k, best first), `label` and
+`probability` (the best), `error` (why an image could not be read; the other rows still get an
+answer). Param: `top_k` (3 unless given).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+
+import numpy as np
+import pandas as pd
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+COLUMNS = ["classes", "probabilities", "label", "probability", "error"]
+RESAMPLING = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)  # as signflow._images.MAX_PIXELS
+
+
+def decode_rgb(data: bytes, max_side: int):
+    """As signflow._images.load_rgb: JPEG draft mode, EXIF rotation, 16-bit and alpha flattened on
+    white, then 8-bit RGB."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.width * image.height > MAX_PIXELS:
+            raise ValueError(f"{image.width}x{image.height} pixels is above the limit of {MAX_PIXELS:,} pixels")
+        if image.format == "JPEG":
+            image.draft("RGB", (max_side, max_side))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            image = image.point(lambda value: value * (1 / 256)).convert("L")
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return image.convert("RGB")
+
+
+def image_bytes(value) -> bytes:
+    """The cell's image file bytes: bytes as they are, a string as base64."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return base64.b64decode(value, validate=True)
+    raise ValueError(f"expected image bytes or a base64 string, got {type(value).__name__}")
+
+
+class SignflowOnnxModel(PythonModel):
+    def load_context(self, context) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(context.artifacts["onnx"], options, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.class_names = list(json.loads(meta["signflow.class_names"]))
+        prep = json.loads(meta.get("signflow.preprocessing") or meta["signflow._preprocessing"])
+        self.temperature = float(meta.get("signflow.temperature", "1.0"))  # already applied by the graph
+        self.size = int(prep["image_size"])
+        self.resample = RESAMPLING.get(prep["interpolation"], RESAMPLING["bilinear"])
+        self.mean = np.asarray(prep["mean"], np.float32).reshape(1, 3, 1, 1) * 255.0
+        self.std = np.asarray(prep["std"], np.float32).reshape(1, 3, 1, 1) * 255.0
+        self.input_name = self.session.get_inputs()[0].name
+
+    def to_uint8(self, data: bytes) -> np.ndarray:
+        """As signflow._preprocessing.read_image: shorter side resized to the model's size, centre
+        crop, (3, S, S) uint8."""
+        size = self.size
+        image = decode_rgb(data, 2 * size)
+        scale = size / min(image.size)
+        new_size = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
+        image = image.resize(new_size, self.resample)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+        return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of a (N, 3, S, S) uint8 batch: the graph divides by the temperature."""
+        batch = (images.astype(np.float32) - self.mean) / self.std
+        logits = self.session.run(None, {self.input_name: batch})[0].astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        top_k = max(1, min(int((params or {}).get("top_k", 3)), len(self.class_names)))
+        rows = [{**dict.fromkeys(COLUMNS), "classes": [], "probabilities": []} for _ in range(len(model_input))]
+        arrays, readable = [], []
+        for index, value in enumerate(model_input["image"]):
+            try:
+                arrays.append(self.to_uint8(image_bytes(value)))
+                readable.append(index)
+            except (binascii.Error, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                reason = "not a readable image file" if isinstance(error, UnidentifiedImageError) else str(error)
+                rows[index]["error"] = f"cannot read image: {reason or type(error).__name__}"
+        if arrays:
+            for index, row in zip(readable, self.probabilities(np.stack(arrays)), strict=True):
+                order = np.argsort(-row, kind="stable")[:top_k]
+                rows[index].update(
+                    classes=[self.class_names[i] for i in order],
+                    probabilities=[float(row[i]) for i in order],
+                    label=self.class_names[order[0]],
+                    probability=float(row[order[0]]),
+                )
+        return pd.DataFrame(rows, columns=COLUMNS)
+
+
+set_model(SignflowOnnxModel())

@@ -1,0 +1,158 @@
+"""`signflow serve`: a web page that classifies what the camera sees, with a registered model.
+
+The page (signflow/_webcam.html) asks for the camera, sends a few frames a second as JPEG to
+`POST /predict` (one request in flight at a time) and shows the top 3 classes; a file picker
+classifies a photo instead when there is no camera. It shows the model's name, version and class
+list from `GET /info`. The model is the version's MLflow model (signflow._mlflow_model): ONNX
+Runtime, the preprocessing and temperature it was registered with, no PyTorch. FastAPI and uvicorn
+serve it, on 127.0.0.1 unless told otherwise (browsers allow the camera only on localhost or HTTPS).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+# FastAPI resolves the endpoints' (string) annotations in this module's globals: imported here
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse
+from starlette.concurrency import run_in_threadpool
+
+from signflow._mlflow import VersionNotFound, downloaded_version, is_registry_reference, resolve_tracking_uri
+from signflow._mlflow_model import load_mlflow_model, save_mlflow_model
+from signflow.config import load_params
+from signflow.errors import SignflowError
+
+__all__ = ["ServeError", "ServedModel", "create_app", "open_served_model", "serve"]
+
+log = logging.getLogger(__name__)
+
+MAX_IMAGE_BYTES = 10 * 2**20
+"""Largest photo or frame accepted by POST /predict (a 12-megapixel JPEG is about 5 MB)."""
+MAX_TOP_K = 20
+EXAMPLE_SIZE = 64
+"""Pixels of the input example stored when an .onnx file is wrapped on the fly (any size works)."""
+
+
+class ServeError(SignflowError, ValueError):
+    """The model to serve cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """The pyfunc model and what the page shows about it."""
+
+    model: Any
+    name: str
+    version: str | None
+    class_names: list[str]
+    source: str
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "classes": self.class_names, "source": self.source}
+
+
+@contextmanager
+def open_served_model(spec: str, params_path: str | Path) -> Iterator[ServedModel]:
+    """The model `--model` names: a registry alias or version of `register.model_name` (from the
+    params file; MLFLOW_TRACKING_URI wins), an MLflow model folder, or an exported `.onnx` file
+    (or a folder holding `model.onnx`), wrapped in the same MLflow model on the fly."""
+    if is_registry_reference(spec):
+        if not Path(params_path).is_file():
+            raise ServeError(
+                f"--model {spec}: a registry reference needs {params_path} for register.model_name and "
+                "the tracking URI; give --params or a model folder"
+            )
+        register = load_params(params_path).register
+        try:
+            with downloaded_version(register.model_name, spec, resolve_tracking_uri(register)) as (folder, version):
+                yield _load(folder, register.model_name, version, f"{register.model_name} version {version}")
+        except VersionNotFound as error:
+            raise ServeError(str(error)) from None
+        return
+    path = Path(spec)
+    if (path / "MLmodel").is_file():
+        yield _load(path, path.resolve().name, None, str(path))
+        return
+    onnx = path / "model.onnx" if path.is_dir() else path
+    if not (onnx.is_file() and onnx.suffix == ".onnx"):
+        raise ServeError(f"--model {spec}: not a registry alias or version, an MLflow model folder or an .onnx file")
+    with tempfile.TemporaryDirectory(prefix="signflow-serve-") as tmp:
+        folder = save_mlflow_model(onnx, EXAMPLE_SIZE, Path(tmp) / "model")
+        yield _load(folder, onnx.stem, None, str(onnx))
+
+
+def _load(folder: Path, name: str, version: str | None, source: str) -> ServedModel:
+    if not (folder / "MLmodel").is_file():
+        raise ServeError(
+            f"{source} has no MLflow model (MLmodel); it was registered before signflow stored one: "
+            "run `signflow register` again, or serve its model.onnx"
+        )
+    try:
+        model = load_mlflow_model(folder)
+        class_names = list(model.unwrap_python_model().class_names)
+    except Exception as error:  # noqa: BLE001 - MLflow and ONNX Runtime raise many types
+        raise ServeError(f"{source}: cannot load its MLflow model ({error})") from None
+    return ServedModel(model, name, version, class_names, source)
+
+
+def top_classes(served: ServedModel, image: bytes, top_k: int) -> dict[str, Any]:
+    """The top-k (class, probability) of one encoded image, and the model's time for it."""
+    import base64
+
+    import pandas as pd
+
+    started = time.perf_counter()
+    frame = pd.DataFrame({"image": [base64.b64encode(image).decode("ascii")]})
+    row = served.model.predict(frame, params={"top_k": top_k}).iloc[0]
+    top = [{"class": c, "probability": float(p)} for c, p in zip(row["classes"], row["probabilities"], strict=True)]
+    return {"top": top, "error": row["error"], "ms": round((time.perf_counter() - started) * 1000, 1)}
+
+
+def create_app(served: ServedModel) -> FastAPI:
+    """The FastAPI app: the page, the model's description and the prediction endpoint."""
+    app = FastAPI(title=f"signflow: {served.name}", docs_url=None, redoc_url=None)
+    page = files("signflow").joinpath("_webcam.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return page
+
+    @app.get("/info")
+    def info() -> dict[str, Any]:
+        return served.info()
+
+    @app.post("/predict")
+    async def predict(request: Request, top_k: int = Query(3, ge=1, le=MAX_TOP_K)) -> dict[str, Any]:
+        """Top-k classes of the image file in the request body (JPEG, PNG, ...)."""
+        if int(request.headers.get("content-length") or 0) > MAX_IMAGE_BYTES:
+            raise HTTPException(413, f"image larger than {MAX_IMAGE_BYTES // 2**20} MB")
+        body = await request.body()
+        if not body:
+            raise HTTPException(400, "empty request: post the image file's bytes as the body")
+        if len(body) > MAX_IMAGE_BYTES:
+            raise HTTPException(413, f"image larger than {MAX_IMAGE_BYTES // 2**20} MB")
+        result = await run_in_threadpool(top_classes, served, body, top_k)
+        if result.pop("error"):
+            raise HTTPException(422, "cannot read the image: send a JPEG, PNG or other image file")
+        return result
+
+    return app
+
+
+def serve(spec: str, params_path: str | Path, host: str, port: int) -> None:
+    """Load the model and serve the page until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    with open_served_model(spec, params_path) as served:
+        log.info("serving %s (%d classes) at http://%s:%d/", served.source, len(served.class_names), host, port)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("browsers allow the camera only on localhost or HTTPS; other machines can upload photos only")
+        uvicorn.run(create_app(served), host=host, port=port, access_log=False, log_level="info")

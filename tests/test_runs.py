@@ -1,0 +1,193 @@
+"""Runs never clobber each other: every entry point that writes the workspace takes the project's
+run lock, a waiting flow run reads params.yaml only once it has the lock and records nothing whose
+inputs changed while it ran, and an override run works in its own `runs/<flow run id>/`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from filelock import FileLock
+from mlflow import MlflowClient
+
+from signflow._fileio import LockBusyError
+from signflow.cli import COMMANDS, main
+from signflow.split import split_dataset
+from tests.helpers import make_project, section, tiny_params
+
+WRITING_COMMANDS = sorted(COMMANDS)
+
+
+def _hold(project: Path) -> FileLock:
+    lock = FileLock(str(project / ".signflow-run.lock"))
+    lock.acquire(timeout=0)
+    return lock
+
+
+@pytest.mark.parametrize("command", WRITING_COMMANDS)
+def test_every_command_that_writes_the_workspace_takes_the_run_lock(command, tmp_path, monkeypatch, capsys):
+    """Under `dvc repro` (DVC_STAGE set) a busy lock stops the command at once, before it reads or
+    writes anything."""
+    project = tmp_path
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("DVC_STAGE", command)
+    lock = _hold(project)
+    try:
+        assert main([command]) == 1
+    finally:
+        lock.release()
+    err = capsys.readouterr().err
+    assert "another signflow run" in err and "`dvc repro` stops at this stage" in err
+    assert not (project / "data" / "raw").exists()
+
+
+def test_a_command_waits_for_the_run_lock_and_reads_params_once_it_has_it(tmp_path, tiny_zip, venv_env):
+    project = make_project(tmp_path, tiny_zip)
+    assert main(["source", "set", str(tiny_zip), "--project-dir", str(project)]) == 0
+    assert subprocess.run(["signflow", "extract"], cwd=project, env=venv_env).returncode == 0
+    lock = _hold(project)
+    process = subprocess.Popen(["signflow", "split"], cwd=project, env=venv_env, stderr=subprocess.PIPE, text=True)
+    lines, waiting = [], threading.Event()
+
+    def read_stderr():
+        for line in process.stderr:
+            lines.append(line)
+            if "waiting for it to finish" in line:
+                waiting.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        assert waiting.wait(120), "".join(lines)
+        assert process.poll() is None and not (project / "data" / "split").exists(), "it waits"
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params["split"]["seed"] = 7  # changed by whoever held the lock
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+    finally:
+        lock.release()
+    assert process.wait(timeout=300) == 0, "".join(lines)
+    reader.join(10)
+    made = (project / "data" / "split" / "test.csv").read_text()
+    for seed in (7, 42):
+        split_dataset(project / "data" / "raw", tmp_path / f"seed{seed}", section("split", seed=seed))
+    assert made == (tmp_path / "seed7" / "test.csv").read_text() != (tmp_path / "seed42" / "test.csv").read_text()
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_flows_wait_for_the_run_lock(tmp_path, tiny_zip, prefect_server):
+    from flows.pipeline import pipeline
+    from flows.sweep import sweep_flow
+
+    project = make_project(tmp_path, tiny_zip)
+    lock = _hold(project)
+    try:
+        for flow in (pipeline, sweep_flow):
+            started = time.monotonic()
+            with pytest.raises(LockBusyError):
+                flow(project_dir=str(project), lock_timeout_s=2)
+            assert time.monotonic() - started >= 2, "it waited for the lock"
+    finally:
+        lock.release()
+    assert not (project / "data" / "raw").exists() and not (project / "dvc.lock").exists()
+
+
+def test_a_waiting_flow_run_reads_params_after_the_lock_and_records_nothing_that_changed_under_it(
+    tmp_path, tiny_zip, prefect_server, monkeypatch, venv_env
+):
+    import flows.pipeline
+    import tasks.pipeline
+
+    project = make_project(tmp_path, tiny_zip, epochs=2)
+    params_file = project / "params.yaml"
+    waiting, real_lock = threading.Event(), flows.pipeline.held_lock
+
+    def spy_lock(*args, **kwargs):
+        waiting.set()
+        return real_lock(*args, **kwargs)
+
+    real_fine_tune = tasks.pipeline.fine_tune
+
+    def edit_params_while_training(cfg, *args, **kwargs):
+        params = yaml.safe_load(params_file.read_text())
+        params["train"]["lr"] = 1e-4  # someone edits params.yaml while the step runs
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        return real_fine_tune(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(flows.pipeline, "held_lock", spy_lock)
+    monkeypatch.setattr(tasks.pipeline, "fine_tune", edit_params_while_training)
+    lock, results = _hold(project), {}
+    runner = threading.Thread(target=lambda: results.update(flows.pipeline.pipeline(project_dir=str(project))))
+    runner.start()
+    try:
+        assert waiting.wait(120), "the flow run reached the lock"
+        time.sleep(1)
+        params = yaml.safe_load(params_file.read_text())
+        params["train"]["epochs"] = 1  # changed by whoever held the lock
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    finally:
+        lock.release()
+    runner.join(600)
+    assert results["train"].result.epochs_run == 1, "params.yaml was read after the lock was taken"
+    assert results["split"].recorded and not results["train"].recorded
+    assert "params.yaml" in " ".join(results["train"].notes)
+    lock_file = yaml.safe_load((project / "dvc.lock").read_text())
+    assert "split" in lock_file["stages"] and "train" not in lock_file["stages"], "train is not recorded"
+    status = subprocess.run(["dvc", "status", "--json"], cwd=project, env=venv_env, capture_output=True, text=True)
+    assert "train" in json.loads(status.stdout), "DVC still sees train as out of date"
+
+
+def _digests(project: Path) -> dict[str, str]:
+    files = [project / "dvc.lock", project / "data.dvc", *sorted((project / "models").iterdir())]
+    files += sorted((project / "reports").iterdir()) + sorted((project / "data" / "raw").rglob("*.JPG"))[:3]
+    return {str(f.relative_to(project)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()}
+
+
+def test_an_override_run_works_in_its_own_workspace_and_a_failed_one_leaves_nothing(
+    tmp_path, tiny_zip, prefect_server, monkeypatch, venv_env
+):
+    import tasks.pipeline
+    from flows.pipeline import pipeline
+
+    project = make_project(tmp_path, tiny_zip, epochs=2)
+    pipeline(project_dir=str(project))
+    before = _digests(project)
+
+    state = pipeline(project_dir=str(project), overrides={"train.epochs": 1}, return_state=True)
+    results, run_id = state.result(), str(state.state_details.flow_run_id)
+    workspace = project / "runs" / run_id
+    assert results["train"].result.epochs_run == 1 and results["train"].recorded is None
+    for output in ("models/model.pt", "models/model.onnx", "reports/metrics.json", "models/registered.json"):
+        assert (workspace / output).is_file(), output
+    assert yaml.safe_load((workspace / "params.yaml").read_text())["train"]["epochs"] == 1
+    assert _digests(project) == before, "the main workspace and dvc.lock are untouched"
+    status = subprocess.run(["dvc", "status"], cwd=project, env=venv_env, capture_output=True, text=True)
+    assert "up to date" in status.stdout
+    version = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version(
+        "sign-language-digits", results["register"].result.version
+    )
+    assert version.tags["signflow.flow_run_id"] == run_id
+    assert version.tags["signflow.workspace"] == f"runs/{run_id}"
+    assert json.loads(version.tags["signflow.overrides"]) == {"train.epochs": 1}
+
+    def broken_evaluate(*args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(tasks.pipeline, "evaluate", broken_evaluate)
+    failed = pipeline(project_dir=str(project), overrides={"train.epochs": 1}, return_state=True)
+    assert failed.is_failed()
+    assert sorted(p.name for p in (project / "runs").iterdir()) == [run_id], "nothing half-written"
+    assert _digests(project) == before

@@ -1,0 +1,403 @@
+"""The registered champion in use: its MLflow model (`mlflow.pyfunc.load_model`, `mlflow models
+serve`), the calibrated probabilities every way of using it agrees on, and `signflow serve`'s
+webcam page in a real headless Chromium with a fake camera."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from signflow._mlflow import mlflow_client
+from signflow._preprocessing import Preprocessing, read_image
+from signflow.config import Params, load_params
+from signflow.layout import ModelOutputs
+from signflow.predict import OnnxPredictor, TorchPredictor, predict_images
+from tests.browser import Chromium, chromium_binary, frames_from_images, write_y4m
+from tests.helpers import ROOT, build_class_folders, make_image, tiny_params, venv_path
+
+
+@dataclass(frozen=True)
+class Registry:
+    root: Path
+    params: Params
+    raw: Path
+    version: str
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.params.register.tracking_uri
+
+    @property
+    def name(self) -> str:
+        return self.params.register.model_name
+
+    def image(self, label: str, index: int = 0) -> Path:
+        return sorted((self.raw / label).iterdir())[index]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> Registry:
+    """A tiny model trained, evaluated, exported and registered as champion in its own registry."""
+    from signflow.download import extract_dataset
+    from signflow.evaluate import evaluate
+    from signflow.export import export_onnx
+    from signflow.register import register_run
+    from signflow.split import split_dataset
+    from signflow.train import fine_tune
+
+    root = tmp_path_factory.mktemp("serving")
+    dataset = build_class_folders(root / "dataset")
+    raw_params = tiny_params(epochs=4)
+    raw_params["register"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
+    (root / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    params = load_params(root / "params.yaml")
+    raw, split, model = root / "raw", root / "split", root / "model.pt"
+    extract_dataset(dataset, raw, params.download)
+    split_dataset(raw, split, params.split)
+    fine_tune(params.train, raw, split, model, root / "train_log.csv")
+    outputs = ModelOutputs(root / "reports", root / "model.onnx", root / "model_card.md", root / "registered.json")
+    evaluate(params.evaluate, model, raw, split, outputs.reports, root / "train_log.csv")
+    export_onnx(params.export, model, outputs.onnx)
+    registration = register_run(params, model, outputs, project_dir=root, split_dir=split)
+    assert registration.is_champion
+    return Registry(root, params, raw, registration.version)
+
+
+def download(registry: Registry, relative: str, dst: Path) -> Path:
+    from mlflow.artifacts import download_artifacts
+
+    version = mlflow_client(registry.tracking_uri).get_model_version(registry.name, registry.version)
+    uri = f"{version.source}/{relative}"
+    return Path(download_artifacts(uri, dst_path=str(dst), tracking_uri=registry.tracking_uri))
+
+
+def signflow_top(registry: Registry, image: Path, top_k: int = 3) -> list[tuple[str, float]]:
+    """What `signflow predict` says for the image with the PyTorch model file."""
+    return next(predict_images(TorchPredictor(registry.root / "model.pt"), [image], top_k=top_k)).top
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post_json(url: str, body: dict | str) -> dict:
+    data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)
+
+
+def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.25)
+    pytest.fail(f"{url} did not answer in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def start_server(command: list[str], env: dict, log: Path, ready_url: str) -> subprocess.Popen:
+    """A server in its own process group (ended with everything it started by `stop_server`)."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_up(ready_url, process, log)
+    except BaseException:
+        stop_server(process)
+        raise
+    return process
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(15)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def assert_ranked(classes: list[str], probabilities: list[float], class_names: list[str], k: int) -> None:
+    assert len(classes) == len(probabilities) == k and set(classes) <= set(class_names)
+    assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1 + 1e-9
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_the_stored_serving_example_and_a_real_image(registry, tmp_path):
+    port = free_port()
+    env = {**os.environ, "PATH": venv_path(), "MLFLOW_TRACKING_URI": registry.tracking_uri}
+    command = [
+        *("mlflow", "models", "serve", "-m", f"models:/{registry.name}@champion"),
+        *("--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)),
+    ]
+    server = start_server(command, env, tmp_path / "serve.log", f"http://127.0.0.1:{port}/ping")
+    try:
+        invocations = f"http://127.0.0.1:{port}/invocations"
+        example = download(registry, "serving_input_example.json", tmp_path).read_text()
+        answer = post_json(invocations, example)["predictions"]
+        class_names = TorchPredictor(registry.root / "model.pt").class_names
+        assert len(answer) == 1 and answer[0]["error"] is None
+        assert_ranked(answer[0]["classes"], answer[0]["probabilities"], class_names, 3)
+
+        image, broken = registry.image("gamma ü"), tmp_path / "broken.jpg"
+        broken.write_bytes(image.read_bytes()[:100])
+        rows = {"columns": ["image"], "data": [[b64(image)], [b64(broken)]]}
+        body = {"dataframe_split": rows, "params": {"top_k": 2}}
+        served, unreadable = post_json(invocations, body)["predictions"]
+        expected = signflow_top(registry, image, top_k=2)
+        assert served["classes"] == [name for name, _ in expected] and served["label"] == "gamma ü"
+        assert served["probabilities"] == pytest.approx([p for _, p in expected], abs=1e-5)
+        assert unreadable["classes"] == [] and unreadable["error"].startswith("cannot read image")
+    finally:
+        stop_server(server)
+
+
+FRESH_PROCESS_LOAD = """
+import builtins, json, pickle, sys
+import cloudpickle
+
+def refuse(*args, **kwargs):
+    raise RuntimeError("something was unpickled")
+
+pickle.load = pickle.loads = cloudpickle.load = cloudpickle.loads = refuse
+torch_imports, real_import = [], builtins.__import__
+
+def watch(name, *args, **kwargs):
+    if name == "torch" or name.startswith("torch."):
+        torch_imports.append(name)
+    return real_import(name, *args, **kwargs)
+
+builtins.__import__ = watch
+import mlflow.pyfunc, pandas as pd
+
+model = mlflow.pyfunc.load_model(sys.argv[1])
+with open(sys.argv[2], "rb") as f:
+    answer = model.predict(pd.DataFrame({"image": [f.read()]}), params={"top_k": 3}).iloc[0]
+print(json.dumps({"classes": list(answer["classes"]), "probabilities": list(answer["probabilities"]),
+                  "torch": "torch" in sys.modules or bool(torch_imports)}))
+"""
+
+
+def test_a_registered_version_loads_with_pyfunc_in_a_fresh_process_without_pickle_or_torch(registry):
+    image = registry.image("beta")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry.tracking_uri}
+    uri = f"models:/{registry.name}/{registry.version}"
+    run = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_LOAD, uri, str(image)], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    answer = json.loads(run.stdout.strip().splitlines()[-1])
+    assert answer["torch"] is False, "the served model must not need PyTorch"
+    expected = signflow_top(registry, image)
+    assert answer["classes"] == [name for name, _ in expected]
+    assert answer["probabilities"] == pytest.approx([p for _, p in expected], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pyfunc(registry, tmp_path_factory):
+    """The champion's MLflow model, loaded in this process from a downloaded copy."""
+    from signflow._mlflow_model import load_mlflow_model
+
+    return load_mlflow_model(download(registry, "", tmp_path_factory.mktemp("downloaded")))
+
+
+def odd_images(folder: Path) -> list[Path]:
+    """Images as users have them: sizes and aspect ratios, modes, EXIF rotation, wrong extensions."""
+    folder.mkdir()
+    base = Image.open(make_image(folder / "plain.jpg", (40, 200, 40), seed=3, size=64)).convert("RGB")
+    base.resize((640, 480)).save(folder / "wide.jpg", quality=90)
+    base.resize((333, 517)).save(folder / "tall.png")
+    base.resize((1000, 90)).save(folder / "strip.jpg")
+    base.resize((17, 23)).save(folder / "tiny.png")
+    base.convert("RGBA").save(folder / "rgba.png")
+    base.convert("L").save(folder / "gray.png")
+    base.convert("P").save(folder / "palette.gif")
+    Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257).save(folder / "sixteen.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    base.resize((1600, 1200)).save(folder / "rotated.JPG", exif=exif)
+    base.save(folder / "actually_png.jpg", format="PNG")
+    return sorted(folder.iterdir())
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest", "lanczos"])
+def test_the_served_model_preprocesses_exactly_like_signflow(pyfunc, tmp_path, interpolation):
+    served = type(pyfunc.unwrap_python_model())()  # the class as MLflow loaded it, set to other settings
+    prep = Preprocessing(48, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), interpolation)
+    served.size, served.resample = prep.image_size, Image.Resampling[interpolation.upper()]
+    for path in odd_images(tmp_path / "images"):
+        expected = read_image(path, prep).numpy()
+        assert np.array_equal(served.to_uint8(path.read_bytes()), expected), path.name
+
+
+def test_predict_onnx_and_the_mlflow_model_give_the_same_calibrated_probabilities(registry, pyfunc):
+    import pandas as pd
+    import torch
+
+    torch_predictor = TorchPredictor(registry.root / "model.pt")
+    onnx_predictor = OnnxPredictor(registry.root / "model.onnx")
+    assert torch_predictor.temperature != 1.0, "the model was calibrated"
+    paths = sorted(registry.raw.rglob("*.JPG"))[:12]
+    images = torch.stack([read_image(p, torch_predictor.preprocessing) for p in paths])
+    by_torch = torch_predictor.probabilities(images)
+    by_onnx = onnx_predictor.probabilities(images)
+    answers = pyfunc.predict(pd.DataFrame({"image": [b64(p) for p in paths]}), params={"top_k": 3})
+    names = torch_predictor.class_names
+    by_mlflow = np.zeros_like(by_torch)
+    for row, answer in enumerate(answers.itertuples()):
+        by_mlflow[row, [names.index(c) for c in answer.classes]] = answer.probabilities
+    assert np.abs(by_onnx - by_torch).max() <= 1e-5
+    top3 = np.sort(by_torch, axis=1)[:, ::-1][:, :3]
+    assert np.abs(np.sort(by_mlflow, axis=1)[:, ::-1][:, :3] - top3).max() <= 1e-5
+    uncalibrated = torch.softmax(torch.log(torch.from_numpy(by_torch)) * torch_predictor.temperature, 1).numpy()
+    assert np.abs(uncalibrated - by_torch).max() > 1e-3, "calibration changes the numbers"
+    assert (uncalibrated.argmax(1) == by_torch.argmax(1)).all(), "but never the predicted class"
+
+
+def test_the_mlflow_model_answers_each_row_even_when_some_are_unreadable(pyfunc, registry):
+    import pandas as pd
+
+    rows = pd.DataFrame({"image": [b64(registry.image("alpha")), "not base64!", b64(registry.root / "params.yaml")]})
+    answers = pyfunc.predict(rows, params={"top_k": 1})
+    assert answers["label"].iloc[0] == "alpha" and len(answers["classes"].iloc[0]) == 1
+    assert "cannot read image" in answers["error"].iloc[1] and answers["classes"].iloc[1] == []
+    assert answers["error"].iloc[2] == "cannot read image: not a readable image file"
+
+
+def test_serve_app_describes_the_model_and_classifies_uploads(registry):
+    from fastapi.testclient import TestClient
+
+    from signflow.serve import MAX_IMAGE_BYTES, create_app, open_served_model
+
+    with open_served_model("champion", registry.root / "params.yaml") as served:
+        client = TestClient(create_app(served))
+        info = client.get("/info").json()
+        assert info["name"] == registry.name and info["version"] == registry.version
+        assert info["classes"] == ["alpha", "beta", "gamma ü"]
+        assert "getUserMedia" in client.get("/").text
+        image = registry.image("beta")
+        answer = client.post("/predict", content=image.read_bytes()).json()
+        expected = signflow_top(registry, image)
+        assert [t["class"] for t in answer["top"]] == [name for name, _ in expected]
+        assert [t["probability"] for t in answer["top"]] == pytest.approx([p for _, p in expected], abs=1e-5)
+        assert len(client.post("/predict?top_k=1", content=image.read_bytes()).json()["top"]) == 1
+        assert client.post("/predict", content=b"").status_code == 400
+        assert client.post("/predict", content=b"not an image").status_code == 422
+        assert client.post("/predict", content=b"x" * (MAX_IMAGE_BYTES + 1)).status_code == 413
+        assert client.post("/predict?top_k=0", content=image.read_bytes()).status_code == 422
+
+
+def test_serve_loads_an_onnx_file_and_names_what_it_cannot_load(registry, tmp_path):
+    from signflow.serve import ServeError, open_served_model
+
+    with open_served_model(str(registry.root / "model.onnx"), registry.root / "params.yaml") as served:
+        assert served.class_names == ["alpha", "beta", "gamma ü"] and served.version is None
+    with pytest.raises(ServeError, match="no version or alias '9'"):
+        with open_served_model("9", registry.root / "params.yaml"):
+            pass
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ServeError, match="not a registry alias or version, an MLflow model folder or an .onnx"):
+        with open_served_model(str(tmp_path / "notes.txt"), registry.root / "params.yaml"):
+            pass
+
+
+def test_the_model_card_says_how_to_use_the_version_and_how_calibrated_it_is(registry):
+    card = (registry.root / "model_card.md").read_text()
+    metrics = json.loads((registry.root / "reports" / "metrics.json").read_text())
+    assert f'mlflow.pyfunc.load_model("models:/{registry.name}/{registry.version}")' in card
+    assert f"signflow serve --model {registry.version}" in card
+    assert f"| expected calibration error before temperature scaling | {metrics['ece_uncalibrated']:.4f} |" in card
+    assert f"temperature of {metrics['temperature']:.4f}" in card
+
+
+def test_serve_command_explains_itself_and_fails_with_a_message(registry, capsys):
+    from signflow.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "camera" in capsys.readouterr().out
+    assert main(["serve", "--model", "9", "--params", str(registry.root / "params.yaml")]) == 1
+    assert "signflow serve: error: " in capsys.readouterr().err
+
+
+TOP = "[...document.querySelectorAll('#top li')].map(li => [li.dataset.class, +li.dataset.probability])"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(chromium_binary() is None, reason="no chromium (apt-get install -y chromium)")
+def test_webcam_page_in_chromium_shows_the_class_the_camera_sees(registry, tmp_path):
+    """`signflow serve` for the champion; Chromium's fake camera plays 2 s of test images of one
+    class, then 2 s of another, looping; the page must follow it. Then the upload fallback."""
+    video = write_y4m(
+        tmp_path / "signs.y4m",
+        frames_from_images([registry.image("alpha", 1), registry.image("gamma ü", 1)], repeat=20),
+    )
+    port = free_port()
+    command = [sys.executable, "-m", "signflow", "serve", "--params", str(registry.root / "params.yaml")]
+    command += ["--port", str(port)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    server = start_server(command, env, tmp_path / "serve.log", f"http://127.0.0.1:{port}/info")
+    try:
+        asyncio.run(_drive_the_page(f"http://127.0.0.1:{port}/", video, registry, tmp_path))
+    finally:
+        stop_server(server)
+
+
+async def _drive_the_page(url: str, video: Path, registry: Registry, tmp_path: Path) -> None:
+    browser = Chromium(video)
+    try:
+        await browser.connect()
+        await browser.goto(url)
+        title = await browser.wait_for(
+            f"document.getElementById('model').textContent.includes('{registry.name}') && "
+            "document.getElementById('model').textContent"
+        )
+        assert title == f"{registry.name} version {registry.version}"
+        assert "alpha, beta, gamma ü" in await browser.eval("document.getElementById('classes').textContent")
+        await browser.wait_for("+(document.body.dataset.answered || 0) >= 2")
+        top = await browser.eval(TOP)
+        assert len(top) == 3 and [p for _, p in top] == sorted((p for _, p in top), reverse=True), top
+        seen, started, answered = [], time.monotonic(), int(await browser.eval("document.body.dataset.answered"))
+        while time.monotonic() - started < 6:  # the video switches class every 2 s
+            seen.append((await browser.eval(TOP))[0][0])
+            await asyncio.sleep(0.25)
+        rate = (int(await browser.eval("document.body.dataset.answered")) - answered) / (time.monotonic() - started)
+        print(f"top-1 over time: {seen}; {rate:.1f} frames classified per second")
+        assert {"alpha", "gamma ü"} <= set(seen) <= {"alpha", "gamma ü"}, seen
+        await browser.screenshot(tmp_path / "webcam.png")
+
+        await browser.set_file_input("#file", registry.image("beta"))
+        await browser.wait_for("document.body.dataset.source === 'upload'")
+        assert (await browser.eval(TOP))[0][0] == "beta"
+        await browser.screenshot(tmp_path / "upload.png")
+    finally:
+        await browser.close()

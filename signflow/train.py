@@ -257,12 +257,12 @@ def calibrate(run: TrainingRun, state: TrainingState) -> dict:
     """Fit the softmax temperature on the validation logits of the kept (best) weights, which are
     loaded into the model for it. Returns the temperature and the validation NLL before and after;
     temperature 1.0 (no change) without a validation split."""
-    if len(run.runner.valid_data.labels) == 0 or state.best_weights is None:
+    if len(run.runner.valid_labels) == 0 or state.best_weights is None:
         log.info("no validation split: probabilities are not calibrated (temperature 1.0)")
         return {"temperature": 1.0}
     run.model.load_state_dict(state.best_weights)
     logits = run.runner.valid_logits().numpy()
-    labels = run.runner.valid_data.labels.numpy()
+    labels = run.runner.valid_labels.numpy()
     temperature = fit_temperature(logits, labels)
     before, after = (negative_log_likelihood(logits, labels, t) for t in (1.0, temperature))
     log.info("temperature %.4f fitted on validation: NLL %.4f -> %.4f", temperature, before, after)

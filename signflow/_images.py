@@ -10,6 +10,12 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
 JUNK_DIRS = frozenset({"__macosx", ".git", ".ipynb_checkpoints"})
+SPLIT_FOLDER_NAMES = {
+    **dict.fromkeys(("train", "training"), "train"),
+    **dict.fromkeys(("valid", "validation", "val", "dev"), "valid"),
+    **dict.fromkeys(("test", "testing", "eval"), "test"),
+}
+"""Folder names (compared case-insensitively) that mean a dataset ships its own split, and the split each names."""
 
 PILLOW_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 """Pillow refuses larger images as decompression bombs when it opens them. `split.max_pixels` may
@@ -28,6 +34,11 @@ def is_image_name(path: str | Path) -> bool:
 def is_junk(path: str | Path) -> bool:
     parts = Path(path).parts
     return any(p.lower() in JUNK_DIRS or p.startswith("._") for p in parts) or Path(path).name.lower() in JUNK_NAMES
+
+
+def split_folder_name(name: str) -> str | None:
+    """`train`, `valid` or `test` when a folder of this name holds a split of the dataset, else None."""
+    return SPLIT_FOLDER_NAMES.get(name.lower())
 
 
 def load_rgb(path: str | Path, max_side: int | None = None, max_pixels: int = PILLOW_PIXEL_LIMIT) -> Image.Image:
@@ -60,9 +71,10 @@ def _decode_rgb(path: str | Path, max_side: int | None, max_pixels: int) -> Imag
         return image.convert("RGB")
 
 
-def check_image(path: str | Path, max_pixels: int, max_aspect_ratio: float) -> tuple[int, int]:
-    """Fully decode an image and return its (width, height) after EXIF rotation; raise if it is
-    unreadable, or ImageRefused (before decoding) if it has more than `max_pixels` pixels or its
+def check_image(path: str | Path, max_pixels: int, max_aspect_ratio: float) -> tuple[int, int, Image.Image]:
+    """Fully decode an image; return its (width, height) after EXIF rotation and the decoded RGB image
+    (large JPEGs decoded at 256 px or more a side), so callers can use it without decoding again.
+    Raise if it is unreadable, or ImageRefused (before decoding) if it has more than `max_pixels` pixels or its
     longer side is more than `max_aspect_ratio` times its shorter side."""
     try:
         with Image.open(path) as original:
@@ -82,5 +94,6 @@ def check_image(path: str | Path, max_pixels: int, max_aspect_ratio: float) -> t
             f"{width}x{height}: one side is {max(width, height) / min(width, height):,.0f} times the other, above "
             f"split.max_aspect_ratio ({max_aspect_ratio:g}); the centre square the model sees would be a sliver of it"
         )
-    load_rgb(path, max_side=256, max_pixels=max_pixels)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    image = load_rgb(path, max_side=256, max_pixels=max_pixels)
+    width, height = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    return width, height, image

@@ -19,7 +19,7 @@ from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 from signflow._fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
-from signflow._images import ImageRefused, check_image, is_junk
+from signflow._images import DEFAULT_MAX_PIXELS, ImageRefused, check_image, is_junk
 from signflow.config import SplitConfig
 from signflow.errors import SignflowError
 
@@ -149,7 +149,12 @@ def split_dataset(raw_dir: str | Path, out_dir: str | Path, cfg: SplitConfig) ->
         }
         write_json_atomic(
             staged / "report.json",
-            {"counts": {n: len(f) for n, f in parts.items()}, "per_class": per_class, "excluded": rejected},
+            {
+                "counts": {n: len(f) for n, f in parts.items()},
+                "per_class": per_class,
+                "excluded": rejected,
+                "max_pixels": cfg.max_pixels,
+            },
         )
         replace_dir_atomic(staged, out_dir)
     unreadable = sum(r["reason"].startswith("unreadable") for r in rejected)
@@ -179,3 +184,12 @@ def read_class_names(split_dir: str | Path) -> list[str]:
     if not path.is_file():
         raise SplitError(f"{path}: class list not found; run the split step first")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_max_pixels(split_dir: str | Path) -> int:
+    """The split.max_pixels the split was made with (a split from before it was recorded: the
+    default). Training keeps it in the model, so every later step refuses the images the split did."""
+    path = Path(split_dir) / "report.json"
+    if not path.is_file():
+        return DEFAULT_MAX_PIXELS
+    return int(json.loads(path.read_text(encoding="utf-8")).get("max_pixels", DEFAULT_MAX_PIXELS))

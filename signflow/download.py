@@ -14,6 +14,7 @@ import errno
 import logging
 import lzma
 import os
+import re
 import shutil
 import stat
 import tarfile
@@ -309,8 +310,20 @@ def find_class_root(tree: Path) -> Path:
 
 def _outside(path: Path, root: Path) -> bool:
     """Whether `path` leads outside `root` once links are followed: a folder source's links can point
-    anywhere on the machine (a link to /etc/passwd must not become training data)."""
-    return not path.resolve().is_relative_to(root.resolve())
+    anywhere on the machine (a link to /etc/passwd must not become training data). A link into a DVC
+    cache is DVC's own (`cache.type: symlink` makes every file of data/source one) and stays in."""
+    target = path.resolve()
+    return not target.is_relative_to(root.resolve()) and not _is_dvc_cache_object(target)
+
+
+def _is_dvc_cache_object(target: Path) -> bool:
+    """`<cache>/files/md5/ab/cdef...`: where DVC 3 keeps a file under its content's md5."""
+    parent = target.parent
+    return (
+        parent.parent.parts[-2:] == ("files", "md5")
+        and re.fullmatch("[0-9a-f]{2}", parent.name) is not None
+        and re.fullmatch("[0-9a-f]{30}", target.name) is not None
+    )
 
 
 def _class_folders(class_root: Path, source_root: Path, skipped: list[str]) -> dict[str, list[Path]]:

@@ -226,3 +226,16 @@ def test_disk_full_while_copying_a_folder_source(class_folders, tmp_path, monkey
     monkeypatch.setattr(download.shutil, "copyfile", disk_full)
     with pytest.raises(DownloadError, match="no space left on the device while extracting 'alpha/"):
         extract(class_folders, tmp_path / "raw")
+
+
+def test_links_into_a_dvc_cache_are_dvc_s_own_and_are_followed(tmp_path):
+    """With `cache.type: symlink`, every file DVC puts in data/source links into .dvc/cache."""
+    source, cache = tmp_path / "source", tmp_path / ".dvc" / "cache" / "files" / "md5"
+    for index, name in enumerate(("a/1.jpg", "b/2.jpg")):
+        target = cache / f"c{index}" / ("0" * 30)
+        target.parent.mkdir(parents=True)
+        target.write_bytes(b"image")
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).symlink_to(target)
+    info = extract(source, tmp_path / "raw")
+    assert info.counts == {"a": 1, "b": 1} and not info.skipped

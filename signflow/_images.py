@@ -20,6 +20,11 @@ SPLIT_FOLDER_NAMES = {
 PILLOW_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 """Pillow refuses larger images as decompression bombs when it opens them. `split.max_pixels` may
 not exceed it, so every image the split accepts can be decoded by the later steps."""
+DEFAULT_MAX_PIXELS = 50_000_000
+"""split.max_pixels's default in params.yaml: the limit of a model file or split folder from before
+they recorded the split.max_pixels they were made with."""
+PILLOW_BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+"""Pillow's own refusal at open, and its warning, which a warnings filter may turn into an error."""
 
 
 class ImageRefused(ValueError):
@@ -46,18 +51,23 @@ def load_rgb(path: str | Path, max_side: int | None = None, max_pixels: int = PI
 
     `max_side` shrinks large photos early (JPEG draft mode), which is what keeps a 3024x3024 image
     from costing 100x a 100x100 one. An image of more than `max_pixels` pixels is refused from its
-    header, before decoding. Raises OSError/ValueError (ImageRefused) for unusable files.
+    header, before decoding (Pillow's own limit only warns below twice its size, and draft mode
+    shrinks only JPEGs: a 1 MB PNG can declare 170 megapixels). Raises OSError/ValueError
+    (ImageRefused) for unusable files.
     """
     try:
         return _decode_rgb(path, max_side, max_pixels)
-    except Image.DecompressionBombError as error:
+    except PILLOW_BOMB_ERRORS as error:
         raise ImageRefused(str(error)) from None
 
 
 def _decode_rgb(path: str | Path, max_side: int | None, max_pixels: int) -> Image.Image:
     with Image.open(path) as image:
         if image.width * image.height > max_pixels:
-            raise ImageRefused(f"{image.width}x{image.height} pixels is above the limit of {max_pixels:,} pixels")
+            raise ImageRefused(
+                f"{image.width}x{image.height} pixels is above the limit of {max_pixels:,} pixels (split.max_pixels); "
+                "not decoded"
+            )
         if max_side is not None and image.format == "JPEG":
             image.draft("RGB", (max_side, max_side))
         image.load()
@@ -80,7 +90,7 @@ def check_image(path: str | Path, max_pixels: int, max_aspect_ratio: float) -> t
         with Image.open(path) as original:
             width, height = original.size
             orientation = original.getexif().get(0x0112, 1)
-    except Image.DecompressionBombError as error:
+    except PILLOW_BOMB_ERRORS as error:
         raise ImageRefused(str(error)) from None
     if width == 0 or height == 0:
         raise ValueError("image has zero size")

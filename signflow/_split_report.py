@@ -151,5 +151,6 @@ def build_report(
         },
         "near_duplicates": _near_duplicate_report(images, near, cfg, twins),
         "excluded": rejected,
+        "max_pixels": cfg.max_pixels,
     }
     return {"description": describe_split(report), **report}

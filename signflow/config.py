@@ -48,6 +48,18 @@ class DownloadConfig(_Section):
     """When set, an archive source must have exactly this sha256; None accepts what data.dvc fetched."""
     class_root: str | None
     """Folder inside the source that holds the class folders; None finds it."""
+    max_source_bytes: int = Field(ge=1)
+    """An archive source larger than this is refused before it is opened."""
+    max_extracted_bytes: int = Field(ge=1)
+    """An archive whose entries declare more bytes in all is refused before anything is extracted
+    (and an entry that writes more than it declares is stopped as it is written)."""
+    max_members: int = Field(ge=1)
+    """An archive with more entries (files and folders) is refused."""
+    max_compression_ratio: float = Field(ge=1)
+    """An archive, or an entry over 1 MiB, that expands more than this many times is refused: images
+    barely compress, zip bombs expand a thousandfold."""
+
+    _coerce = field_validator("max_compression_ratio", mode="before")(_float_from_yaml)
 
     @field_validator("sha256")
     @classmethod

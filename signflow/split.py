@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from signflow._fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
 from signflow._group_split import assign_groups
-from signflow._images import ImageRefused, check_image, is_junk, split_folder_name
+from signflow._images import DEFAULT_MAX_PIXELS, ImageRefused, check_image, is_junk, split_folder_name
 from signflow._near_duplicates import HASH_BITS, NearDuplicates, components, find_near_pairs, image_hashes
 from signflow._split_report import SPLITS, build_report
 from signflow.config import SplitConfig
@@ -492,3 +492,9 @@ def read_split_report(split_dir: str | Path) -> dict[str, Any]:
     """The split step's report.json; {} when there is none (a split made by an older signflow)."""
     path = Path(split_dir) / "report.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def read_max_pixels(split_dir: str | Path) -> int:
+    """The split.max_pixels the split was made with (a split from before it was recorded: the
+    default). Training keeps it in the model, so every later step refuses the images the split did."""
+    return int(read_split_report(split_dir).get("max_pixels", DEFAULT_MAX_PIXELS))

@@ -11,7 +11,9 @@ of the step's processes, test accuracy, macro F1, the expected calibration error
 temperature scaling, and training images/s (through the epochs only; the step's seconds include
 decoding and caching). Then it trains the notebook recipe (MobileNet at 224 px, batch 10, Adam 1e-4,
 all but the last blocks frozen, plain loop) for `--notebook-epochs` epochs on the first seed's split
-and extrapolates to its 30 epochs. Figures are printed as markdown tables and written as JSON.
+and extrapolates to its 30 epochs. Figures are printed as markdown tables and written as JSON,
+with each seed's test split as the split step describes it (strategy, near-duplicate clusters, test
+images with a near-duplicate in train).
 Nothing here asserts on time: timings on a shared 2-core machine are noisy; the load is recorded.
 """
 
@@ -87,6 +89,7 @@ def run_pipeline(project: Path) -> dict:
     ends = [at for _, at in marks[1:]] + [start + total]
     steps = {name: round(end - begin, 1) for name, begin, end in zip(ran, starts, ends, strict=True)}
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    split = json.loads((project / "data" / "split" / "report.json").read_text())
     import torch
 
     summary = torch.load(project / "models" / "model.pt", map_location="cpu", weights_only=True)["summary"]
@@ -94,6 +97,10 @@ def run_pipeline(project: Path) -> dict:
         "test_accuracy": metrics["accuracy"],
         "macro_f1": metrics["macro_f1"],
         "test_images": metrics["test_images"],
+        "test_near_duplicates_in_train": metrics.get("test_near_duplicates_in_train"),
+        "split": split["description"],
+        "near_duplicate_clusters": len(split["near_duplicates"].get("clusters", [])),
+        "images_in_clusters": split["near_duplicates"].get("images_in_clusters", 0),
         "step_seconds": steps,
         "total_seconds": round(total, 1),
         "train_images_per_second": round(summary["train_images_per_second"], 1),
@@ -174,6 +181,8 @@ def markdown_table(runs: dict[int, dict], notebook: dict | None) -> str:
             f"| {seed} | {run['valid_accuracy']:.4f} | {run['temperature']:.3f} | {run['ece_uncalibrated']:.4f} | "
             f"{run['ece']:.4f} | {run['mean_confidence_uncalibrated']:.4f} | {run['mean_confidence']:.4f} |"
         )
+    rows.append("")
+    rows += [f"Seed {seed}'s test split: {run['split']}" for seed, run in runs.items()]
     if notebook:
         ours = statistics.mean(r["step_seconds"]["train"] for r in runs.values())
         rows.append("")

@@ -25,7 +25,7 @@ import torch
 from signflow._images import is_image_name
 from signflow._model_file import load_bundle
 from signflow._preprocessing import load_images
-from signflow.config import ExportConfig
+from signflow.config import load_params
 from signflow.export import export_onnx
 from signflow.predict import OnnxPredictor, TorchPredictor
 
@@ -64,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="signflow .pt model file")
     parser.add_argument("--onnx", type=Path, help="its ONNX export (default: export one to a temporary folder)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params whose export.* export it")
     parser.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
     parser.add_argument("--max-images", type=int, default=256, help="images used for the batch figure")
     parser.add_argument("--single", type=int, default=200, help="single-image calls timed per backend")
@@ -78,7 +79,8 @@ def main() -> None:
         parser.error(f"{args.images}: no images found")
     images = load_images(paths, bundle.preprocessing)
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = args.onnx or export_onnx(ExportConfig(), args.model, Path(tmp) / "model.onnx").onnx_path
+        export = load_params(args.params).export
+        onnx_path = args.onnx or export_onnx(export, args.model, Path(tmp) / "model.onnx").onnx_path
         results = {
             "torch": time_backend(TorchPredictor(args.model), images, args.single, args.batch_size, args.repeats),
             "onnx": time_backend(OnnxPredictor(Path(onnx_path)), images, args.single, args.batch_size, args.repeats),

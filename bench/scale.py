@@ -17,15 +17,16 @@ The test accuracy of a built dataset MEANS NOTHING: copies of one photo land in 
 and test splits alike, so the model is tested on near-twins of its training images. This measures
 time and memory only.
 
-Each run is a fresh project (this repository's dvc.yaml and params.yaml, download.url pointing at the
-dataset, train.weights_file set, `--set` overrides applied) in which one `dvc repro` runs with its
-cache folder (.signflow-cache) inside the project. A step's wall time runs from DVC's "Running
-stage" line for it to the next one (it includes its Python start-up and DVC's hashing of its
-outputs). Peak RSS per step is the largest high-water mark (VmHWM, read from /proc every 0.2 s)
-of any process running that step's `signflow` command, its DataLoader workers included; "dvc"
-is the `dvc repro` process itself (it hashes data/raw). The largest RSS of any process, read
-exactly by the kernel (getrusage), is printed as well. Linux only (/proc). Nothing here asserts
-on time: timings on a shared machine are noisy; the load average is recorded.
+Each run is a fresh project (this repository's dvc.yaml, params.yaml and the signflow code its
+stages depend on, a data.dvc pointing at the dataset, train.weights_file set, `--set` overrides
+applied) in which one `dvc repro` runs with its cache folder (.signflow-cache) inside the project;
+the extract step's time includes DVC's import of the dataset folder, which comes first. A step's
+wall time runs from DVC's "Running stage" line for it to the next one (it includes its Python start-
+up and DVC's hashing of its outputs). Peak RSS per step is the largest high-water mark (VmHWM, read
+from /proc every 0.2 s) of any process running that step's `signflow` command, its DataLoader
+workers included; "dvc" is the `dvc repro` process itself (it hashes data/raw). The largest RSS of
+any process, read exactly by the kernel (getrusage), is printed as well. Linux only (/proc). Nothing
+here asserts on time: timings on a shared machine are noisy; the load average is recorded.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ import psutil
 import yaml
 from PIL import Image, ImageEnhance, ImageOps
 
+from signflow.source import normalise_source, render_data_dvc
+
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["download", "split", "train", "evaluate", "export", "register"]
+STAGES = ["extract", "split", "train", "evaluate", "export", "register"]
 SIZE = 200
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -125,8 +128,9 @@ def make_project(workdir: Path, source: Path, weights: Path | None, seed: int, o
     project = workdir / "project"
     project.mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", project)
+    shutil.copytree(ROOT / "signflow", project / "signflow", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "data.dvc").write_text(render_data_dvc(*normalise_source(str(source.resolve()), project)))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["download"]["url"] = str(source.resolve())
     params["train"]["weights_file"] = str(weights.resolve()) if weights else None
     params["train"]["pretrained"] = weights is not None
     params["split"]["seed"] = params["train"]["seed"] = seed
@@ -230,13 +234,13 @@ def run_pipeline(project: Path) -> dict:
 
 
 def step_images(project: Path) -> dict[str, int]:
-    """Images each step worked through: download and split all, train its split x epochs, evaluate the test split."""
+    """Images each step worked through: extract and split all, train its split x epochs, evaluate the test split."""
     report = json.loads((project / "data" / "split" / "report.json").read_text())
     counts = report["counts"]
     source = json.loads((project / "data" / "raw" / "SOURCE.json").read_text())
     downloaded = sum(source["counts"].values()) if isinstance(source.get("counts"), dict) else 0
     return {
-        "download": downloaded,
+        "extract": downloaded,
         "split": sum(counts.values()) + len(report["excluded"]),
         "train": counts["train"],
         "evaluate": counts["test"],

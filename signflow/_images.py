@@ -10,10 +10,21 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
 JUNK_DIRS = frozenset({"__macosx", ".git", ".ipynb_checkpoints"})
+SPLIT_FOLDER_NAMES = {
+    **dict.fromkeys(("train", "training"), "train"),
+    **dict.fromkeys(("valid", "validation", "val", "dev"), "valid"),
+    **dict.fromkeys(("test", "testing", "eval"), "test"),
+}
+"""Folder names (compared case-insensitively) that mean a dataset ships its own split, and the split each names."""
 
 PILLOW_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 """Pillow refuses larger images as decompression bombs when it opens them. `split.max_pixels` may
 not exceed it, so every image the split accepts can be decoded by the later steps."""
+DEFAULT_MAX_PIXELS = 50_000_000
+"""split.max_pixels's default in params.yaml: the limit of a model file or split folder from before
+they recorded the split.max_pixels they were made with."""
+PILLOW_BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+"""Pillow's own refusal at open, and its warning, which a warnings filter may turn into an error."""
 
 
 class ImageRefused(ValueError):
@@ -30,23 +41,33 @@ def is_junk(path: str | Path) -> bool:
     return any(p.lower() in JUNK_DIRS or p.startswith("._") for p in parts) or Path(path).name.lower() in JUNK_NAMES
 
 
+def split_folder_name(name: str) -> str | None:
+    """`train`, `valid` or `test` when a folder of this name holds a split of the dataset, else None."""
+    return SPLIT_FOLDER_NAMES.get(name.lower())
+
+
 def load_rgb(path: str | Path, max_side: int | None = None, max_pixels: int = PILLOW_PIXEL_LIMIT) -> Image.Image:
     """Open, decode fully, rotate by EXIF and convert to 8-bit RGB.
 
     `max_side` shrinks large photos early (JPEG draft mode), which is what keeps a 3024x3024 image
     from costing 100x a 100x100 one. An image of more than `max_pixels` pixels is refused from its
-    header, before decoding. Raises OSError/ValueError (ImageRefused) for unusable files.
+    header, before decoding (Pillow's own limit only warns below twice its size, and draft mode
+    shrinks only JPEGs: a 1 MB PNG can declare 170 megapixels). Raises OSError/ValueError
+    (ImageRefused) for unusable files.
     """
     try:
         return _decode_rgb(path, max_side, max_pixels)
-    except Image.DecompressionBombError as error:
+    except PILLOW_BOMB_ERRORS as error:
         raise ImageRefused(str(error)) from None
 
 
 def _decode_rgb(path: str | Path, max_side: int | None, max_pixels: int) -> Image.Image:
     with Image.open(path) as image:
         if image.width * image.height > max_pixels:
-            raise ImageRefused(f"{image.width}x{image.height} pixels is above the limit of {max_pixels:,} pixels")
+            raise ImageRefused(
+                f"{image.width}x{image.height} pixels is above the limit of {max_pixels:,} pixels (split.max_pixels); "
+                "not decoded"
+            )
         if max_side is not None and image.format == "JPEG":
             image.draft("RGB", (max_side, max_side))
         image.load()
@@ -60,15 +81,16 @@ def _decode_rgb(path: str | Path, max_side: int | None, max_pixels: int) -> Imag
         return image.convert("RGB")
 
 
-def check_image(path: str | Path, max_pixels: int, max_aspect_ratio: float) -> tuple[int, int]:
-    """Fully decode an image and return its (width, height) after EXIF rotation; raise if it is
-    unreadable, or ImageRefused (before decoding) if it has more than `max_pixels` pixels or its
+def check_image(path: str | Path, max_pixels: int, max_aspect_ratio: float) -> tuple[int, int, Image.Image]:
+    """Fully decode an image; return its (width, height) after EXIF rotation and the decoded RGB image
+    (large JPEGs decoded at 256 px or more a side), so callers can use it without decoding again.
+    Raise if it is unreadable, or ImageRefused (before decoding) if it has more than `max_pixels` pixels or its
     longer side is more than `max_aspect_ratio` times its shorter side."""
     try:
         with Image.open(path) as original:
             width, height = original.size
             orientation = original.getexif().get(0x0112, 1)
-    except Image.DecompressionBombError as error:
+    except PILLOW_BOMB_ERRORS as error:
         raise ImageRefused(str(error)) from None
     if width == 0 or height == 0:
         raise ValueError("image has zero size")
@@ -82,5 +104,6 @@ def check_image(path: str | Path, max_pixels: int, max_aspect_ratio: float) -> t
             f"{width}x{height}: one side is {max(width, height) / min(width, height):,.0f} times the other, above "
             f"split.max_aspect_ratio ({max_aspect_ratio:g}); the centre square the model sees would be a sliver of it"
         )
-    load_rgb(path, max_side=256, max_pixels=max_pixels)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    image = load_rgb(path, max_side=256, max_pixels=max_pixels)
+    width, height = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    return width, height, image

@@ -4,8 +4,6 @@ attached to the MLflow model version as its description."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -88,12 +86,35 @@ def _data(params: dict[str, Any], split_report: dict[str, Any], registration: di
         f"- Data version (DVC md5 of the fetched source, from data.dvc): `{registration['data_version']}`",
         f"- Code version (git commit): `{registration['git_commit']}`",
         f"- {_split_counts(split_report)}.",
-        f"- Split: stratified by class with scikit-learn, fractions train {split['train']} / valid {split['valid']} "
-        f"/ test {split['test']}, seed {split['seed']}; identical files are kept once so they never cross splits.",
+        f"- Split: {_split_description(split_report, split)} Identical files are kept once (never in two splits).",
         "- The checkpoint kept is the epoch with the best validation accuracy; the test split is used only once, "
         "for the figures below.",
         "",
     ]
+
+
+def _split_description(split_report: dict[str, Any], split: dict[str, Any]) -> str:
+    if "description" in split_report:
+        return split_report["description"][0].upper() + split_report["description"][1:]
+    return (
+        f"stratified by class, fractions train {split['train']} / valid {split['valid']} / test {split['test']}, "
+        f"seed {split['seed']} (the split has no report.json: whether test images have near-duplicates in train "
+        "is unknown)."
+    )
+
+
+def _near_duplicate_rows(metrics: dict[str, Any]) -> list[str]:
+    """The test images with a near-duplicate in train, and the accuracy without them when there are any."""
+    if "test_near_duplicates_in_train" not in metrics:
+        return ["| test images with a near-duplicate in train | not searched |"]
+    twins = metrics["test_near_duplicates_in_train"]
+    rows = [f"| test images with a near-duplicate in train | {twins} |"]
+    if twins and "accuracy_without_near_duplicates" in metrics:
+        rows.append(
+            f"| accuracy without those {twins} (on {metrics['test_images'] - twins} images) | "
+            f"{metrics['accuracy_without_near_duplicates']:.4f} |"
+        )
+    return rows
 
 
 def _metrics(metrics: dict[str, Any], summary: dict[str, Any]) -> list[str]:
@@ -105,6 +126,7 @@ def _metrics(metrics: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         f"| accuracy | {metrics['accuracy']:.4f} |",
         f"| macro F1 | {metrics['macro_f1']:.4f} |",
         f"| test images | {test_images} |",
+        *_near_duplicate_rows(metrics),
         f"| mistakes | {metrics.get('mistakes', 'n/a')} |",
         f"| expected calibration error | {metrics.get('ece', float('nan')):.4f} |",
         *_calibration_rows(metrics),
@@ -164,8 +186,3 @@ def _known_limits(train: dict[str, Any], split_report: dict[str, Any]) -> list[s
         lines.append("- Mirrored images (the other hand) may be read as another class; training did not flip images.")
     lines += ["- Not for decisions about people or safety without a separate evaluation on the target population.", ""]
     return lines
-
-
-def read_split_report(split_dir: str | Path) -> dict[str, Any]:
-    path = Path(split_dir) / "report.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

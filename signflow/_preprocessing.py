@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from signflow._images import load_rgb
+from signflow._images import DEFAULT_MAX_PIXELS, load_rgb
 from signflow.errors import SignflowError
 
 
@@ -43,13 +43,17 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images with more pixels are refused from their header, before decoding: split.max_pixels of
+    the split the model was trained on, so predict and serve refuse what training never saw."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict) -> Preprocessing:
-        return cls(int(raw["image_size"]), tuple(raw["mean"]), tuple(raw["std"]), str(raw["interpolation"]))
+        max_pixels = int(raw.get("max_pixels", DEFAULT_MAX_PIXELS))  # model files from before it: the default
+        return cls(int(raw["image_size"]), tuple(raw["mean"]), tuple(raw["std"]), str(raw["interpolation"]), max_pixels)
 
 
 def resize_center_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:
@@ -69,7 +73,7 @@ def image_to_uint8(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
 
 def read_image(path: str | Path, prep: Preprocessing) -> torch.Tensor:
     """One image file as the (3, S, S) uint8 tensor the model sees (before normalisation)."""
-    return image_to_uint8(load_rgb(path, max_side=2 * prep.image_size), prep)
+    return image_to_uint8(load_rgb(path, max_side=2 * prep.image_size, max_pixels=prep.max_pixels), prep)
 
 
 def decode_chunks(

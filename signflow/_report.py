@@ -153,6 +153,26 @@ def _markdown_table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:
     return "\n".join(lines)
 
 
+def split_section(split: str, metrics: dict) -> list[str]:
+    """How the test split was made and, when some test images have a near-duplicate in train, the
+    accuracy with and without them."""
+    lines = ["## How the test split was made", "", split[0].upper() + split[1:], ""]
+    twins = metrics.get("test_near_duplicates_in_train", 0)
+    if twins:
+        lines += [
+            "| test images | accuracy |",
+            "|---|---|",
+            f"| all {metrics['test_images']} | {metrics['accuracy']:.4f} |",
+            f"| the {metrics['test_images'] - twins} without a near-duplicate in train | "
+            + (f"{metrics['accuracy_without_near_duplicates']:.4f} |" if twins < metrics["test_images"] else "n/a |"),
+            "",
+            f"{twins} test image(s) have a near-duplicate in train (listed in the split's report.json): on them the "
+            "model may be recalling a training image rather than recognising a new one.",
+            "",
+        ]
+    return lines
+
+
 def _calibration_rows(metrics: dict) -> list[str]:
     """ECE and mean confidence as served (after temperature scaling), and before it when known."""
     rows = [
@@ -169,9 +189,15 @@ def _calibration_rows(metrics: dict) -> list[str]:
 
 
 def markdown_report(
-    metrics: dict, per_class: pd.DataFrame, mistakes: pd.DataFrame, model_summary: dict, images: dict[str, str]
+    metrics: dict,
+    per_class: pd.DataFrame,
+    mistakes: pd.DataFrame,
+    model_summary: dict,
+    images: dict[str, str],
+    split: str,
 ) -> str:
-    """The report as markdown: headline metrics, per-class table, worst mistakes, figure links."""
+    """The report as markdown: headline metrics, how the test split was made, per-class table, worst
+    mistakes, figure links."""
     lines = [
         "# Evaluation report",
         "",
@@ -186,6 +212,7 @@ def markdown_report(
         f"| mistakes | {metrics['mistakes']} |",
         *_calibration_rows(metrics),
         "",
+        *split_section(split, metrics),
         "## Per class",
         "",
         _markdown_table(per_class),

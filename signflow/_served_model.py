@@ -36,15 +36,18 @@ RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
 }
-MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)  # as signflow._images.MAX_PIXELS
+DEFAULT_MAX_PIXELS = 50_000_000
+"""As signflow._images.DEFAULT_MAX_PIXELS: the limit of a model whose metadata does not record the
+split.max_pixels it was trained with."""
+BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
-def decode_rgb(data: bytes, max_side: int):
-    """As signflow._images.load_rgb: JPEG draft mode, EXIF rotation, 16-bit and alpha flattened on
-    white, then 8-bit RGB."""
+def decode_rgb(data: bytes, max_side: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """As signflow._images.load_rgb: an image over `max_pixels` refused from its header, before
+    decoding; JPEG draft mode, EXIF rotation, 16-bit and alpha flattened on white, then 8-bit RGB."""
     with Image.open(io.BytesIO(data)) as image:
-        if image.width * image.height > MAX_PIXELS:
-            raise ValueError(f"{image.width}x{image.height} pixels is above the limit of {MAX_PIXELS:,} pixels")
+        if image.width * image.height > max_pixels:
+            raise ValueError(f"{image.width}x{image.height} pixels is above the limit of {max_pixels:,} pixels")
         if image.format == "JPEG":
             image.draft("RGB", (max_side, max_side))
         image.load()
@@ -78,6 +81,7 @@ class SignflowOnnxModel(PythonModel):
         prep = json.loads(meta.get("signflow.preprocessing") or meta["signflow._preprocessing"])
         self.temperature = float(meta.get("signflow.temperature", "1.0"))  # already applied by the graph
         self.size = int(prep["image_size"])
+        self.max_pixels = int(prep.get("max_pixels", DEFAULT_MAX_PIXELS))
         self.resample = RESAMPLING.get(prep["interpolation"], RESAMPLING["bilinear"])
         self.mean = np.asarray(prep["mean"], np.float32).reshape(1, 3, 1, 1) * 255.0
         self.std = np.asarray(prep["std"], np.float32).reshape(1, 3, 1, 1) * 255.0
@@ -87,7 +91,7 @@ class SignflowOnnxModel(PythonModel):
         """As signflow._preprocessing.read_image: shorter side resized to the model's size, centre
         crop, (3, S, S) uint8."""
         size = self.size
-        image = decode_rgb(data, 2 * size)
+        image = decode_rgb(data, 2 * size, self.max_pixels)
         scale = size / min(image.size)
         new_size = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
         image = image.resize(new_size, self.resample)
@@ -111,7 +115,7 @@ class SignflowOnnxModel(PythonModel):
             try:
                 arrays.append(self.to_uint8(image_bytes(value)))
                 readable.append(index)
-            except (binascii.Error, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            except (binascii.Error, OSError, ValueError, SyntaxError, *BOMB_ERRORS) as error:
                 reason = "not a readable image file" if isinstance(error, UnidentifiedImageError) else str(error)
                 rows[index]["error"] = f"cannot read image: {reason or type(error).__name__}"
         if arrays:

@@ -106,7 +106,12 @@ COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
         "folders found, junk left out",
         ("source", "raw"),
     ),
-    "split": (cmd_split, "check every image and write stratified train/valid/test manifests", ("raw", "split")),
+    "split": (
+        cmd_split,
+        "check every image, find near-duplicates and write train/valid/test manifests (split.strategy: the "
+        "dataset's own split folders, stratified random, or by a group key from the file paths)",
+        ("raw", "split"),
+    ),
     "train": (
         cmd_train,
         "fine-tune train.model and keep the checkpoint best on validation",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,18 @@ class DownloadConfig(_Section):
     """Folder inside the source that holds the class folders; None finds it."""
     timeout_s: int = Field(ge=1)
     """Deadline of a flow run's download task (fetch and extract), retries not included."""
+    max_source_bytes: int = Field(ge=1)
+    """An archive source larger than this is refused before it is opened."""
+    max_extracted_bytes: int = Field(ge=1)
+    """An archive whose entries declare more bytes in all is refused before anything is extracted
+    (and an entry that writes more than it declares is stopped as it is written)."""
+    max_members: int = Field(ge=1)
+    """An archive with more entries (files and folders) is refused."""
+    max_compression_ratio: float = Field(ge=1)
+    """An archive, or an entry over 1 MiB, that expands more than this many times is refused: images
+    barely compress, zip bombs expand a thousandfold."""
+
+    _coerce = field_validator("max_compression_ratio", mode="before")(_float_from_yaml)
 
     @field_validator("sha256")
     @classmethod
@@ -66,6 +79,19 @@ class SplitConfig(_Section):
     valid: float = Field(ge=0, lt=1)
     test: float = Field(gt=0, lt=1)
     seed: int
+    strategy: Literal["auto", "folders", "random", "group"]
+    """folders: the dataset's own train/valid/test folders (a missing valid or test is carved out of train);
+    random: stratified random; group: one split per key of `group_pattern`; auto: folders when the
+    dataset ships split folders, else random."""
+    group_pattern: str | None
+    """For strategy group: a regex searched in each image's path under data/raw; its one capture group is the key."""
+    near_duplicates: Literal["group", "report", "off"]
+    """group: each cluster of near-identical images lands in one split; report: only count test images with
+    a near-duplicate in train (and report accuracy without them); off: do not search."""
+    near_duplicate_distance: int = Field(ge=0, le=128)
+    """Largest Hamming distance (of 256 bits) between perceptual hashes of two near-duplicates."""
+    max_cluster_fraction: float = Field(gt=0, le=1)
+    """With near_duplicates: group, a cluster holding more of its class than this stops the split with advice."""
     max_pixels: int = Field(ge=1, le=PILLOW_PIXEL_LIMIT)
     """Images with more pixels are left out (read from the header, before decoding): decoding one
     costs 3 bytes a pixel, several times over. At most Pillow's own decompression-bomb limit."""
@@ -73,13 +99,33 @@ class SplitConfig(_Section):
     """Images whose longer side is more than this many times the shorter are left out: the model
     sees only their centre square."""
 
-    _coerce = field_validator("train", "valid", "test", "max_aspect_ratio", mode="before")(_float_from_yaml)
+    _coerce = field_validator(
+        "train", "valid", "test", "max_aspect_ratio", "max_cluster_fraction", mode="before"
+    )(_float_from_yaml)
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _one_capture_group(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            groups = re.compile(value).groups
+        except re.error as error:
+            raise ValueError(f"{value!r} is not a valid regular expression: {error}") from None
+        if groups != 1:
+            raise ValueError(
+                f"{value!r} has {groups} capture groups; it needs exactly one, the group key "
+                r"(e.g. '(signer\d+)'; write other parentheses as (?:...))"
+            )
+        return value
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> SplitConfig:
         total = self.train + self.valid + self.test
         if not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ValueError(f"train + valid + test must be 1.0, got {total:g}")
+        if self.strategy == "group" and not self.group_pattern:
+            raise ValueError("strategy group needs split.group_pattern (a regex with one capture group)")
         return self
 
 

@@ -28,7 +28,7 @@ from signflow._model import resolve_device
 from signflow._model_file import ModelBundle, load_bundle
 from signflow._preprocessing import decode_chunks
 from signflow.config import EvaluateConfig
-from signflow.split import read_class_names, read_manifest
+from signflow.split import read_class_names, read_manifest, read_split_report
 
 __all__ = ["EvaluationResult", "evaluate"]
 
@@ -44,9 +44,22 @@ class EvaluationResult:
     ece: float
     metrics_path: str
     report_path: str
+    split: str
+    """How the test split was made (the split step's description), shown wherever the accuracy is."""
+    test_near_duplicates_in_train: int | None
+    """Test images with a near-duplicate in train; None when the split step did not search."""
+    accuracy_without_near_duplicates: float | None
 
     def summary_line(self) -> str:
-        return f"test accuracy {self.accuracy:.4f} on {self.test_images} images"
+        line = f"test accuracy {self.accuracy:.4f} on {self.test_images} images"
+        if self.test_near_duplicates_in_train:
+            line += (
+                f" ({self.test_near_duplicates_in_train} with a near-duplicate in train; without them "
+                f"{self.accuracy_without_near_duplicates:.4f})"
+            )
+        elif self.test_near_duplicates_in_train == 0:
+            line += " (none with a near-duplicate in train)"
+        return line
 
 
 @dataclass(frozen=True)
@@ -79,7 +92,10 @@ def evaluate(
     manifest = read_manifest(split_dir, "test")
     logits = logits_for(bundle, [raw_dir / p for p in manifest["path"]], cfg.batch_size)
     scores = score(manifest, logits, bundle.temperature, bundle.class_names, cfg.calibration_bins)
-    write_report(scores, bundle, cfg, raw_dir, reports_dir, train_log)
+    split_report = read_split_report(split_dir)
+    scores.metrics.update(near_duplicate_metrics(manifest, scores.predictions, split_report))
+    split = split_report.get("description", "unknown: the split has no report.json (made by an older signflow)")
+    write_report(scores, bundle, cfg, raw_dir, reports_dir, train_log, split)
     metrics = scores.metrics
     log.info(
         "test accuracy %.4f, macro F1 %.4f, ECE %.4f (%.4f before temperature %.3f) on %d images",
@@ -93,6 +109,9 @@ def evaluate(
         metrics["ece"],
         str(reports_dir / layout.METRICS),
         str(reports_dir / layout.REPORT_MARKDOWN),
+        split,
+        metrics.get("test_near_duplicates_in_train"),
+        metrics.get("accuracy_without_near_duplicates"),
     )
 
 
@@ -126,6 +145,19 @@ def compute_metrics(labels: np.ndarray, predicted: np.ndarray, class_names: list
         "mistakes": int((predicted != labels).sum()),
     }
     return metrics, per_class
+
+
+def near_duplicate_metrics(manifest: pd.DataFrame, predictions: pd.DataFrame, split_report: dict) -> dict:
+    """The number of test images with a near-duplicate in train and the accuracy on the others: a test
+    image whose near-twin was trained on measures memory, not generalisation. {} when not searched."""
+    if split_report.get("near_duplicates", {}).get("mode", "off") == "off" or "train_near_duplicate" not in manifest:
+        return {}
+    twin = (manifest["train_near_duplicate"].fillna("").astype(str) != "").to_numpy()
+    metrics = {"test_near_duplicates_in_train": int(twin.sum())}
+    others = predictions[~twin]
+    if len(others):
+        metrics["accuracy_without_near_duplicates"] = float((others["actual"] == others["predicted"]).mean())
+    return metrics
 
 
 def score(manifest: pd.DataFrame, logits: np.ndarray, temperature: float, class_names: list[str], bins: int) -> Scores:
@@ -162,8 +194,9 @@ def write_report(
     raw_dir: Path,
     reports_dir: Path,
     train_log: str | Path | None,
+    split: str,
 ) -> None:
-    """Every report file, each written atomically."""
+    """Every report file, each written atomically; `split` says how the test split was made."""
     figures = {title: reports_dir / name for title, name in layout.FIGURES.items()}
     mistakes = report.worst_mistakes(scores.predictions, cfg.gallery_size)
     tables = dict(zip(layout.TABLES, (scores.per_class, scores.predictions, scores.calibration), strict=True))
@@ -184,7 +217,7 @@ def write_report(
         metrics["ece_uncalibrated"],
     )
     summary = {"model_name": bundle.model_name, **bundle.summary}
-    markdown = report.markdown_report(scores.metrics, scores.per_class, mistakes, summary, layout.FIGURES)
+    markdown = report.markdown_report(scores.metrics, scores.per_class, mistakes, summary, layout.FIGURES, split)
     write_text_atomic(reports_dir / layout.REPORT_MARKDOWN, markdown)
 
 

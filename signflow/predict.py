@@ -229,7 +229,8 @@ def predict_images(
                 try:
                     tensors.append(read_image(path, predictor.preprocessing))
                     readable.append(prediction)
-                except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for bad files
+                # PIL raises all three for bad files; load_rgb turns its decompression-bomb refusals into ValueError
+                except (OSError, ValueError, SyntaxError) as exc:
                     prediction.error = f"cannot read image: {exc}"
             results.append(prediction)
         if tensors:

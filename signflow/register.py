@@ -31,12 +31,13 @@ from filelock import FileLock
 from signflow._fileio import write_json_atomic, write_text_atomic
 from signflow._mlflow import mlflow_client, resolve_tracking_uri
 from signflow._mlflow_model import log_mlflow_model
-from signflow._model_card import read_split_report, render_model_card
+from signflow._model_card import render_model_card
 from signflow._model_file import ModelBundle, load_bundle
 from signflow._provenance import data_source, data_version, fingerprint_test_set, git_commit
 from signflow.config import Params, RegisterConfig
 from signflow.errors import SignflowError
 from signflow.layout import DATA_DVC, REPORT_FILES, ModelOutputs
+from signflow.split import read_split_report
 
 __all__ = ["Candidate", "ChampionDecision", "Registration", "RegistryError", "register_model", "register_run"]
 
@@ -173,6 +174,7 @@ def register_run(
     project_dir = Path(project_dir)
     tags = {
         **provenance_tags(project_dir, Path(split_dir)),
+        **split_tags(read_split_report(split_dir), outputs.metrics),
         **(run_tags or {}),
     }
     onnx = outputs.onnx if outputs.onnx.is_file() else None
@@ -198,6 +200,21 @@ def provenance_tags(project_dir: Path, split_dir: Path) -> dict[str, str]:
         "signflow.data_source": data_source(project_dir / DATA_DVC),
         TEST_SET_TAG: fingerprint_test_set(split_dir),
         "signflow.git_commit": git_commit(project_dir),
+    }
+
+
+def split_tags(split_report: dict[str, Any], metrics_path: Path) -> dict[str, str]:
+    """How the test split was made, for the version's tags: the strategy, the split step's description
+    and how many test images have a near-duplicate in train ("not searched" / "unknown" otherwise)."""
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    twins = metrics.get("test_near_duplicates_in_train")
+    searched = split_report.get("near_duplicates", {}).get("mode", "off") != "off"
+    return {
+        "signflow.split_strategy": split_report.get("strategy", "unknown"),
+        "signflow.split": split_report.get("description", "unknown (the split has no report.json)")[:5000],
+        "signflow.test_near_duplicates_in_train": str(twins)
+        if twins is not None
+        else ("unknown" if searched else "not searched"),
     }
 
 

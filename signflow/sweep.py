@@ -310,11 +310,12 @@ def sweep(
     steps = WinnerSteps(evaluate, export_onnx, register_run)
     evaluation, registration, _ = publish_winner(trials, winner, raw_dir, split_dir, sweep_dir, project_dir, steps)
     log.info(
-        "sweep winner %s: valid %.4f, test %.4f, registered as version %s",
+        "sweep winner %s: valid %.4f, %s, registered as version %s; test split: %s",
         winner["trial"],
         winner["valid_accuracy"],
-        evaluation.accuracy,
+        evaluation.summary_line(),
         registration.version,
+        evaluation.split,
     )
     return SweepResult(
         trials=len(trials),

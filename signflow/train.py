@@ -14,7 +14,7 @@ import random
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ from signflow._runners import PlainRunner, TrainingError, create_runner, memory_
 from signflow._training_data import SplitFiles, TrainingData
 from signflow._training_state import TrainingState, restore_checkpoint, resume_key, resume_path, save_checkpoint
 from signflow.config import TrainConfig
-from signflow.split import read_class_names, read_manifest
+from signflow.split import read_class_names, read_manifest, read_max_pixels
 
 __all__ = ["TrainResult", "TrainingError", "fine_tune"]
 
@@ -146,6 +146,7 @@ def prepare_training(cfg: TrainConfig, raw_dir: Path, split_dir: Path, cache_dir
     device = resolve_device(cfg.device)
     class_names = read_class_names(split_dir)
     model, prep = build_model(cfg, len(class_names), device)
+    prep = replace(prep, max_pixels=read_max_pixels(split_dir))
     train, valid = (read_split(raw_dir, split_dir, name) for name in ("train", "valid"))
     data = TrainingData(cache_dir, prep, train, valid)
     optimizer = create_optimizer(cfg, model)

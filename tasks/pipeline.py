@@ -187,8 +187,10 @@ def publish_evaluation(result: EvaluationResult, reports_dir: Path) -> None:
             {"metric": "test_images", "value": result.test_images},
             {"metric": "mistakes", "value": result.mistakes},
             {"metric": "expected_calibration_error", "value": result.ece},
+            {"metric": "test_near_duplicates_in_train", "value": result.test_near_duplicates_in_train},
+            {"metric": "accuracy_without_near_duplicates", "value": result.accuracy_without_near_duplicates},
         ],
-        description="Test-split metrics of this run's model",
+        description=f"Test-split metrics of this run's model. Test split: {result.split}",
     )
     create_markdown_artifact(
         key="evaluation-report",

@@ -3,6 +3,7 @@ upstream one, params for tiny runs, and throwaway git + DVC projects."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -34,6 +35,32 @@ def build_class_folders(root: Path, per_class: int = PER_CLASS) -> Path:
         for i in range(per_class):
             make_image(root / name / f"IMG_{i:03d}.JPG", colour, seed=index * 1000 + i)
     return root
+
+
+def build_split_folders(root: Path, folders: dict[str, str], per_class: int = PER_CLASS) -> Path:
+    """Class folders inside split folders, `root/<folder>/<class>/`, as datasets that ship their own split
+    do; `folders` maps each split (train, valid, test) to its folder name. Every image is distinct."""
+    for split_index, (_split, folder) in enumerate(sorted(folders.items())):
+        for index, (name, colour) in enumerate(CLASS_COLOURS.items()):
+            for i in range(per_class):
+                make_image(
+                    root / folder / name / f"IMG_{i:03d}.JPG",
+                    colour,
+                    seed=50_000 * (split_index + 1) + index * 1000 + i,
+                )
+    return root
+
+
+def zip_folder(folder: Path, archive: Path, prefix: str = "") -> Path:
+    """Zip every file under `folder` (entries under `prefix/` when given), plus the junk archives carry."""
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():
+                bundle.write(file, f"{prefix}/{file.relative_to(folder).as_posix()}".lstrip("/"))
+        bundle.writestr("__MACOSX/._junk", "junk")
+        bundle.writestr(f"{prefix}/.DS_Store".lstrip("/"), "junk")
+        bundle.writestr(f"{prefix}/README.md".lstrip("/"), "# dataset\n")
+    return archive
 
 
 def pack_upstream_zip(class_root: Path, archive: Path) -> Path:
@@ -231,3 +258,50 @@ def image_split(folder: Path, name: str, count: int, seed: int, size: int = 32, 
     hashes = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
     labels = torch.from_numpy(rng.integers(0, classes, count)).long()
     return SplitFiles(name, paths, hashes, labels)
+
+
+# Photo-like pictures for near-duplicate tests: smooth backgrounds with a shape on them.
+
+
+def scene(rng: np.random.Generator, size: int = 100) -> np.ndarray:
+    """A smooth random background (colour gradient and blurred blobs), like a photo's backdrop."""
+    start, end = rng.uniform(40, 220, 3), rng.uniform(40, 220, 3)
+    ramp = np.linspace(0, 1, size)
+    angle = rng.uniform(0, 2 * np.pi)
+    mix = np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None]
+    mix = (mix - mix.min()) / np.ptp(mix)
+    base = start * (1 - mix[..., None]) + end * mix[..., None]
+    blobs = Image.fromarray(rng.uniform(0, 255, (size // 4, size // 4)).astype(np.uint8)).resize((size, size))
+    blobs = np.asarray(blobs.filter(ImageFilter.GaussianBlur(3)), dtype=np.float64) - 128
+    return np.clip(base + blobs[..., None] * 0.6, 0, 255)
+
+
+def with_shape(background: np.ndarray, x: float, y: float, angle: float, colour) -> Image.Image:
+    """A square (the 'hand') drawn on the background at (x, y), turned by `angle` degrees."""
+    image = Image.fromarray(background.astype(np.uint8))
+    corners = np.deg2rad(angle) + np.pi / 2 * np.arange(4)
+    points = [(x + 22 * np.cos(c), y + 22 * np.sin(c)) for c in corners]
+    ImageDraw.Draw(image).polygon(points, fill=tuple(int(v) for v in colour))
+    return image
+
+
+def photo(rng: np.random.Generator) -> Image.Image:
+    return with_shape(scene(rng), *rng.uniform(35, 65, 2), rng.uniform(0, 90), rng.uniform(0, 255, 3))
+
+
+def reencoded(image: Image.Image, quality: int = 60) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def video(rng: np.random.Generator, frames: int = 10) -> list[Image.Image]:
+    """A shape moving 1.5 px and turning 3 degrees per frame over a fixed background, with sensor noise."""
+    background, colour = scene(rng), rng.uniform(0, 255, 3)
+    x, y, angle = 40.0, 45.0, rng.uniform(0, 90)
+    clip = []
+    for frame in range(frames):
+        image = with_shape(background, x + 1.5 * frame, y + 0.5 * frame, angle + 3 * frame, colour)
+        noisy = np.asarray(image, dtype=np.float64) + rng.normal(0, 3, (100, 100, 3))
+        clip.append(reencoded(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), 85))
+    return clip

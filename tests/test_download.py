@@ -11,7 +11,7 @@ import pytest
 
 from signflow._fileio import sha256_file
 from signflow.download import DatasetInfo, DownloadError, extract_dataset
-from tests.helpers import CLASS_COLOURS, PER_CLASS, section
+from tests.helpers import CLASS_COLOURS, PER_CLASS, build_class_folders, build_split_folders, section, zip_folder
 
 
 def extract(source, dest, **download) -> DatasetInfo:
@@ -119,12 +119,58 @@ def test_missing_source_and_single_class(tmp_path, class_folders):
 def test_ambiguous_class_roots_ask_for_class_root(class_folders, tmp_path):
     archive = tmp_path / "two.zip"
     with zipfile.ZipFile(archive, "w") as bundle:
-        for part in ("train", "test"):
+        for part in ("photos", "more"):
             for file in class_folders.rglob("*.JPG"):
                 bundle.write(file, f"{part}/{file.relative_to(class_folders).as_posix()}")
     with pytest.raises(DownloadError, match="set download.class_root"):
         extract(archive, tmp_path / "raw")
-    assert extract(archive, tmp_path / "raw", class_root="train").num_images == 3 * PER_CLASS
+    assert extract(archive, tmp_path / "raw", class_root="photos").num_images == 3 * PER_CLASS
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        {"train": "train", "valid": "valid", "test": "test"},
+        {"train": "Training", "valid": "Validation", "test": "Testing"},
+        {"train": "TRAIN", "valid": "val", "test": "eval"},
+        {"train": "train", "valid": "dev", "test": "test"},
+        {"train": "training", "test": "testing"},
+    ],
+)
+def test_split_folders_are_kept_under_their_split_names(tmp_path, names):
+    """Split folders in any common spelling, nested under a top folder next to junk, land in
+    raw/<split>/<class>/ with canonical split names; SOURCE.json says where each came from."""
+    source = build_split_folders(tmp_path / "src", names, per_class=4)
+    archive = zip_folder(source, tmp_path / "data.zip", prefix="MyData-v2/images")
+    info = extract(archive, tmp_path / "raw")
+    assert info.split_folders == {split: f"MyData-v2/images/{folder}" for split, folder in names.items()}
+    assert info.class_root == "MyData-v2/images"
+    assert info.counts == {name: 4 * len(names) for name in CLASS_COLOURS}
+    raw = tmp_path / "raw"
+    assert sorted(p.name for p in raw.iterdir() if p.is_dir()) == sorted(names)
+    for split in names:
+        assert sorted(p.name for p in (raw / split).iterdir()) == sorted(CLASS_COLOURS)
+    assert not list(raw.rglob(".DS_Store")) and not list(raw.rglob("README.md"))
+    assert json.loads((raw / "SOURCE.json").read_text())["split_folders"] == info.split_folders
+
+
+def test_class_root_may_name_the_folder_holding_the_split_folders(tmp_path):
+    source = build_split_folders(tmp_path / "src" / "kept", {"train": "train", "test": "test"}, per_class=3)
+    build_class_folders(tmp_path / "src" / "other", per_class=3)
+    with pytest.raises(DownloadError, match="set download.class_root"):
+        extract(tmp_path / "src", tmp_path / "raw")
+    info = extract(tmp_path / "src", tmp_path / "raw", class_root="kept")
+    assert info.split_folders == {"train": "kept/train", "test": "kept/test"}
+    assert source.is_dir() and (tmp_path / "raw" / "test" / "alpha").is_dir()
+
+
+def test_split_folders_of_loose_images_are_refused_with_the_layout_expected(tmp_path, class_folders):
+    loose = tmp_path / "loose" / "Dataset"
+    loose.mkdir(parents=True)
+    (class_folders / "alpha").rename(loose / "train")
+    (class_folders / "beta").rename(loose / "test")
+    with pytest.raises(DownloadError, match=r"<split>/<class name>/<images>"):
+        extract(loose, tmp_path / "raw")
 
 
 def test_junk_files_are_not_copied(class_folders, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from signflow import _dvc_state as dvc_state
-from tests.helpers import EtagServer, make_project
+from tests.helpers import EtagServer, build_split_folders, make_project, zip_folder
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +81,21 @@ def _stale_stages(project, env) -> set[str]:
     status = _dvc(project, env, "status", "--json")
     assert status.returncode == 0, status.stderr
     return set(json.loads(status.stdout))
+
+
+def test_dvc_repro_on_an_archive_with_its_own_train_and_test_folders(tmp_path, venv_env):
+    """Only the data source differs from the default params: the shipped test folder is the test split."""
+    source = build_split_folders(tmp_path / "src", {"train": "training", "test": "testing"}, per_class=10)
+    project = make_project(tmp_path, zip_folder(source, tmp_path / "gestures.zip", prefix="gestures-v1"))
+    run = subprocess.run(["dvc", "repro"], cwd=project, env=venv_env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sorted(p.name for p in (project / "data" / "raw").iterdir() if p.is_dir()) == ["test", "train"]
+    split = json.loads((project / "data" / "split" / "report.json").read_text())
+    assert split["strategy"] == "folders" and split["counts"]["test"] == 30
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert metrics["test_images"] == 30 and metrics["test_near_duplicates_in_train"] == 0
+    card = (project / "models" / "model_card.md").read_text()
+    assert "- Split: The dataset's own split folders (train/, test/), kept as shipped, with valid carved out" in card
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from signflow._augment import augment
 from signflow._disk_cache import ArraySpec, CacheEntry, DiskArray, RowWriter, content_key
 from signflow._forward import autocast_for
 from signflow._onnx import INPUT_NAME, export_module, onnx_session
 from signflow._preprocessing import Preprocessing, normalize
+from signflow._progress import progress
 from signflow._training_data import TrainingData, read_chunks
 from signflow.config import AugmentConfig, TrainConfig
 from signflow.errors import SignflowError
@@ -301,7 +301,7 @@ class FeatureCache:
         from the generator, when `augment_cfg` is given); return what the entry's record adds."""
         images, batch_size = self.data.images(name), self.cfg.inference_batch_size
         for view in range(views):
-            chunks = tqdm(
+            chunks = progress(
                 read_chunks(images, batch_size),
                 total=math.ceil(len(images) / batch_size),
                 desc=f"frozen features {name} {view + 1}/{views}",
@@ -320,6 +320,7 @@ class FeatureCache:
             )
             for batch in features:
                 writer.write(self.layout.to_rows(batch))
+            log.info("frozen features of %s: view %d of %d done (%d images)", name, view + 1, views, len(images))
         state = self.generator.get_state().numpy().tobytes().hex() if augment_cfg else None
         return {"runtime": self.prefix_runtime(), "generator_after": state}
 

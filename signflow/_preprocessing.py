@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from signflow._images import DEFAULT_MAX_PIXELS, load_rgb
+from signflow._progress import progress
 from signflow.errors import SignflowError
 
 
@@ -87,7 +87,7 @@ def decode_chunks(
     """
     with (
         ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
-        tqdm(total=len(paths), desc=desc, unit="img", leave=False) as progress,
+        progress(total=len(paths), desc=desc, unit="img", leave=False) as bar,
     ):
 
         def submit(start: int) -> list[Future]:
@@ -97,7 +97,7 @@ def decode_chunks(
         for start in range(0, len(paths), chunk_size):
             current, pending = pending, submit(start + chunk_size)
             chunk = torch.stack([future.result() for future in current])
-            progress.update(len(chunk))
+            bar.update(len(chunk))
             yield chunk
 
 

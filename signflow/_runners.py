@@ -11,7 +11,6 @@ import logging
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from signflow._augment import augment
 from signflow._disk_cache import DiskArray, ensure_space
@@ -19,6 +18,7 @@ from signflow._feature_cache import CachedFeatures, FeatureCache, SplitModel, sp
 from signflow._forward import autocast_for, predict_logits
 from signflow._model import set_train_mode
 from signflow._preprocessing import Preprocessing, normalize
+from signflow._progress import progress
 from signflow._training_data import EpochBatches, TrainingData, create_loader, read_chunks
 from signflow.config import TrainConfig
 from signflow.errors import SignflowError
@@ -112,7 +112,7 @@ class PlainRunner:
         self._batches.batches = [(index + first).numpy() for index in batches]
         total_loss, correct = 0.0, 0
         loaded = zip(batches, self.loader(), strict=True)
-        for index, rows in tqdm(loaded, total=len(batches), desc=f"epoch {epoch}", unit="batch", leave=False):
+        for index, rows in progress(loaded, total=len(batches), desc=f"epoch {epoch}", unit="batch", leave=False):
             inputs = self.batch_inputs(rows, generator, epoch)
             targets = labels[index].to(self.device, non_blocking=True)
             loss, hits = train_step(self.trained_module(), inputs, targets, self.cfg, optimizer, epoch)

@@ -99,9 +99,9 @@ class SplitConfig(_Section):
     """Images whose longer side is more than this many times the shorter are left out: the model
     sees only their centre square."""
 
-    _coerce = field_validator(
-        "train", "valid", "test", "max_aspect_ratio", "max_cluster_fraction", mode="before"
-    )(_float_from_yaml)
+    _coerce = field_validator("train", "valid", "test", "max_aspect_ratio", "max_cluster_fraction", mode="before")(
+        _float_from_yaml
+    )
 
     @field_validator("group_pattern")
     @classmethod

@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
-from tqdm.auto import tqdm
 
 from signflow._fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
 from signflow._group_split import assign_groups
 from signflow._images import DEFAULT_MAX_PIXELS, ImageRefused, check_image, is_junk, split_folder_name
 from signflow._near_duplicates import HASH_BITS, NearDuplicates, components, find_near_pairs, image_hashes
+from signflow._progress import progress
 from signflow._split_report import SPLITS, build_report
 from signflow.config import SplitConfig
 from signflow.errors import SignflowError
@@ -125,7 +125,7 @@ def scan_images(
     # Decoding releases the GIL: threads check images in parallel; map keeps the files' order.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         checked = pool.map(lambda file: _check_file(file, cfg, hash_images), files)
-        checked = tqdm(checked, total=len(files), desc="check images", unit="img")
+        checked = progress(checked, total=len(files), desc="check images", unit="img")
         for file, result in zip(files, checked, strict=True):
             parts = file.relative_to(raw_dir).parts
             relative = "/".join(parts)

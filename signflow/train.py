@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from signflow._calibration import fit_temperature, negative_log_likelihood
 from signflow._fileio import write_atomic
@@ -35,6 +34,7 @@ from signflow._model import (
 )
 from signflow._model_file import ModelBundle, save_bundle
 from signflow._preprocessing import Preprocessing
+from signflow._progress import progress
 from signflow._runners import PlainRunner, TrainingError, create_runner, memory_format_for
 from signflow._training_data import SplitFiles, TrainingData
 from signflow._training_state import TrainingState, restore_checkpoint, resume_key, resume_path, save_checkpoint
@@ -215,7 +215,7 @@ def run_epochs(run: TrainingRun, state: TrainingState, checkpoint: Path, key: st
     """
     cfg = run.cfg
     epochs = range(state.epoch + 1, cfg.epochs + 1)
-    for epoch in tqdm(epochs, desc="fine-tune", unit="epoch", initial=state.epoch, total=cfg.epochs):
+    for epoch in progress(epochs, desc="fine-tune", unit="epoch", initial=state.epoch, total=cfg.epochs):
         row = run_epoch(run, state, epoch)
         state.record_epoch(row, run.model)
         log.info(

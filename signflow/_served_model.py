@@ -70,6 +70,9 @@ def image_bytes(value) -> bytes:
 
 
 class SignflowOnnxModel(PythonModel):
+    max_pixels = DEFAULT_MAX_PIXELS
+    """Images with more pixels are refused from their header; load_context sets the model's own limit."""
+
     def load_context(self, context) -> None:
         import onnxruntime as ort
 
@@ -88,15 +91,13 @@ class SignflowOnnxModel(PythonModel):
         self.input_name = self.session.get_inputs()[0].name
 
     def to_uint8(self, data: bytes) -> np.ndarray:
-        """As signflow._preprocessing.read_image: shorter side resized to the model's size, centre
-        crop, (3, S, S) uint8."""
+        """As signflow._preprocessing.read_image: the centre square resized to the model's size
+        (no intermediate image: a 1x100000 strip costs its own pixels), (3, S, S) uint8."""
         size = self.size
         image = decode_rgb(data, 2 * size, self.max_pixels)
-        scale = size / min(image.size)
-        new_size = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
-        image = image.resize(new_size, self.resample)
-        left, top = (image.width - size) // 2, (image.height - size) // 2
-        image = image.crop((left, top, left + size, top + size))
+        side = min(image.size)
+        left, top = (image.width - side) / 2, (image.height - side) / 2
+        image = image.resize((size, size), self.resample, box=(left, top, left + side, top + side))
         return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:

@@ -248,7 +248,16 @@ def _experiment_id(client, name: str, tracking_uri: str) -> str:
         # Keep artifacts beside a local database rather than in whatever folder MLflow was run from.
         database = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
         location = (database.parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        # Another machine created it between our lookup and our create (shared registry).
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def _find_version(client, model_name: str, fingerprint: str):

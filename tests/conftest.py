@@ -41,9 +41,11 @@ def _isolated_environment(tmp_path_factory):
     )
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     # Prefect binds its console log handlers (the root logger's too) to sys.stderr as it is when
-    # `prefect.main` is first imported (by `from prefect import flow`). Do it here, on pytest's
+    # `prefect.main` is first imported (by `from prefect import flow`); DVC binds sys.stdout when it
+    # is first imported (`dvc/__init__.py` calls `dvc.logger.setup()`). Do both here, on pytest's
     # session-wide capture: first done inside a test that uses capsys, the handlers would keep that
-    # test's stream, closed afterwards, and every later flow run would fail logging to it.
+    # test's stream, closed afterwards, and every later run would fail logging to it.
+    import dvc.repo  # noqa: F401
     import prefect.main  # noqa: F401
 
     yield

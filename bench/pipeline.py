@@ -44,12 +44,17 @@ def _peak_child_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
-def make_project(workdir: Path, archive: Path, weights: Path | None, seed: int, overrides: dict) -> Path:
-    project = workdir / f"seed-{seed}"
+def make_project(
+    workdir: Path, archive: Path, weights: Path | None, seed: int, overrides: dict, name: str | None = None
+) -> Path:
+    """`workdir/<name>` (default `seed-<seed>`): this repository's dvc.yaml and the signflow code its
+    stages depend on, a data.dvc pointing at `archive` (an archive or a folder), and params.yaml
+    with the weights file, both seeds and `overrides` (dotted keys) set; `dvc init --no-scm`."""
+    project = workdir / (name or f"seed-{seed}")
     project.mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", project)
     shutil.copytree(ROOT / "signflow", project / "signflow", ignore=shutil.ignore_patterns("__pycache__"))
-    (project / "data.dvc").write_text(render_data_dvc(*normalise_source(str(archive), project)))
+    (project / "data.dvc").write_text(render_data_dvc(*normalise_source(str(Path(archive).resolve()), project)))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"]["weights_file"] = str(weights.resolve()) if weights else None
     params["train"]["pretrained"] = weights is not None

@@ -50,8 +50,7 @@ import numpy as np
 import psutil
 import yaml
 from PIL import Image, ImageEnhance, ImageOps
-
-from signflow.source import normalise_source, render_data_dvc
+from pipeline import make_project  # bench/pipeline.py: the same project as the reference benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["extract", "split", "train", "evaluate", "export", "register"]
@@ -122,24 +121,6 @@ def build_dataset(archive: Path, images: int, dest: Path, seed: int) -> Path:
             written = sum(pool.map(jittered_copies, jobs, chunksize=16))
     print(f"dataset: {written} images of {SIZE} px in {dest} ({time.perf_counter() - started:.0f} s)", flush=True)
     return dest
-
-
-def make_project(workdir: Path, source: Path, weights: Path | None, seed: int, overrides: dict) -> Path:
-    project = workdir / "project"
-    project.mkdir(parents=True)
-    shutil.copy(ROOT / "dvc.yaml", project)
-    shutil.copytree(ROOT / "signflow", project / "signflow", ignore=shutil.ignore_patterns("__pycache__"))
-    (project / "data.dvc").write_text(render_data_dvc(*normalise_source(str(source.resolve()), project)))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"]["weights_file"] = str(weights.resolve()) if weights else None
-    params["train"]["pretrained"] = weights is not None
-    params["split"]["seed"] = params["train"]["seed"] = seed
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".", 1)
-        params[section][key] = value
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
-    return project
 
 
 def _peak_kb(pid: int) -> int:
@@ -301,7 +282,7 @@ def main() -> int:
         else:
             source = build_dataset(args.archive, args.images, args.dataset_dir or workdir / "dataset", args.seed)
             built = True
-        project = make_project(workdir, source, args.weights, args.seed, overrides)
+        project = make_project(workdir, source, args.weights, args.seed, overrides, name="project")
         load_before = os.getloadavg()
         result = run_pipeline(project)
         result.update(

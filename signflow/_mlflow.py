@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from signflow.config import RegisterConfig
+from signflow.config import ConfigError, RegisterConfig, load_params
 from signflow.errors import SignflowError
 
 
@@ -34,6 +34,18 @@ def mlflow_client(tracking_uri: str):
 def is_registry_reference(spec: str) -> bool:
     """A version number or an alias name (letters, digits, - and _), unless such a path exists."""
     return not Path(spec).exists() and re.fullmatch(r"[A-Za-z0-9_-]+", spec) is not None
+
+
+def registry_settings(spec: str, params_path: str | Path) -> tuple[str, str]:
+    """(register.model_name, tracking URI) for `--model <alias or version>`, from the params file
+    (`MLFLOW_TRACKING_URI` wins): what `signflow predict` and `signflow serve` both need."""
+    if not Path(params_path).is_file():
+        raise ConfigError(
+            f"--model {spec}: a registry reference needs {params_path} for register.model_name and the "
+            "tracking URI; give --params, or a model path"
+        )
+    register = load_params(params_path).register
+    return register.model_name, resolve_tracking_uri(register)
 
 
 def find_version(client, model_name: str, spec: str, tracking_uri: str):

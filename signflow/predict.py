@@ -24,11 +24,10 @@ import torch
 
 from signflow._fileio import write_atomic
 from signflow._images import is_image_name, is_junk
-from signflow._mlflow import VersionNotFound, downloaded_version, is_registry_reference, resolve_tracking_uri
+from signflow._mlflow import VersionNotFound, downloaded_version, is_registry_reference, registry_settings
 from signflow._model_file import load_bundle
 from signflow._onnx import INPUT_NAME, onnx_session
 from signflow._preprocessing import Preprocessing, normalize, read_image
-from signflow.config import load_params
 from signflow.errors import SignflowError
 
 __all__ = ["Prediction", "PredictError", "choose_predictor", "model_files", "predict_images", "write_predictions_csv"]
@@ -181,13 +180,7 @@ def model_files(spec: str, params_path: Path) -> AbstractContextManager[tuple[Pa
     """A context manager yielding (.pt, .onnx, label) for `--model`: a registry alias or version of
     the params file's `register.model_name` (downloaded to a temporary folder), or a local path."""
     if is_registry_reference(spec):
-        if not Path(params_path).is_file():
-            raise PredictError(
-                f"--model {spec}: a registry reference needs {params_path} for register.model_name and "
-                "the tracking URI; give --params or a model file path"
-            )
-        register = load_params(params_path).register
-        return registry_model_files(spec, register.model_name, resolve_tracking_uri(register))
+        return registry_model_files(spec, *registry_settings(spec, params_path))
     path = Path(spec)
     if not path.exists():
         raise PredictError(f"--model {spec}: no such file or folder")

@@ -25,9 +25,8 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
-from signflow._mlflow import VersionNotFound, downloaded_version, is_registry_reference, resolve_tracking_uri
+from signflow._mlflow import VersionNotFound, downloaded_version, is_registry_reference, registry_settings
 from signflow._mlflow_model import load_mlflow_model, save_mlflow_model
-from signflow.config import load_params
 from signflow.errors import SignflowError
 
 __all__ = ["ServeError", "ServedModel", "create_app", "open_served_model", "serve"]
@@ -65,15 +64,10 @@ def open_served_model(spec: str, params_path: str | Path) -> Iterator[ServedMode
     params file; MLFLOW_TRACKING_URI wins), an MLflow model folder, or an exported `.onnx` file
     (or a folder holding `model.onnx`), wrapped in the same MLflow model on the fly."""
     if is_registry_reference(spec):
-        if not Path(params_path).is_file():
-            raise ServeError(
-                f"--model {spec}: a registry reference needs {params_path} for register.model_name and "
-                "the tracking URI; give --params or a model folder"
-            )
-        register = load_params(params_path).register
+        name, tracking_uri = registry_settings(spec, params_path)
         try:
-            with downloaded_version(register.model_name, spec, resolve_tracking_uri(register)) as (folder, version):
-                yield _load(folder, register.model_name, version, f"{register.model_name} version {version}")
+            with downloaded_version(name, spec, tracking_uri) as (folder, version):
+                yield _load(folder, name, version, f"{name} version {version}")
         except VersionNotFound as error:
             raise ServeError(str(error)) from None
         return

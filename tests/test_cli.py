@@ -61,3 +61,23 @@ def test_source_commands_have_help(action, capsys):
         main(["source", action, "--help"])
     assert exit_info.value.code == 0
     assert "--project-dir" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["predict", "serve"])
+def test_a_registry_model_without_a_params_file_is_a_message(command, tmp_path, capsys):
+    """`--model champion` needs register.model_name and the tracking URI from the params file."""
+    from signflow import serve
+    from signflow.config import ConfigError
+
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")
+    missing = tmp_path / "missing.yaml"
+    if command == "predict":
+        code = main(["predict", str(image), "--model", "champion", "--params", str(missing)])
+        assert code != 0
+        err = capsys.readouterr().err
+    else:
+        with pytest.raises(ConfigError) as error, serve.open_served_model("champion", missing):
+            pass
+        err = str(error.value)
+    assert f"--model champion: a registry reference needs {missing}" in err and "Traceback" not in err

@@ -20,6 +20,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows._cli import add_project_arguments, run_reporting_errors
@@ -32,7 +33,14 @@ from signflow.evaluate import evaluate
 from signflow.export import export_onnx
 from signflow.layout import Workspace
 from signflow.register import register_run
-from tasks.pipeline import DvcRecorder, download_task, publish_evaluation, publish_registration, split_task
+from tasks.pipeline import (
+    DvcRecorder,
+    download_task,
+    publish_evaluation,
+    publish_registration,
+    run_tags_for,
+    split_task,
+)
 
 
 @task(name="trial", cache_policy=NONE)
@@ -75,7 +83,8 @@ def export_winner_task(cfg, model_path, onnx_path):
 
 @task(name="register", cache_policy=NONE)
 def register_winner_task(params, model_path, outputs, *, project_dir, split_dir):
-    result = register_run(params, model_path, outputs, project_dir=project_dir, split_dir=split_dir)
+    tags = run_tags_for(str(flow_run.id), str(flow_run.name), None, ".")  # as a pipeline run's version has
+    result = register_run(params, model_path, outputs, project_dir=project_dir, split_dir=split_dir, run_tags=tags)
     publish_registration(result, {})
     return result
 

@@ -109,7 +109,3 @@ def expected_calibration_error(table: pd.DataFrame) -> float:
         return float("nan")
     used = table[table["images"] > 0]
     return float((used["images"] * (used["confidence"] - used["accuracy"]).abs()).sum() / total)
-
-
-def ece_of(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> float:
-    return expected_calibration_error(calibration_bins(labels, probabilities, bins))

@@ -211,13 +211,6 @@ class CacheEntry:
         return self.open()
 
 
-def folder_size(folder: Path) -> int:
-    """Bytes of the cache's files (0 when the folder does not exist)."""
-    if not folder.is_dir():
-        return 0
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-
-
 def _remove_entry(record_path: Path) -> int:
     """Delete an entry that no run is building; return the bytes freed."""
     from filelock import FileLock, Timeout

@@ -10,7 +10,6 @@ import torch
 from signflow._calibration import (
     TEMPERATURE_RANGE,
     calibration_bins,
-    ece_of,
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
@@ -20,6 +19,10 @@ from signflow._model_file import load_bundle
 from signflow.evaluate import evaluate, logits_for
 from signflow.split import read_manifest
 from tests.helpers import section
+
+
+def ece_of(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> float:
+    return expected_calibration_error(calibration_bins(labels, probabilities, bins))
 
 
 def test_calibration_bins_and_ece_by_hand():

@@ -10,11 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from signflow._disk_cache import RESERVE_BYTES, ArraySpec, CacheEntry, CacheSpaceError, DiskArray, folder_size
+from signflow._disk_cache import RESERVE_BYTES, ArraySpec, CacheEntry, CacheSpaceError, DiskArray
 from signflow._model import apply_freeze_policy, create_model, preprocessing_for
 from signflow._runners import create_runner
 from signflow._training_data import TrainingData
 from tests.helpers import image_split, train_config
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
 
 
 def _rss_bytes() -> int:

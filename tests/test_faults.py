@@ -242,8 +242,9 @@ def test_two_registrations_at_the_same_moment_make_two_versions_and_the_better_c
 
 def _register_on_another_machine(args):
     """Register from a process with its own temp folder, as on another machine sharing the registry;
-    role "slow" dawdles between reading the champion and moving the alias, role "fast" reads it only
-    while "slow" dawdles: without a lock shared through the registry, "slow" overwrites "fast"."""
+    "slow" dawdles 4 s between reading the champion and moving the alias, and "fast" starts its
+    registration only once "slow" is dawdling. Without a lock shared through the registry, "fast"
+    reads the old champion, moves the alias, and "slow" then overwrites it with a worse model."""
     role, scratch, tracking, params_raw, model, accuracy = args
     import tempfile
 
@@ -253,13 +254,14 @@ def _register_on_another_machine(args):
     import signflow.register as register
 
     marker, real_champion, calls = Path(scratch) / "slow-is-deciding", register._champion, []
+    if role == "fast":
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the slow registration never reached the champion read: no race tested"
 
     def champion(client, name):
         calls.append(name)
-        if role == "fast" and len(calls) == 1:
-            deadline = time.monotonic() + 120
-            while not marker.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
         current = real_champion(client, name)
         if role == "slow" and len(calls) == 1:
             marker.touch()
@@ -305,14 +307,27 @@ def test_a_champion_lock_left_by_a_dead_registration_expires(trained, tmp_path, 
 
     import signflow.register as register
 
+    class Clock:  # time as champion_lock sees it: each wait moves it 100 s on, without real waiting
+        now = 1_000_000.0
+
+        def time(self) -> float:
+            return self.now
+
+        monotonic = time
+
+        def sleep(self, seconds: float) -> None:
+            self.now += 100
+
     params, *_ = trained
+    clock = Clock()
+    monkeypatch.setattr(register, "time", clock)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     name = params.register.model_name + register.CHAMPION_LOCK_SUFFIX
-    client.create_registered_model(name, tags={"holder": "dead", "expires": repr(time.time() + 1)})
-    started = time.monotonic()
-    with register.champion_lock(client, params.register.model_name):
+    expires = clock.now + 1000
+    client.create_registered_model(name, tags={"holder": "dead", "expires": repr(expires)})
+    with register.champion_lock(client, params.register.model_name, timeout_s=5000):
         assert client.get_registered_model(name).tags["holder"] != "dead"
-    assert time.monotonic() - started >= 0.9
+        assert clock.now > expires, "the dead holder's lock was kept until it expired"
     assert [m.name for m in client.search_registered_models()] == []
 
 

@@ -324,6 +324,9 @@ def test_a_rerun_on_the_cache_and_a_resumed_run_train_the_model_of_a_fresh_run(t
         fine_tune(params.train, raw, split, tmp_path / f"{name}.pt", tmp_path / f"{name}.csv", cache_dir)
         return load_bundle(tmp_path / f"{name}.pt").fingerprint()
 
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the temporary cache goes
     fresh = train("fresh", None)
     assert not list(tmp_path.glob("signflow-cache-*")), "the temporary cache is removed"
     assert train("first", cache) == fresh

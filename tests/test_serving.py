@@ -278,7 +278,13 @@ def test_predict_onnx_and_the_mlflow_model_give_the_same_calibrated_probabilitie
     assert np.abs(by_onnx - by_torch).max() <= 1e-5
     top3 = np.sort(by_torch, axis=1)[:, ::-1][:, :3]
     assert np.abs(np.sort(by_mlflow, axis=1)[:, ::-1][:, :3] - top3).max() <= 1e-5
-    uncalibrated = torch.softmax(torch.log(torch.from_numpy(by_torch)) * torch_predictor.temperature, 1).numpy()
+    from signflow._model_file import load_bundle
+    from signflow.evaluate import logits_for
+
+    logits = torch.from_numpy(logits_for(load_bundle(registry.root / "model.pt"), paths, 8)).double()
+    calibrated = torch.softmax(logits / torch_predictor.temperature, 1).numpy()
+    uncalibrated = torch.softmax(logits, 1).numpy()
+    assert np.abs(calibrated - by_torch).max() <= 1e-5, "the predictors divide the logits by the temperature"
     assert np.abs(uncalibrated - by_torch).max() > 1e-3, "calibration changes the numbers"
     assert (uncalibrated.argmax(1) == by_torch.argmax(1)).all(), "but never the predicted class"
 

@@ -72,6 +72,8 @@ class Registration:
     newly_created: bool
     tracking_uri: str
     champion_reason: str
+    test_split: str  # how the test split behind test_accuracy was made (the split step's description)
+    test_near_duplicates_in_train: str  # test images with a near-duplicate in train ("not searched" when off)
 
     def summary_line(self) -> str:
         return f"{self.model_name} v{self.version}, champion v{self.champion_version}, new: {self.newly_created}"
@@ -153,6 +155,8 @@ def register_model(
         newly_created=existing is None,
         tracking_uri=tracking_uri,
         champion_reason=decision.reason,
+        test_split=candidate.tags.get("signflow.split", "unknown"),
+        test_near_duplicates_in_train=candidate.tags.get("signflow.test_near_duplicates_in_train", "unknown"),
     )
     write_json_atomic(receipt_path, asdict(result))
     return result

@@ -232,6 +232,9 @@ def publish_registration(result: Registration, run_tags: dict[str, str]) -> None
         f"**{result.model_name}** version {result.version} (test accuracy {result.test_accuracy:.4f}); "
         f"champion: version {result.champion_version}; new version: {result.newly_created}",
         "",
+        f"Test split: {result.test_split} Test images with a near-duplicate in train: "
+        f"{result.test_near_duplicates_in_train}.",
+        "",
         f"Champion: {result.champion_reason}",
     ]
     lines += [f"- `{key}`: {value}" for key, value in sorted(run_tags.items())]

@@ -31,6 +31,7 @@ def test_dvc_repro_runs_the_chain_and_registers_then_is_a_no_op(tmp_path, tiny_z
     assert "Importing" in run.stdout, "data.dvc is part of the pipeline: dvc repro fetched the source"
     receipt = json.loads((project / "models" / "registered.json").read_text())
     assert receipt["version"] == "1" and receipt["newly_created"]
+    assert "split" in receipt["test_split"] and receipt["test_near_duplicates_in_train"] == "0", receipt
     assert len(_versions(project)) == 1
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert metrics["test_images"] > 0

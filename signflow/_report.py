@@ -111,6 +111,26 @@ def plot_reliability(
     save_figure(figure, path)
 
 
+SURE_MISTAKE = 0.99
+"""A mistake made with at least this (calibrated) probability is flagged as a label to check."""
+
+
+def label_check_note(mistakes: pd.DataFrame) -> list[str]:
+    """A note under the mistakes table when some were made with near certainty: on photos of hands
+    that is most often a wrong label in the dataset (on Sign Language Digits, e.g. `3/IMG_5108.JPG`
+    shows another sign), which the accuracy counts as the model's mistake."""
+    sure = mistakes[mistakes["probability"] >= SURE_MISTAKE]
+    if sure.empty:
+        return []
+    return [
+        "",
+        f"{len(sure)} of these mistakes were predicted with probability >= {SURE_MISTAKE}: "
+        f"{', '.join(f'`{path}`' for path in sure['path'])}. Such confident mistakes are often images "
+        "labelled wrongly in the dataset; look at them in `mistakes.png`. The accuracy above counts them "
+        "as the model's mistakes either way.",
+    ]
+
+
 def worst_mistakes(predictions: pd.DataFrame, limit: int) -> pd.DataFrame:
     """The wrong predictions, most confident first."""
     wrong = predictions[predictions["actual"] != predictions["predicted"]]
@@ -222,6 +242,7 @@ def markdown_report(
         _markdown_table(mistakes[["path", "actual", "predicted", "probability"]])
         if not mistakes.empty
         else "None: every test image was classified correctly.",
+        *label_check_note(mistakes),
         "",
         "## Figures",
         "",

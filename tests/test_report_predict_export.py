@@ -73,6 +73,20 @@ def test_worst_mistakes_are_the_most_confident_wrong_predictions():
     assert list(report.worst_mistakes(predictions, 2)["path"]) == ["c", "d"]
 
 
+def test_near_certain_mistakes_are_flagged_as_labels_to_check():
+    predictions = pd.DataFrame(
+        {
+            "path": ["3/a.jpg", "2/b.jpg", "7/c.jpg"],
+            "actual": ["3", "2", "7"],
+            "predicted": ["7", "3", "8"],
+            "probability": [0.999, 0.995, 0.71],
+        }
+    )
+    note = " ".join(report.label_check_note(report.worst_mistakes(predictions, 12))).strip()
+    assert note.startswith("2 of these mistakes") and "`3/a.jpg`, `2/b.jpg`" in note and "7/c.jpg" not in note
+    assert report.label_check_note(predictions.iloc[[2]]) == [], "a hesitant mistake is the model's own"
+
+
 def test_onnx_export_matches_pytorch_on_real_images(trained, tmp_path):
     params, raw, split, _ = trained
     result = export_onnx(section("export"), tmp_path / "model.pt", tmp_path / "model.onnx")
@@ -300,9 +314,7 @@ def test_with_near_duplicates_reported_every_report_gives_the_accuracy_with_and_
             image.save(raw / label / f"p{index:02d}.png")
             if index < 7:
                 reencoded(image, 70).save(raw / label / f"p{index:02d}_copy.jpg")
-    params = parse_params(
-        tiny_params(epochs=2) | {"split": {**tiny_params()["split"], "near_duplicates": "report"}}
-    )
+    params = parse_params(tiny_params(epochs=2) | {"split": {**tiny_params()["split"], "near_duplicates": "report"}})
     split = tmp_path / "split"
     split_dataset(raw, split, params.split)
     fine_tune(params.train, raw, split, tmp_path / "model.pt", tmp_path / "train_log.csv")

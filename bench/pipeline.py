@@ -34,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from signflow.config import apply_overrides
 from signflow.source import normalise_source, render_data_dvc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,9 +61,7 @@ def make_project(
     params["train"]["pretrained"] = weights is not None
     params["split"]["seed"] = seed
     params["train"]["seed"] = seed
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".", 1)
-        params[section][key] = value
+    params = apply_overrides(params, overrides)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
     return project

@@ -98,13 +98,13 @@ def run_config(raw: Path, work: Path, params: dict, changes: dict) -> dict:
     from signflow.config import parse_params
     from signflow.evaluate import evaluate
     from signflow.split import split_dataset
-    from signflow.train import fine_tune
+    from signflow.train import train_model
 
     raw_params = json.loads(json.dumps(params))
     raw_params["split"].update(changes)
     config = parse_params(raw_params)
     split = split_dataset(raw, work / "split", config.split)
-    fine_tune(config.train, raw, work / "split", work / "model.pt", work / "train_log.csv")
+    train_model(config.train, raw, work / "split", work / "model.pt", work / "train_log.csv")
     result = evaluate(config.evaluate, work / "model.pt", raw, work / "split", work / "reports", work / "train_log.csv")
     return {
         "split": split.description,

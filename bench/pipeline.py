@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import shutil
 import statistics
@@ -33,12 +32,12 @@ import time
 from pathlib import Path
 
 import yaml
+from _timing import STAGES, timed_repro  # bench/_timing.py
 
 from signflow.config import apply_overrides
 from signflow.source import normalise_source, render_data_dvc
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["extract", "split", "train", "evaluate", "export", "register"]
 
 
 def _peak_child_rss_mb() -> float:
@@ -68,30 +67,10 @@ def make_project(
 
 
 def run_pipeline(project: Path) -> dict:
-    """One whole `dvc repro`, timed end to end; a step's seconds run from DVC's "Running stage" line
-    for it to the next one (DVC's own start-up and hashing count towards the step they precede or
-    follow). RSS is the peak of any child process so far."""
-    marks: list[tuple[str, float]] = []
-    errors = project / "repro-stderr.log"
-    start = time.perf_counter()
-    with (
-        errors.open("w") as stderr,
-        subprocess.Popen(["dvc", "repro"], cwd=project, stdout=subprocess.PIPE, stderr=stderr, text=True) as process,
-    ):
-        for line in process.stdout:
-            match = re.match(r"Running stage '([\w-]+)'", line)
-            if match:
-                marks.append((match.group(1), time.perf_counter()))
-    total = time.perf_counter() - start
-    if process.returncode != 0:
-        tail = "".join(errors.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        raise SystemExit(f"dvc repro failed (exit {process.returncode}); the end of its stderr:\n{tail}")
-    ran = [name for name, _ in marks]
-    if sorted(ran) != sorted(STAGES):
-        raise SystemExit(f"dvc repro ran stages {ran}, expected {STAGES}")
-    starts = [start] + [at for _, at in marks[1:]]
-    ends = [at for _, at in marks[1:]] + [start + total]
-    steps = {name: round(end - begin, 1) for name, begin, end in zip(ran, starts, ends, strict=True)}
+    """One whole `dvc repro`, timed end to end (step seconds: see _timing.ReproTiming). RSS is the
+    peak of any child process so far."""
+    timing = timed_repro(project)
+    steps, total = timing.step_seconds(), timing.total
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     split = json.loads((project / "data" / "split" / "report.json").read_text())
     import torch
@@ -121,7 +100,7 @@ def run_pipeline(project: Path) -> dict:
 def time_notebook_recipe(project: Path, epochs: int, weights: Path | None) -> dict:
     """The Keras-notebook recipe on signflow's plain loop: 224 px, batch 10, Adam 1e-4, no caching."""
     from signflow.config import load_params
-    from signflow.train import fine_tune
+    from signflow.train import train_model
 
     params = load_params(project / "params.yaml")
     recipe = params.train.model_copy(
@@ -141,7 +120,7 @@ def time_notebook_recipe(project: Path, epochs: int, weights: Path | None) -> di
     )
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
-        result = fine_tune(
+        result = train_model(
             recipe,
             project / "data" / "raw",
             project / "data" / "split",

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import percentile  # bench/_timing.py
 
 from signflow._images import is_image_name
 from signflow._model_file import load_bundle
@@ -28,12 +29,6 @@ from signflow._preprocessing import load_images
 from signflow.config import load_params
 from signflow.export import export_onnx
 from signflow.predict import OnnxPredictor, TorchPredictor
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def time_backend(predictor, images: torch.Tensor, single: int, batch_size: int, repeats: int) -> dict:

@@ -28,11 +28,9 @@ import time
 from pathlib import Path
 
 import yaml
+from pipeline import make_project  # bench/pipeline.py (this script's folder is on sys.path)
 
 from signflow.config import apply_overrides
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import make_project  # noqa: E402
 
 
 def parse_recipe(text: str) -> tuple[str, dict]:

@@ -49,11 +49,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 import yaml
+from _timing import STAGES, timed_repro  # bench/_timing.py
 from PIL import Image, ImageEnhance, ImageOps
 from pipeline import make_project  # bench/pipeline.py: the same project as the reference benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["extract", "split", "train", "evaluate", "export", "register"]
 SIZE = 200
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -174,37 +174,31 @@ def disk_bytes(path: Path) -> int:
 
 def run_pipeline(project: Path) -> dict:
     """One `dvc repro`: stage times from its output, RSS from the monitor, cache size at each stage start."""
-    marks: list[tuple[str, float, int]] = []
-    errors = project / "repro-stderr.log"
     cache = project / ".signflow-cache"
-    start = time.perf_counter()
-    with (
-        errors.open("w") as stderr,
-        subprocess.Popen(["dvc", "repro"], cwd=project, stdout=subprocess.PIPE, stderr=stderr, text=True) as process,
-    ):
-        monitor = RssMonitor(process.pid)
-        monitor.start()
-        for line in process.stdout:
-            match = re.match(r"Running stage '([\w-]+)'", line)
-            if match:
-                marks.append((match.group(1), time.perf_counter(), disk_bytes(cache)))
-                print(f"  {time.perf_counter() - start:7.0f} s  {match.group(1)}", flush=True)
-        monitor.done.set()
-        monitor.join()
-    total = time.perf_counter() - start
-    if process.returncode != 0:
-        tail = "".join(errors.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        raise SystemExit(f"dvc repro failed (exit {process.returncode}); the end of its stderr:\n{tail}")
-    ran = [name for name, _, _ in marks]
-    if sorted(ran) != sorted(STAGES):
-        raise SystemExit(f"dvc repro ran stages {ran}, expected {STAGES}")
-    ends = [at for _, at, _ in marks[1:]] + [start + total]
-    cache_after = [size for _, _, size in marks[1:]] + [disk_bytes(cache)]
+    monitors: list[RssMonitor] = []
+    cache_at_start: list[int] = []
+
+    def start_monitor(process: subprocess.Popen) -> None:
+        monitors.append(RssMonitor(process.pid))
+        monitors[0].start()
+
+    def on_stage(name: str, seconds: float) -> None:
+        cache_at_start.append(disk_bytes(cache))
+        print(f"  {seconds:7.0f} s  {name}", flush=True)
+
+    try:
+        timing = timed_repro(project, start_monitor, on_stage)
+    finally:
+        if monitors:
+            monitors[0].done.set()
+            monitors[0].join()
+    monitor, total = monitors[0], timing.total
+    cache_after = cache_at_start[1:] + [disk_bytes(cache)]
     steps = {
-        name: {"seconds": round(end - begin, 1), "peak_rss_mb": round(monitor.peaks_kb.get(name, 0) / 1024)}
-        for (name, begin, _), end in zip(marks, ends, strict=True)
+        name: {"seconds": seconds, "peak_rss_mb": round(monitor.peaks_kb.get(name, 0) / 1024)}
+        for name, seconds in timing.step_seconds().items()
     }
-    for (name, _, _), size in zip(marks, cache_after, strict=True):
+    for name, size in zip(steps, cache_after, strict=True):
         steps[name]["cache_mb_after"] = round(size / 1e6)
     return {
         "steps": steps,

@@ -35,12 +35,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _timing import percentile  # bench/_timing.py
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def timed(call: Callable[[int], None], requests: int, images_per_request: int, warmup: int) -> dict:

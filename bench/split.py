@@ -93,14 +93,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/split.json"), help="JSON results file")
     args = parser.parse_args()
     from signflow.config import parse_params
-    from signflow.download import extract_dataset
+    from signflow.extract import extract_dataset
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["download"].update(sha256=None)
+    params["extract"].update(sha256=None)
     results: dict = {"runs": []}
     with tempfile.TemporaryDirectory(prefix="signflow-split-bench-") as scratch:
         raw = Path(scratch) / "raw"
-        info = extract_dataset(args.archive.resolve(), raw, parse_params(params).download)
+        info = extract_dataset(args.archive.resolve(), raw, parse_params(params).extract)
         results["images"] = info.num_images
         for mode in MODES:
             run = time_split(raw, Path(scratch) / f"split-{mode}", params, mode)

@@ -1,4 +1,4 @@
-"""The pipeline as a Prefect flow: download → split → fine-tune → evaluate → export → register.
+"""The pipeline as a Prefect flow: extract → split → train → evaluate → export → register.
 
 Runs without a Prefect server (Prefect starts a temporary one), or against PREFECT_API_URL.
 Each step is skipped when DVC says it is up to date, and recorded in dvc.lock after it ran, so
@@ -21,17 +21,17 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows._cli import add_project_arguments, run_reporting_errors
-from signflow import _dvc_state as dvc_state
-from signflow._fileio import held_lock, replace_dir_atomic, staging_dir, write_text_atomic
-from signflow.config import Params, check_run_overrides, load_params, params_file_in
+from signflow.config import Params, check_run_overrides
 from signflow.errors import SignflowError
+from signflow.fileio import replace_dir_atomic, staging_dir, write_text_atomic
 from signflow.layout import Workspace
+from signflow.project import LOCK_WAIT_S, project_run
 from tasks.pipeline import (
     DvcRecorder,
     StepOutcome,
-    download_with_deadline,
     evaluate_task,
     export_task,
+    extract_with_deadline,
     push_task,
     register_task,
     run_tags_for,
@@ -47,25 +47,18 @@ def pipeline(
     project_dir: str = ".",
     overrides: dict[str, Any] | None = None,
     force: bool = False,
-    lock_timeout_s: float = 6 * 3600,
+    lock_timeout_s: float = LOCK_WAIT_S,
 ) -> dict[str, StepOutcome]:
-    """Run download → split → fine-tune → evaluate → export → register.
+    """Run extract → split → train → evaluate → export → register.
 
-    The download step fetches the source data.dvc names only when it changed (new data at the same
+    The extract step fetches the source data.dvc names only when it changed (new data at the same
     URL is noticed by its ETag). Steps DVC reports up to date are skipped (`force` runs them all).
     `overrides` replace dotted params keys (train.* and evaluate.* only) for this run only: such a run
     works in its own workspace `runs/<flow run id>/` and records nothing in dvc.lock. `params_path` is
     relative to the project and inside it. One run at a time per project: a run waits
     up to `lock_timeout_s` for another run in the same project folder, then reads params.yaml.
     """
-    project = Workspace(Path(project_dir).resolve())
-    if not dvc_state.is_dvc_project(project.root):
-        raise SignflowError(f"{project.root}: not a DVC project (no .dvc/ or dvc.yaml); run it from the project root")
-    params_file = params_file_in(project.root, params_path)
-    load_params(params_file, overrides)  # bad params or overrides fail now, not after the wait
-    waiting = f"another signflow run holds {project.run_lock}; waiting up to {lock_timeout_s:.0f} s"
-    with held_lock(project.run_lock, lock_timeout_s, waiting):
-        params = load_params(params_file, overrides)  # what the previous holder left
+    with project_run(project_dir, params_path, overrides, lock_timeout_s) as (project, params):
         run_id, run_name = str(flow_run.id), str(flow_run.name)
         if overrides:
             return _override_run(params, project, overrides, run_id, run_name)
@@ -99,13 +92,13 @@ def _chain(
     params: Params, workspace: Workspace, dvc: DvcRecorder | None, project: Path, tags: dict[str, str]
 ) -> dict[str, StepOutcome]:
     """Each step's task, given the previous step's outcome (the edges of the run graph)."""
-    download = download_with_deadline(params.download)(params.download, workspace, dvc, project)
-    split = split_task(params.split, workspace, dvc, after=download)
+    extract = extract_with_deadline(params.extract)(params.extract, workspace, dvc, project)
+    split = split_task(params.split, workspace, dvc, after=extract)
     train = train_task(params.train, workspace, dvc, after=split)
     evaluate = evaluate_task(params.evaluate, workspace, dvc, after=train)
     export = export_task(params.export, workspace, dvc, after=evaluate)
     register = register_task(params, workspace, dvc, after=export, project=project, run_tags=tags)
-    steps = {"download": download, "split": split, "train": train, "evaluate": evaluate, "export": export}
+    steps = {"extract": extract, "split": split, "train": train, "evaluate": evaluate, "export": export}
     return {**steps, "register": register}
 
 

@@ -69,8 +69,7 @@ def build_deployment(schedule: ScheduleConfig, parameters: dict[str, Any]):
             limit=schedule.concurrency_limit,
             collision_strategy=ConcurrencyLimitStrategy(schedule.collision_strategy),
         ),
-        description="signflow: download → split → fine-tune → evaluate → export → register, skipping what is "
-        "up to date",
+        description="signflow: extract → split → train → evaluate → export → register, skipping what is up to date",
         tags=["signflow"],
         # The module path works from any folder where signflow is installed.
         entrypoint_type=EntrypointType.MODULE_PATH,

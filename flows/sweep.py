@@ -1,4 +1,4 @@
-"""The sweep as a Prefect flow: download → split (skipped when DVC says up to date) → one task per
+"""The sweep as a Prefect flow: extract → split (skipped when DVC says up to date) → one task per
 trial, run through the flow's task runner → comparison → evaluate, export and register the winner.
 Like the pipeline, it holds the project's run lock and reads params.yaml once it has it.
 
@@ -24,18 +24,16 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows._cli import add_project_arguments, run_reporting_errors
-from signflow import _dvc_state as dvc_state
 from signflow import sweep
-from signflow._fileio import held_lock
-from signflow.config import load_params, read_params_file
-from signflow.errors import SignflowError
+from signflow.config import Params, load_params, params_file_in, read_params_file
 from signflow.evaluate import evaluate
 from signflow.export import export_onnx
 from signflow.layout import Workspace
+from signflow.project import LOCK_WAIT_S, project_run
 from signflow.register import register_run
 from tasks.pipeline import (
     DvcRecorder,
-    download_task,
+    extract_with_deadline,
     publish_evaluation,
     publish_registration,
     run_tags_for,
@@ -93,24 +91,19 @@ def register_winner_task(params, model_path, outputs, *, project_dir, split_dir)
 # numpy and Python generators (model initialisation, dropout), which threads would share and
 # interleave, making trials irreproducible.
 @flow(name="signflow-sweep", log_prints=True, task_runner=ProcessPoolTaskRunner(max_workers=1))
-def sweep_flow(params_path: str = "params.yaml", project_dir: str = ".", lock_timeout_s: float = 6 * 3600):
+def sweep_flow(params_path: str = "params.yaml", project_dir: str = ".", lock_timeout_s: float = LOCK_WAIT_S):
     """Run `sweep.grid` (see signflow.sweep) and register the winner; returns the winner's row. Holds
     the project's run lock (waiting up to `lock_timeout_s`), and reads params.yaml once it has it."""
-    workspace = Workspace(Path(project_dir).resolve())
-    if not dvc_state.is_dvc_project(workspace.root):
-        raise SignflowError(f"{workspace.root}: not a DVC project (no .dvc/ or dvc.yaml); run it from the project root")
-    waiting = f"another signflow run holds {workspace.run_lock}; waiting up to {lock_timeout_s:.0f} s"
-    with held_lock(workspace.run_lock, lock_timeout_s, waiting):
-        return _sweep(workspace, params_path)
+    with project_run(project_dir, params_path, None, lock_timeout_s) as (workspace, params):
+        return _sweep(workspace, params, params_file_in(workspace.root, params_path))
 
 
-def _sweep(workspace: Workspace, params_path: str) -> dict[str, Any]:
-    params = load_params(workspace.root / params_path)
+def _sweep(workspace: Workspace, params: Params, params_file: Path) -> dict[str, Any]:
     raw, split, sweep_dir, cache = workspace.raw, workspace.split, workspace.sweep, workspace.cache
     dvc = DvcRecorder.start(workspace.root)
-    download = download_task(params.download, workspace, dvc, workspace.root)
-    split_task(params.split, workspace, dvc, after=download)
-    trials = sweep.plan_trials(read_params_file(workspace.root / params_path), params.sweep, workspace.root)
+    extract = extract_with_deadline(params.extract)(params.extract, workspace, dvc, workspace.root)
+    split_task(params.split, workspace, dvc, after=extract)
+    trials = sweep.plan_trials(read_params_file(params_file), params.sweep, workspace.root)
     get_run_logger().info("%d trials, %d at a time", len(trials), params.sweep.workers)
 
     def submit(jobs: list[tuple[sweep.Trial, float | None]]) -> list[dict[str, Any]]:

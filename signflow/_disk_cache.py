@@ -29,8 +29,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from signflow._fileio import atomic_path, held_lock, remove_stale_scratch, write_json_atomic
 from signflow.errors import SignflowError
+from signflow.fileio import atomic_path, held_lock, remove_stale_scratch, write_json_atomic
 
 log = logging.getLogger(__name__)
 

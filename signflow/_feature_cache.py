@@ -6,7 +6,7 @@ Computing it once and training the tail on it gives the same gradients as the pl
 same inputs, at a fraction of the cost. Augmentation changes the input, so `views` augmented copies
 of each training image are passed through the prefix up front and the epochs cycle through them.
 
-This needs the model to be a plain chain of modules; `split_model` checks that on a real batch and
+This needs the model to be a plain chain of modules; `cut_model` checks that on a real batch and
 returns None when it is not (the plain loop is then used).
 
 On the CPU the frozen prefix is by default run by ONNX Runtime (`train.cache_runtime`): its fused
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SplitModel:
+class CutModel:
     prefix: nn.Sequential
     tail: nn.Sequential
     cut_name: str
@@ -64,7 +64,7 @@ def module_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def split_model(model: nn.Module, example: torch.Tensor) -> SplitModel | None:
+def cut_model(model: nn.Module, example: torch.Tensor) -> CutModel | None:
     """Cut the model before its first trainable module; None if that is not possible or not exact."""
     chain = module_chain(model)
     cut = next((i for i, (_, m) in enumerate(chain) if any(p.requires_grad for p in m.parameters())), None)
@@ -85,7 +85,7 @@ def split_model(model: nn.Module, example: torch.Tensor) -> SplitModel | None:
     if not exact:
         log.info("model is not a plain chain of modules; using the plain training loop")
         return None
-    return SplitModel(prefix.eval(), tail, chain[cut][0])
+    return CutModel(prefix.eval(), tail, chain[cut][0])
 
 
 class OnnxPrefix:
@@ -233,7 +233,7 @@ class FeatureCache:
     """The frozen-feature entries of one run: the train split's `views` augmented views and the
     valid split's plain view, keyed by everything the features depend on (see `_key_fields`)."""
 
-    def __init__(self, split: SplitModel, data: TrainingData, cfg: TrainConfig, device: torch.device, generator):
+    def __init__(self, split: CutModel, data: TrainingData, cfg: TrainConfig, device: torch.device, generator):
         self.split, self.data, self.cfg, self.device, self.generator = split, data, cfg, device, generator
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         example = normalize(data.example(1).to(device), data.prep).contiguous(memory_format=self.memory_format)

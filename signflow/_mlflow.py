@@ -3,15 +3,31 @@ global state, and how they find a registered version by alias or number."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import socket
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from signflow.config import ConfigError, RegisterConfig, load_params
 from signflow.errors import SignflowError
+
+log = logging.getLogger(__name__)
+
+
+CHAMPION_LOCK_SUFFIX = ".champion-lock"
+CHAMPION_LOCK_LEASE_S = 300.0
+"""A champion lock older than this was left by a registration that died; the next one removes it.
+It is held while a version's files are uploaded (seconds for a few-MB model), hence minutes."""
+
+
+class RegistryError(SignflowError, RuntimeError):
+    """The registry could not be reached or refused the model."""
 
 
 class VersionNotFound(SignflowError, LookupError):
@@ -28,6 +44,9 @@ def mlflow_client(tracking_uri: str):
     # and every later subprocess would then register into this run's registry.
     from mlflow import MlflowClient
 
+    # MLflow prints "View run ... at <tracking URI>" when a run ends on a tracking server, with any
+    # user:password@ in it; signflow says where the version went itself, without credentials.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
@@ -73,3 +92,56 @@ def downloaded_version(model_name: str, spec: str, tracking_uri: str) -> Iterato
     with tempfile.TemporaryDirectory(prefix="signflow-model-") as tmp:
         folder = download_artifacts(artifact_uri=version.source, dst_path=tmp, tracking_uri=tracking_uri)
         yield Path(folder), str(version.version)
+
+
+@contextmanager
+def champion_lock(client, model_name: str, timeout_s: float = 900) -> Iterator[None]:
+    """Mutual exclusion for comparing and moving the champion alias, shared by every machine that
+    uses this registry: the registry itself refuses a second registered model of the same name, so
+    whoever creates `<model name>.champion-lock` holds the lock until it deletes it. A lock whose
+    holder died expires after CHAMPION_LOCK_LEASE_S seconds."""
+    from mlflow.exceptions import MlflowException
+
+    name, holder = model_name + CHAMPION_LOCK_SUFFIX, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(
+                name,
+                tags={"holder": holder, "expires": repr(time.time() + CHAMPION_LOCK_LEASE_S)},
+                description=f"signflow: held while a version of {model_name} is registered and its aliases moved",
+            )
+            break
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        _remove_expired_lock(client, name)
+        if time.monotonic() > deadline:
+            raise RegistryError(f"{name} was held by another registration for {timeout_s:.0f} s; try again")
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        _release_lock(client, name, holder)
+
+
+def _remove_expired_lock(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        lock = client.get_registered_model(name)
+        if float(lock.tags.get("expires", "0")) < time.time():
+            log.warning("removing %s left by a registration that stopped (%s)", name, lock.tags.get("holder"))
+            client.delete_registered_model(name)
+    except MlflowException:
+        pass  # released meanwhile
+
+
+def _release_lock(client, name: str, holder: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if client.get_registered_model(name).tags.get("holder") == holder:
+            client.delete_registered_model(name)
+    except MlflowException:
+        log.warning("%s: could not release the champion lock; it expires by itself", name)

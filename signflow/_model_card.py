@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from signflow._model_file import ModelBundle
+from signflow.split_files import test_split_description
 
 
 def _split_counts(split_report: dict[str, Any]) -> str:
@@ -31,7 +32,7 @@ def render_model_card(
         [f"# Model card: {registration['model_name']} version {registration['version']}", ""],
         _what_it_is(bundle, params["train"]),
         _how_to_use(registration),
-        _data(params, split_report, registration),
+        _data(split_report, registration),
         _metrics(metrics, bundle.summary),
         [
             "## Training parameters",
@@ -78,29 +79,23 @@ def _how_to_use(registration: dict[str, Any]) -> list[str]:
     ]
 
 
-def _data(params: dict[str, Any], split_report: dict[str, Any], registration: dict[str, Any]) -> list[str]:
-    split = params["split"]
+def _data(split_report: dict[str, Any], registration: dict[str, Any]) -> list[str]:
     return [
         "## Data",
         f"- Source (data.dvc): `{registration.get('data_source', 'unrecorded')}`",
         f"- Data version (DVC md5 of the fetched source, from data.dvc): `{registration['data_version']}`",
         f"- Code version (git commit): `{registration['git_commit']}`",
         f"- {_split_counts(split_report)}.",
-        f"- Split: {_split_description(split_report, split)} Identical files are kept once (never in two splits).",
+        f"- Split: {_split_description(split_report)} Identical files are kept once (never in two splits).",
         "- The checkpoint kept is the epoch with the best validation accuracy; the test split is used only once, "
         "for the figures below.",
         "",
     ]
 
 
-def _split_description(split_report: dict[str, Any], split: dict[str, Any]) -> str:
-    if "description" in split_report:
-        return split_report["description"][0].upper() + split_report["description"][1:]
-    return (
-        f"stratified by class, fractions train {split['train']} / valid {split['valid']} / test {split['test']}, "
-        f"seed {split['seed']} (the split has no report.json: whether test images have near-duplicates in train "
-        "is unknown)."
-    )
+def _split_description(split_report: dict[str, Any]) -> str:
+    description = test_split_description(split_report)
+    return description[0].upper() + description[1:] + ("" if description.endswith(".") else ".")
 
 
 def _near_duplicate_rows(metrics: dict[str, Any]) -> list[str]:

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from signflow._fileio import write_atomic
 from signflow._preprocessing import Preprocessing
 from signflow.errors import SignflowError
+from signflow.fileio import write_atomic
 
 FORMAT_VERSION = 1
 

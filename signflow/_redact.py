@@ -9,6 +9,21 @@ from urllib.parse import urlsplit, urlunsplit
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
 HIDDEN = "***"
+_SECRET_NAME = re.compile(r"token|key|sig|secret|passw|pwd|auth|credential|session|policy", re.IGNORECASE)
+"""Query parameter names that carry credentials: `token`, `access_token`, `api_key`, `sig` (Azure SAS),
+`X-Amz-Signature`, `X-Amz-Credential`, `X-Amz-Security-Token`, `X-Goog-Signature`, `Policy`, ..."""
+
+
+def url_credentials(url: str) -> list[str]:
+    """What in `url` is a credential: its `user:password@`, and query parameters named like secrets."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = ["a user name and password (user:password@)"] if "@" in parts.netloc else []
+    names = [pair.split("=", 1)[0] for pair in re.split("[&;]", parts.query) if "=" in pair]
+    found += [f"the query parameter {name!r}" for name in names if _SECRET_NAME.search(name)]
+    return found
 
 
 def _redact_one(url: str) -> str:

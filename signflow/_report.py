@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from signflow._fileio import write_atomic
 from signflow._images import load_rgb
+from signflow.fileio import write_atomic
 
 
 def new_figure(rows: int = 1, columns: int = 1, *, figsize: tuple[float, float], squeeze: bool = True):

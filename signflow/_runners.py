@@ -14,7 +14,7 @@ from torch import nn
 
 from signflow._augment import augment
 from signflow._disk_cache import DiskArray, ensure_space
-from signflow._feature_cache import CachedFeatures, FeatureCache, SplitModel, split_model
+from signflow._feature_cache import CachedFeatures, CutModel, FeatureCache, cut_model
 from signflow._forward import autocast_for, predict_logits
 from signflow._model import set_train_mode
 from signflow._preprocessing import Preprocessing, normalize
@@ -141,7 +141,7 @@ class CachedRunner(PlainRunner):
     generator afterwards, trains on exactly the views of the uninterrupted one.
     """
 
-    def __init__(self, split: SplitModel, model, data: TrainingData, prep, cfg: TrainConfig, device, generator):
+    def __init__(self, split: CutModel, model, data: TrainingData, prep, cfg: TrainConfig, device, generator):
         super().__init__(model, data, prep, cfg, device)
         self.split = split
         cache = FeatureCache(split, data, cfg, device, generator)
@@ -206,7 +206,7 @@ def create_runner(
     """The cached runner when enabled and exact for this model and freeze depth, else the plain one."""
     if cfg.cache_frozen_features:
         example = normalize(data.example(2).to(device), prep)
-        split = split_model(model, example.contiguous(memory_format=memory_format_for(cfg)))
+        split = cut_model(model, example.contiguous(memory_format=memory_format_for(cfg)))
         if split is not None:
             return CachedRunner(split, model, data, prep, cfg, device, generator)
     ensure_space(data.folder, list(data.entries.values()), advice=space_advice(cfg, features=False))

@@ -7,18 +7,33 @@ images have a near-duplicate in train.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from signflow._near_duplicates import HASH_BITS, NearDuplicates, components
 from signflow.config import SplitConfig
+from signflow.split_files import SPLITS
 
-if TYPE_CHECKING:
-    from signflow.split import Assignment
 
-SPLITS = ("train", "valid", "test")
+@dataclass(frozen=True)
+class Assignment:
+    """How the split was made (strategy, shipped split folders), which split each image row went to,
+    and the groups kept together on the way."""
+
+    strategy: str
+    split_folders: dict[str, str]
+    split: np.ndarray
+    group: np.ndarray
+    """Id of the set of images kept in one split with this one; -1 when alone or not assigned by signflow."""
+    pool: np.ndarray
+    """Rows signflow assigned (all, or the train folder's when the dataset ships split folders)."""
+    fractions: dict[str, float] | None
+    """Target share of each split in the pool; None when the dataset's folders fix every split."""
+    group_pattern: str | None
+    group_count: int
 
 
 def _clusters(images: pd.DataFrame, near: NearDuplicates) -> list[dict[str, Any]]:

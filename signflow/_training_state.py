@@ -26,8 +26,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from signflow._fileio import write_atomic
 from signflow.config import TrainConfig
+from signflow.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 

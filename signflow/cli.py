@@ -9,27 +9,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from signflow import layout
 from signflow.config import ConfigError, Params, load_params
 from signflow.errors import SignflowError
+from signflow.project import hold_run_lock
 
 log = logging.getLogger("signflow")
 
-LOCK_WAIT_S = 6 * 3600
-"""How long a command waits for another signflow run in the same project to finish."""
-
 
 def cmd_extract(params: Params, args: argparse.Namespace):
-    from signflow.download import extract_dataset
+    from signflow.extract import extract_dataset
 
-    return extract_dataset(args.source, args.raw, params.download)
+    return extract_dataset(args.source, args.raw, params.extract)
 
 
 def cmd_split(params: Params, args: argparse.Namespace):
@@ -39,9 +35,9 @@ def cmd_split(params: Params, args: argparse.Namespace):
 
 
 def cmd_train(params: Params, args: argparse.Namespace):
-    from signflow.train import fine_tune
+    from signflow.train import train_model
 
-    return fine_tune(params.train, args.raw, args.split, args.model, args.train_log, args.cache)
+    return train_model(params.train, args.raw, args.split, args.model, args.train_log, args.cache)
 
 
 def cmd_evaluate(params: Params, args: argparse.Namespace):
@@ -263,7 +259,7 @@ def run_source(args: argparse.Namespace) -> int:
     from signflow import source
 
     if args.action == "set":
-        with project_lock(args.project_dir):
+        with hold_run_lock(args.project_dir):
             result = source.set_source(args.project_dir, args.url, fetch=not args.no_fetch)
         print(result.note)
         print("Next: `git add data.dvc && git commit`, then `dvc repro`.")
@@ -301,26 +297,6 @@ def _print_result(result: object) -> None:
         print(json.dumps(asdict(result), indent=2, default=str))
 
 
-@contextmanager
-def project_lock(project_dir: Path) -> Iterator[None]:
-    """Hold the project's run lock, as every command that writes the workspace does: a Prefect flow
-    run, a sweep and these commands never write the same files at once. Under `dvc repro` (which sets
-    DVC_STAGE) a busy lock stops the command at once: `dvc repro` holds DVC's repo lock, which the
-    run holding ours may be waiting for."""
-    from signflow._fileio import held_lock
-
-    lock = layout.Workspace(project_dir).run_lock
-    under_dvc = "DVC_STAGE" in os.environ
-    busy = f"another signflow run (a Prefect flow run, `signflow sweep`, ...) holds {lock}; " + (
-        "`dvc repro` stops at this stage: run it again when that run has finished"
-        if under_dvc
-        else "run this again when it has finished"
-    )
-    waiting = f"another signflow run holds {lock}; waiting for it to finish"
-    with held_lock(lock, 0 if under_dvc else LOCK_WAIT_S, waiting, busy):
-        yield
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -333,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "source":
             return run_source(args)
-        with project_lock(Path(args.params).parent):
+        with hold_run_lock(Path(args.params).parent):
             params = load_params(args.params)  # read once the lock is ours: the previous holder may have changed it
             result = COMMANDS[args.command][0](params, args)
     except SignflowError as error:

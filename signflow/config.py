@@ -21,6 +21,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from signflow._images import PILLOW_PIXEL_LIMIT
 from signflow.errors import SignflowError
 
+__all__ = [
+    "AugmentConfig",
+    "ConfigError",
+    "EvaluateConfig",
+    "ExportConfig",
+    "ExtractConfig",
+    "NOT_OVERRIDABLE",
+    "OVERRIDABLE_SECTIONS",
+    "Params",
+    "RENAMED_SECTIONS",
+    "RegisterConfig",
+    "ScheduleConfig",
+    "SplitConfig",
+    "SweepConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "check_run_overrides",
+    "load_params",
+    "params_file_in",
+    "parse_params",
+    "read_params_file",
+    "resolve_relative_paths",
+]
+
 
 class ConfigError(SignflowError, ValueError):
     """A params file that cannot be used; the message names the file and the key."""
@@ -40,7 +64,7 @@ def _float_from_yaml(value: Any) -> Any:
     return value
 
 
-class DownloadConfig(_Section):
+class ExtractConfig(_Section):
     """How the fetched source (`data/source`) becomes the class-folder dataset. Where the source comes
     from is not a param: `data.dvc` records it (`signflow source set`)."""
 
@@ -49,7 +73,7 @@ class DownloadConfig(_Section):
     class_root: str | None
     """Folder inside the source that holds the class folders; None finds it."""
     timeout_s: int = Field(ge=1)
-    """Deadline of a flow run's download task (fetch and extract), retries not included."""
+    """Deadline of a flow run's extract task (fetch and extract), retries not included."""
     max_source_bytes: int = Field(ge=1)
     """An archive source larger than this is refused before it is opened."""
     max_extracted_bytes: int = Field(ge=1)
@@ -284,7 +308,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)
 
     class Params(_Section):
-        download: DownloadConfig
+        extract: ExtractConfig
         split: SplitConfig
         train: TrainConfig
         evaluate: EvaluateConfig
@@ -295,12 +319,18 @@ with warnings.catch_warnings():
         sweep: SweepConfig
 
 
+RENAMED_SECTIONS = {"download": "extract"}
+"""Old params sections and their new names: a params file that still uses one is told the new name."""
+
+
 def _format_errors(source: str, error: ValidationError) -> str:
     lines = [f"{source}: {error.error_count()} invalid setting(s):"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"]
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "extra_forbidden" and key in RENAMED_SECTIONS:
+            message = f"this section is now called {RENAMED_SECTIONS[key]!r}: rename it in the params file"
+        elif item["type"] == "extra_forbidden":
             message = "unknown key (check its spelling and section)"
         elif item["type"] == "missing":
             message = "required key is missing"
@@ -318,7 +348,7 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
 
 OVERRIDABLE_SECTIONS = ("train", "evaluate")
 """What one run may change (`overrides` of a Prefect run, `--set`): training and evaluation
-hyperparameters. Where the data comes from and goes (download.*, register.*, ...) is changed in
+hyperparameters. Where the data comes from and goes (extract.*, register.*, ...) is changed in
 params.yaml only, which git and DVC track: a Prefect server has no authentication by default, and
 anyone who can reach it can start a run."""
 NOT_OVERRIDABLE = ("train.weights_file",)
@@ -370,7 +400,7 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a mapping of sections (download, split, train, ...)")
+        raise ConfigError(f"{path}: must be a mapping of sections (extract, split, train, ...)")
     return raw
 
 

@@ -22,13 +22,13 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from signflow import _report as report
 from signflow import layout
 from signflow._calibration import calibration_bins, expected_calibration_error, softmax
-from signflow._fileio import write_atomic, write_json_atomic, write_text_atomic
 from signflow._forward import predict_logits
 from signflow._model import resolve_device
 from signflow._model_file import ModelBundle, load_bundle
 from signflow._preprocessing import decode_chunks
 from signflow.config import EvaluateConfig
-from signflow.split import read_class_names, read_manifest, read_split_report
+from signflow.fileio import write_atomic, write_json_atomic, write_text_atomic
+from signflow.split_files import read_class_names, read_manifest, read_split_report, test_split_description
 
 __all__ = ["EvaluationResult", "evaluate"]
 
@@ -94,7 +94,7 @@ def evaluate(
     scores = score(manifest, logits, bundle.temperature, bundle.class_names, cfg.calibration_bins)
     split_report = read_split_report(split_dir)
     scores.metrics.update(near_duplicate_metrics(manifest, scores.predictions, split_report))
-    split = split_report.get("description", "unknown: the split has no report.json (made by an older signflow)")
+    split = test_split_description(split_report)
     write_report(scores, bundle, cfg, raw_dir, reports_dir, train_log, split)
     metrics = scores.metrics
     log.info(

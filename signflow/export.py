@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from signflow._fileio import atomic_path
 from signflow._model_file import ModelBundle, load_bundle
 from signflow._onnx import INPUT_NAME, OUTPUT_NAME, export_module, onnx_session
 from signflow._preprocessing import normalize
 from signflow.config import ExportConfig
 from signflow.errors import SignflowError
+from signflow.fileio import atomic_path
 
 __all__ = ["ExportError", "ExportResult", "export_onnx"]
 

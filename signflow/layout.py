@@ -11,6 +11,27 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+__all__ = [
+    "CACHE",
+    "CACHE_ENV",
+    "DATA_DVC",
+    "FIGURES",
+    "METRICS",
+    "ModelOutputs",
+    "PARAMS",
+    "REPORT_FILES",
+    "REPORT_MARKDOWN",
+    "RUNS",
+    "RUN_LOCK",
+    "STAGES",
+    "TABLES",
+    "Workspace",
+    "winner_outputs",
+]
+
+STAGES = ("extract", "split", "train", "evaluate", "export", "register")
+"""The pipeline's steps in order. Each word names the step's module (`signflow/<step>.py`), its DVC stage
+and `signflow <step>` command, its Prefect task and its params.yaml section."""
 PARAMS = Path("params.yaml")
 RUN_LOCK = ".signflow-run.lock"
 DATA_DVC = "data.dvc"

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from signflow._fileio import write_atomic
 from signflow._images import is_image_name, is_junk
 from signflow._mlflow import VersionNotFound, downloaded_version, is_registry_reference, registry_settings
 from signflow._model_file import load_bundle
 from signflow._onnx import INPUT_NAME, onnx_session
 from signflow._preprocessing import Preprocessing, normalize, read_image
 from signflow.errors import SignflowError
+from signflow.fileio import write_atomic
 
 __all__ = ["Prediction", "PredictError", "choose_predictor", "model_files", "predict_images", "write_predictions_csv"]
 

@@ -14,11 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import socket
 import tempfile
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -28,16 +24,16 @@ from typing import Any
 
 from filelock import FileLock
 
-from signflow._fileio import write_json_atomic, write_text_atomic
-from signflow._mlflow import mlflow_client, resolve_tracking_uri
+from signflow._mlflow import RegistryError, champion_lock, mlflow_client, resolve_tracking_uri
 from signflow._mlflow_model import log_mlflow_model
 from signflow._model_card import render_model_card
 from signflow._model_file import ModelBundle, load_bundle
 from signflow._provenance import data_source, data_version, fingerprint_test_set, git_commit
+from signflow._redact import redact_url
 from signflow.config import Params, RegisterConfig
-from signflow.errors import SignflowError
+from signflow.fileio import write_json_atomic, write_text_atomic
 from signflow.layout import DATA_DVC, REPORT_FILES, ModelOutputs
-from signflow.split import read_split_report
+from signflow.split_files import read_split_report, test_split_description
 
 __all__ = ["Candidate", "ChampionDecision", "Registration", "RegistryError", "register_model", "register_run"]
 
@@ -48,16 +44,9 @@ FINGERPRINT_TAG = "signflow.fingerprint"
 ACCURACY_TAG = "signflow.test_accuracy"
 TEST_SET_TAG = "signflow.test_set"
 DATA_VERSION_TAG = "signflow.data_version"
-CHAMPION_LOCK_SUFFIX = ".champion-lock"
-CHAMPION_LOCK_LEASE_S = 120.0
-"""A champion lock older than this was left by a registration that died; the next one removes it."""
 
 CardWriter = Callable[[ModelBundle, dict, str], Path]
 """Writes the model card of (bundle, metrics, version number) and returns its path."""
-
-
-class RegistryError(SignflowError, RuntimeError):
-    """The registry could not be reached or refused the model."""
 
 
 @dataclass(frozen=True)
@@ -132,18 +121,21 @@ def register_model(
     tracking_uri = resolve_tracking_uri(cfg)
     with registry_lock(tracking_uri):
         client = mlflow_client(tracking_uri)
-        existing = _find_version(client, cfg.model_name, candidate.fingerprint)
-        if existing is None:
-            version = _create_version(client, cfg, tracking_uri, candidate)
-        else:
-            version = existing
-            log.info("model already registered as %s version %s; no new version", cfg.model_name, version.version)
-        champion, decision = move_champion(client, cfg, version.version, candidate)
-        if write_card is not None:
-            card = write_card(candidate.bundle, candidate.metrics, str(version.version))
+        # Held from the duplicate check to the alias: two machines registering the same weights at
+        # once make one version, and the alias is compared and moved by one machine at a time.
+        with champion_lock(client, cfg.model_name):
+            existing = _find_version(client, cfg.model_name, candidate)
             if existing is None:
-                client.log_artifact(version.run_id, str(card), artifact_path="model")
-                client.update_model_version(cfg.model_name, version.version, description=card.read_text("utf-8"))
+                version = _create_version(client, cfg, tracking_uri, candidate)
+            else:
+                version = existing
+                log.info("model already registered as %s version %s; no new version", cfg.model_name, version.version)
+            champion, decision = move_champion(client, cfg, version.version, candidate)
+            if write_card is not None:
+                card = write_card(candidate.bundle, candidate.metrics, str(version.version))
+                if existing is None:
+                    client.log_artifact(version.run_id, str(card), artifact_path="model")
+                    client.update_model_version(cfg.model_name, version.version, description=card.read_text("utf-8"))
     result = Registration(
         model_name=cfg.model_name,
         version=str(version.version),
@@ -153,7 +145,7 @@ def register_model(
         is_champion=champion is not None and champion.version == version.version,
         champion_version=str(champion.version) if champion else None,
         newly_created=existing is None,
-        tracking_uri=tracking_uri,
+        tracking_uri=redact_url(tracking_uri),
         champion_reason=decision.reason,
         test_split=candidate.tags.get("signflow.split", "unknown"),
         test_near_duplicates_in_train=candidate.tags.get("signflow.test_near_duplicates_in_train", "unknown"),
@@ -215,7 +207,7 @@ def split_tags(split_report: dict[str, Any], metrics_path: Path) -> dict[str, st
     searched = split_report.get("near_duplicates", {}).get("mode", "off") != "off"
     return {
         "signflow.split_strategy": split_report.get("strategy", "unknown"),
-        "signflow.split": split_report.get("description", "unknown (the split has no report.json)")[:5000],
+        "signflow.split": test_split_description(split_report)[:5000],
         "signflow.test_near_duplicates_in_train": str(twins)
         if twins is not None
         else ("unknown" if searched else "not searched"),
@@ -264,9 +256,12 @@ def _experiment_id(client, name: str, tracking_uri: str) -> str:
         return experiment.experiment_id
 
 
-def _find_version(client, model_name: str, fingerprint: str):
+def _find_version(client, model_name: str, candidate: Candidate):
+    """The version of these weights scored on this test set, if any: the same weights scored on
+    another test set are another version, so that a version's test-set and accuracy tags never lie."""
+    test_set = candidate.tags.get(TEST_SET_TAG)
     for version in client.search_model_versions(f"name = '{model_name}'"):
-        if version.tags.get(FINGERPRINT_TAG) == fingerprint:
+        if version.tags.get(FINGERPRINT_TAG) == candidate.fingerprint and version.tags.get(TEST_SET_TAG) == test_set:
             return version
     return None
 
@@ -341,6 +336,13 @@ def decide_champion(cfg: RegisterConfig, version: str, candidate: Candidate, cha
     if champion is None:
         return ChampionDecision(True, f"no champion yet: version {version} (test accuracy {accuracy:.4f})")
     theirs = champion.tags.get(TEST_SET_TAG)
+    if champion.tags.get(FINGERPRINT_TAG) == candidate.fingerprint and theirs != test_set:
+        return ChampionDecision(
+            True,
+            f"version {version} holds the champion's own weights (version {champion.version}) scored on the current "
+            f"test set (test accuracy {accuracy:.4f}): the alias moves to it, so later models are compared on this "
+            "test set",
+        )
     if theirs is None or theirs != test_set:
         return ChampionDecision(
             False,
@@ -363,13 +365,12 @@ def decide_champion(cfg: RegisterConfig, version: str, candidate: Candidate, cha
 
 
 def move_champion(client, cfg: RegisterConfig, version: str, candidate: Candidate):
-    """Compare `version` with the champion and move the alias if it is better, holding the registry's
-    champion lock; re-read the alias after setting it. Returns (the champion afterwards, the decision)."""
-    with champion_lock(client, cfg.model_name):
-        decision = decide_champion(cfg, version, candidate, _champion(client, cfg.model_name))
-        if decision.promote:
-            client.set_registered_model_alias(cfg.model_name, CHAMPION, version)
-        champion = _champion(client, cfg.model_name)
+    """Compare `version` with the champion and move the alias if it is better (the caller holds the
+    registry's champion lock); re-read the alias after setting it. Returns (the champion afterwards, the decision)."""
+    decision = decide_champion(cfg, version, candidate, _champion(client, cfg.model_name))
+    if decision.promote:
+        client.set_registered_model_alias(cfg.model_name, CHAMPION, version)
+    champion = _champion(client, cfg.model_name)
     if decision.promote and (champion is None or champion.version != version):
         raise RegistryError(
             f"{cfg.model_name}: the champion alias was set to version {version} but reads "
@@ -377,59 +378,6 @@ def move_champion(client, cfg: RegisterConfig, version: str, candidate: Candidat
         )
     (log.warning if decision.warn else log.info)("champion: %s", decision.reason)
     return champion, decision
-
-
-@contextmanager
-def champion_lock(client, model_name: str, timeout_s: float = 600) -> Iterator[None]:
-    """Mutual exclusion for comparing and moving the champion alias, shared by every machine that
-    uses this registry: the registry itself refuses a second registered model of the same name, so
-    whoever creates `<model name>.champion-lock` holds the lock until it deletes it. A lock whose
-    holder died expires after CHAMPION_LOCK_LEASE_S seconds."""
-    from mlflow.exceptions import MlflowException
-
-    name, holder = model_name + CHAMPION_LOCK_SUFFIX, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.create_registered_model(
-                name,
-                tags={"holder": holder, "expires": repr(time.time() + CHAMPION_LOCK_LEASE_S)},
-                description=f"signflow: held while the `{CHAMPION}` alias of {model_name} is compared and moved",
-            )
-            break
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        _remove_expired_lock(client, name)
-        if time.monotonic() > deadline:
-            raise RegistryError(f"{name} was held by another registration for {timeout_s:.0f} s; try again")
-        time.sleep(0.2)
-    try:
-        yield
-    finally:
-        _release_lock(client, name, holder)
-
-
-def _remove_expired_lock(client, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        lock = client.get_registered_model(name)
-        if float(lock.tags.get("expires", "0")) < time.time():
-            log.warning("removing %s left by a registration that stopped (%s)", name, lock.tags.get("holder"))
-            client.delete_registered_model(name)
-    except MlflowException:
-        pass  # released meanwhile
-
-
-def _release_lock(client, name: str, holder: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        if client.get_registered_model(name).tags.get("holder") == holder:
-            client.delete_registered_model(name)
-    except MlflowException:
-        log.warning("%s: could not release the champion lock; it expires by itself", name)
 
 
 def _check_exported_from(onnx_path: Path, fingerprint: str, model_path: str | Path) -> None:

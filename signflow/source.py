@@ -26,10 +26,10 @@ from urllib.parse import unquote, urlparse
 
 import yaml
 
-from signflow import _dvc_state as dvc_state
-from signflow._fileio import write_text_atomic
-from signflow._redact import redact_url
+from signflow import dvc_state
+from signflow._redact import redact_url, url_credentials
 from signflow.errors import SignflowError
+from signflow.fileio import write_text_atomic
 from signflow.layout import Workspace
 
 __all__ = [
@@ -172,6 +172,14 @@ def normalise_source(text: str, project_dir: str | Path) -> tuple[str, bool]:
     path (DVC does not read them); a local path must exist and is kept relative when it lies inside the
     project (relative to data.dvc's folder, the project root), else absolute."""
     parsed = urlparse(text)
+    if "://" in text and (credentials := url_credentials(text)):
+        raise SourceError(
+            f"{redact_url(text)}: the URL carries {' and '.join(credentials)}. data.dvc is committed and DVC "
+            "prints its source, so signflow does not write credentials there: give the URL without them. For "
+            "http(s), put the login in ~/.netrc (`machine HOST login USER password PASS`, mode 600), which DVC's "
+            "http client reads; for s3://, gs://, azure://, use the provider's own credentials (environment or "
+            "config files), or DVC's `dvc remote modify --local`"
+        )
     if parsed.scheme in ("http", "https"):
         if parsed.path.endswith("/") or not parsed.path.strip("/"):
             shown = redact_url(text)

@@ -19,7 +19,6 @@ out and why.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -32,35 +31,21 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from signflow._fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
 from signflow._group_split import assign_groups
-from signflow._images import DEFAULT_MAX_PIXELS, ImageRefused, check_image, is_junk, split_folder_name
+from signflow._images import ImageRefused, check_image, is_junk, split_folder_name
 from signflow._near_duplicates import HASH_BITS, NearDuplicates, components, find_near_pairs, image_hashes
 from signflow._progress import progress
-from signflow._split_report import SPLITS, build_report
+from signflow._split_report import Assignment, build_report
 from signflow.config import SplitConfig
-from signflow.errors import SignflowError
+from signflow.fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
+from signflow.split_files import MANIFEST_COLUMNS, SPLITS, SplitError
 
-__all__ = [
-    "SplitError",
-    "SplitResult",
-    "read_class_names",
-    "read_manifest",
-    "read_split_report",
-    "split_dataset",
-]
+__all__ = ["SplitError", "SplitResult", "split_dataset"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ["path", "label", "label_index", "sha256", "width", "height", "group", "train_near_duplicate"]
-"""`group`: id of the images kept in one split with this one (-1: none); `train_near_duplicate`: for a
-valid or test image, the nearest train image within the near-duplicate distance (empty: none)."""
 _KEEP_FIRST = {"test": 0, "valid": 1, "train": 2}
 """Of identical files in several split folders, the test copy is kept, then valid: fixed splits stay fixed."""
-
-
-class SplitError(SignflowError, ValueError):
-    """The dataset cannot be split as asked; the message names the class and what to change."""
 
 
 @dataclass(frozen=True)
@@ -303,24 +288,6 @@ def _check_every_class_in_every_split(images: pd.DataFrame, parts: dict, fractio
             )
 
 
-@dataclass(frozen=True)
-class Assignment:
-    """How the split was made (strategy, shipped split folders), which split each image row went to,
-    and the groups kept together on the way."""
-
-    strategy: str
-    split_folders: dict[str, str]
-    split: np.ndarray
-    group: np.ndarray
-    """Id of the set of images kept in one split with this one; -1 when alone or not assigned by signflow."""
-    pool: np.ndarray
-    """Rows signflow assigned (all, or the train folder's when the dataset ships split folders)."""
-    fractions: dict[str, float] | None
-    """Target share of each split in the pool; None when the dataset's folders fix every split."""
-    group_pattern: str | None
-    group_count: int
-
-
 def assign_splits(
     images: pd.DataFrame, strategy: str, split_folders: dict[str, str], cfg: SplitConfig, near: NearDuplicates | None
 ) -> Assignment:
@@ -420,7 +387,7 @@ def split_dataset(raw_dir: str | Path, out_dir: str | Path, cfg: SplitConfig) ->
     """Write `out_dir/{train,valid,test}.csv`, `classes.json` and `report.json` atomically."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     if not raw_dir.is_dir():
-        raise SplitError(f"{raw_dir}: raw dataset folder not found; run the download step first")
+        raise SplitError(f"{raw_dir}: raw dataset folder not found; run the extract step first")
     split_folders = shipped_split_folders(raw_dir)
     strategy = choose_strategy(cfg, split_folders, raw_dir)
     if cfg.group_pattern and strategy != "group":
@@ -472,29 +439,3 @@ def _log_summary(report: dict[str, Any], out_dir: Path) -> None:
         out_dir / "report.json",
     )
     log.info("test split: %s", report["description"])
-
-
-def read_manifest(split_dir: str | Path, name: str) -> pd.DataFrame:
-    path = Path(split_dir) / f"{name}.csv"
-    if not path.is_file():
-        raise SplitError(f"{path}: manifest not found; run the split step first")
-    return pd.read_csv(path, dtype={"path": str, "label": str, "sha256": str, "train_near_duplicate": str})
-
-
-def read_class_names(split_dir: str | Path) -> list[str]:
-    path = Path(split_dir) / "classes.json"
-    if not path.is_file():
-        raise SplitError(f"{path}: class list not found; run the split step first")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def read_split_report(split_dir: str | Path) -> dict[str, Any]:
-    """The split step's report.json; {} when there is none (a split made by an older signflow)."""
-    path = Path(split_dir) / "report.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def read_max_pixels(split_dir: str | Path) -> int:
-    """The split.max_pixels the split was made with (a split from before it was recorded: the
-    default). Training keeps it in the model, so every later step refuses the images the split did."""
-    return int(read_split_report(split_dir).get("max_pixels", DEFAULT_MAX_PIXELS))

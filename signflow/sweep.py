@@ -23,7 +23,6 @@ from typing import Any
 
 import pandas as pd
 
-from signflow._fileio import write_atomic, write_json_atomic, write_text_atomic
 from signflow._report import new_figure, save_figure
 from signflow.config import (
     Params,
@@ -35,6 +34,7 @@ from signflow.config import (
     resolve_relative_paths,
 )
 from signflow.errors import SignflowError
+from signflow.fileio import write_atomic, write_json_atomic, write_text_atomic
 from signflow.layout import ModelOutputs, winner_outputs
 
 __all__ = ["SweepError", "SweepResult", "Trial", "WinnerSteps", "plan_trials", "publish_winner", "run_trials", "sweep"]
@@ -118,7 +118,7 @@ def run_trial(
     """Train one trial (or return its earlier result); a trial past `deadline` (epoch seconds) is not run.
     Trials share `cache_dir`: those with the same image size decode the images once, and those that
     differ only past the frozen prefix (e.g. in the learning rate) share its cached features."""
-    from signflow.train import fine_tune
+    from signflow.train import train_model
 
     done = finished_result(sweep_dir, trial)
     if done is not None:
@@ -130,7 +130,7 @@ def run_trial(
     folder = trial_dir(sweep_dir, trial)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    result = fine_tune(trial.train, raw_dir, split_dir, folder / "model.pt", folder / "train_log.csv", cache_dir)
+    result = train_model(trial.train, raw_dir, split_dir, folder / "model.pt", folder / "train_log.csv", cache_dir)
     record = {
         "trial": trial.name,
         "overrides": trial.overrides,

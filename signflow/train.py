@@ -1,6 +1,6 @@
 """Fine-tune step: a timm model with a new head, trained on the train split, selected on valid.
 
-`fine_tune` reads as the list of steps it takes: seed, build the model and data, resume from an
+`train_model` reads as the list of steps it takes: seed, build the model and data, resume from an
 epoch checkpoint if there is one, run the epochs, write the epoch log and the best model. The
 model with the best validation accuracy (ties: lower validation loss) is written to `model_path`
 with its class list, preprocessing and the softmax temperature fitted on its validation logits
@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from signflow._calibration import fit_temperature, negative_log_likelihood
-from signflow._fileio import write_atomic
 from signflow._model import (
     apply_freeze_policy,
     check_image_size,
@@ -39,9 +38,10 @@ from signflow._runners import PlainRunner, TrainingError, create_runner, memory_
 from signflow._training_data import SplitFiles, TrainingData
 from signflow._training_state import TrainingState, restore_checkpoint, resume_key, resume_path, save_checkpoint
 from signflow.config import TrainConfig
-from signflow.split import read_class_names, read_manifest, read_max_pixels
+from signflow.fileio import write_atomic
+from signflow.split_files import read_class_names, read_manifest, read_max_pixels
 
-__all__ = ["TrainResult", "TrainingError", "fine_tune"]
+__all__ = ["TrainResult", "TrainingError", "train_model"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class TrainingRun:
     train_images: int
 
 
-def fine_tune(
+def train_model(
     cfg: TrainConfig,
     raw_dir: str | Path,
     split_dir: str | Path,
@@ -104,7 +104,7 @@ def fine_tune(
 def train_and_save(
     run: TrainingRun, cfg: TrainConfig, split_dir: str | Path, model_path: str | Path, log_path: str | Path
 ) -> TrainResult:
-    """Resume or start, run the epochs, write the epoch log and the best model (see `fine_tune`)."""
+    """Resume or start, run the epochs, write the epoch log and the best model (see `train_model`)."""
     checkpoint, key = resume_path(model_path), resume_key(cfg, split_dir, run.class_names)
     state = resume_or_start(run, checkpoint, key)
     started = time.perf_counter()

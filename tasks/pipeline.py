@@ -1,4 +1,4 @@
-"""One Prefect task per pipeline step: download → split → fine-tune → evaluate → export → register.
+"""One Prefect task per pipeline step: extract → split → train → evaluate → export → register.
 
 Each task asks DVC whether its stage is up to date (and then skips it), runs the library function
 `dvc.yaml` runs, and records the stage in dvc.lock, unless a dep or param changed while it ran. Each
@@ -21,19 +21,16 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from signflow import _dvc_state as dvc_state
-from signflow.config import DownloadConfig, EvaluateConfig, ExportConfig, Params, SplitConfig, TrainConfig
-from signflow.download import extract_dataset
+from signflow import dvc_state
+from signflow.config import EvaluateConfig, ExportConfig, ExtractConfig, Params, SplitConfig, TrainConfig
 from signflow.evaluate import EvaluationResult, evaluate
 from signflow.export import export_onnx
-from signflow.layout import Workspace
+from signflow.extract import extract_dataset
+from signflow.layout import STAGES, Workspace
 from signflow.register import Registration, register_run
 from signflow.source import NetworkError, require_fetched, sync_source
 from signflow.split import split_dataset
-from signflow.train import fine_tune
-
-STAGES = ["extract", "split", "train", "evaluate", "export", "register"]
-"""The dvc.yaml stages, in order; the download task runs `extract` after syncing data.dvc."""
+from signflow.train import train_model
 
 
 @dataclass(frozen=True)
@@ -128,8 +125,8 @@ def _network_failure(task, task_run, state) -> bool:
     return False
 
 
-@task(name="download", retries=2, retry_delay_seconds=[30, 120], retry_condition_fn=_network_failure, cache_policy=NONE)
-def download_task(cfg: DownloadConfig, workspace: Workspace, dvc: DvcRecorder | None, project: Path) -> StepOutcome:
+@task(name="extract", retries=2, retry_delay_seconds=[30, 120], retry_condition_fn=_network_failure, cache_policy=NONE)
+def extract_task(cfg: ExtractConfig, workspace: Workspace, dvc: DvcRecorder | None, project: Path) -> StepOutcome:
     """Fetch the source data.dvc names if it changed (a HEAD request when it did not), then extract it
     into the raw dataset. DVC's lock is held throughout, so no `dvc repro` fetches at the same time.
     An override run (no recorder) extracts the source the project has fetched, fetching nothing."""
@@ -148,10 +145,10 @@ def download_task(cfg: DownloadConfig, workspace: Workspace, dvc: DvcRecorder | 
     return outcome.noted(sync.note)
 
 
-def download_with_deadline(cfg: DownloadConfig):
-    """The download task with `download.timeout_s` as its deadline: a source that stalls fails the
+def extract_with_deadline(cfg: ExtractConfig):
+    """The extract task with `extract.timeout_s` as its deadline: a source that stalls fails the
     run instead of holding it (and the run lock) for ever. A timed-out task is not retried."""
-    return download_task.with_options(timeout_seconds=cfg.timeout_s)
+    return extract_task.with_options(timeout_seconds=cfg.timeout_s)
 
 
 @task(name="split", cache_policy=NONE)
@@ -159,10 +156,10 @@ def split_task(cfg: SplitConfig, workspace: Workspace, dvc: DvcRecorder | None, 
     return run_step("split", dvc, lambda: split_dataset(workspace.raw, workspace.split, cfg))
 
 
-@task(name="fine-tune", cache_policy=NONE)
+@task(name="train", cache_policy=NONE)
 def train_task(cfg: TrainConfig, workspace: Workspace, dvc: DvcRecorder | None, after: StepOutcome) -> StepOutcome:
     w = workspace
-    return run_step("train", dvc, lambda: fine_tune(cfg, w.raw, w.split, w.model, w.train_log, w.cache))
+    return run_step("train", dvc, lambda: train_model(cfg, w.raw, w.split, w.model, w.train_log, w.cache))
 
 
 @task(name="evaluate", cache_policy=NONE)

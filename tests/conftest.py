@@ -80,13 +80,13 @@ def shared_dir() -> Path:
 def trained(tmp_path, tiny_zip):
     """A tiny model trained end to end on the tiny dataset (library calls, no DVC, no Prefect)."""
     from signflow.config import parse_params
-    from signflow.download import extract_dataset
+    from signflow.extract import extract_dataset
     from signflow.split import split_dataset
-    from signflow.train import fine_tune
+    from signflow.train import train_model
 
     params = parse_params(tiny_params(epochs=3))
     raw, split = tmp_path / "raw", tmp_path / "split"
-    extract_dataset(tiny_zip, raw, params.download)
+    extract_dataset(tiny_zip, raw, params.extract)
     split_dataset(raw, split, params.split)
-    result = fine_tune(params.train, raw, split, tmp_path / "model.pt", tmp_path / "train_log.csv")
+    result = train_model(params.train, raw, split, tmp_path / "model.pt", tmp_path / "train_log.csv")
     return params, raw, split, result

@@ -80,7 +80,7 @@ def pack_upstream_zip(class_root: Path, archive: Path) -> Path:
 def tiny_params(**train_overrides) -> dict:
     """params.yaml for tiny runs: a tiny timm model at 32 px, no weights, no accuracy gate."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["download"].update(sha256=None)
+    params["extract"].update(sha256=None)
     params["train"].update(
         model="test_efficientnet",
         pretrained=False,
@@ -172,14 +172,17 @@ class CodeRunningPickle:
 
 class EtagServer:
     """One file served over HTTP on 127.0.0.1 with an ETag (its md5), Last-Modified and Content-Length,
-    like a CDN; `publish` replaces it (new ETag), `stop` makes it unreachable. `complete_bodies` counts
-    GETs whose whole body was sent: DVC's existence checks open a GET and drop it after the headers."""
+    like a CDN (behind HTTP Basic authentication when `login` is given); `publish` replaces it (new
+    ETag), `stop` makes it unreachable. `complete_bodies` counts GETs whose whole body was sent: DVC's
+    existence checks open a GET and drop it after the headers."""
 
-    def __init__(self, payload: bytes, name: str = "dataset.zip"):
+    def __init__(self, payload: bytes, name: str = "dataset.zip", login: tuple[str, str] | None = None):
+        import base64
         import http.server
         import threading
 
         self.name, self.complete_bodies, self.requests = name, 0, []
+        expected = f"Basic {base64.b64encode(':'.join(login).encode()).decode()}" if login else None
         self.publish(payload)
         server = self
 
@@ -188,6 +191,12 @@ class EtagServer:
                 server.requests.append(f"{self.command} {self.path}")
                 if self.path.split("?")[0] != f"/{server.name}":
                     self.send_error(404)
+                    return False
+                if expected and self.headers.get("Authorization") != expected:
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="data"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return False
                 self.send_response(200)
                 self.send_header("ETag", f'"{server.etag}"')

@@ -17,7 +17,7 @@ from signflow._calibration import (
 )
 from signflow._model_file import load_bundle
 from signflow.evaluate import evaluate, logits_for
-from signflow.split import read_manifest
+from signflow.split_files import read_manifest
 from tests.helpers import section
 
 

@@ -1,6 +1,8 @@
-"""A source URL's credentials (`user:password@`, `?token=`) stay in data.dvc: they never reach the
-logs, `signflow source` output, data/raw/SOURCE.json, the MLflow run and version, the receipt or
-the model card. SOURCE.json names a source inside the project relative to it."""
+"""Credentials never land in committed files or output: `signflow source set` refuses a URL that
+carries them (an https login goes in ~/.netrc instead); a data.dvc edited by hand to hold one still
+never shows it in the logs, `signflow source` output, data/raw/SOURCE.json, the MLflow run and
+version, the receipt or the model card; a tracking URI's login stays out of the receipt and of
+MLflow's own output. SOURCE.json names a source inside the project relative to it."""
 
 from __future__ import annotations
 
@@ -8,13 +10,14 @@ import json
 import logging
 import shutil
 
+import pytest
 import yaml
 
-from signflow import _dvc_state as dvc_state
+from signflow import dvc_state
 from signflow._redact import redact_url
 from signflow.cli import main
 from signflow.layout import ModelOutputs
-from signflow.source import render_data_dvc, set_source, sync_source
+from signflow.source import CHANGED, SourceError, render_data_dvc, set_source, sync_source
 from tests.helpers import EtagServer, make_project, padded_archive, tiny_params
 
 SECRETS = ("s3cret", "T0KEN", "bob")
@@ -36,16 +39,15 @@ def test_fetching_and_extracting_never_show_the_credentials(tmp_path, class_fold
     try:
         url = server.url.replace("http://", "http://bob:s3cret@") + "?token=T0KEN"
         project = make_project(tmp_path, tmp_path / "v1.zip")
+        (project / "data.dvc").write_text(render_data_dvc(url, True))  # written by hand: signflow refuses it
         with caplog.at_level(logging.DEBUG):
-            note = set_source(project, url).note
             with dvc_state.open_repo(project) as repo:
-                note += sync_source(repo, project).note
+                note = sync_source(repo, project).note
             assert main(["source", "check", "--project-dir", str(project)]) == 0
             monkeypatch.chdir(project)
             assert main(["extract"]) == 0
     finally:
         server.stop()
-    assert "s3cret" in (project / "data.dvc").read_text(), "data.dvc, the user's own record, keeps the URL"
     out, err = capsys.readouterr()
     assert "http://***@127.0.0.1" in out
     source_json = (project / "data" / "raw" / "SOURCE.json").read_text()
@@ -81,7 +83,7 @@ def test_the_registry_and_the_model_card_never_show_the_credentials(trained, tmp
 def test_the_same_source_in_two_clones_gives_the_same_source_json(tmp_path, tiny_zip, monkeypatch):
     """One clone extracts as `dvc repro` does (the command, paths relative to the project), the other
     as the Prefect task does (absolute paths): data/raw, and so its DVC hash, is the same."""
-    from signflow.download import extract_dataset
+    from signflow.extract import extract_dataset
     from tests.helpers import section
 
     projects = [tmp_path / "a" / "project", tmp_path / "b" / "project"]
@@ -91,7 +93,64 @@ def test_the_same_source_in_two_clones_gives_the_same_source_json(tmp_path, tiny
         (project / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     monkeypatch.chdir(projects[0])
     assert main(["extract"]) == 0
-    extract_dataset(projects[1] / "data" / "source", projects[1] / "data" / "raw", section("download"), projects[1])
+    extract_dataset(projects[1] / "data" / "source", projects[1] / "data" / "raw", section("extract"), projects[1])
     records = [(project / "data" / "raw" / "SOURCE.json").read_bytes() for project in projects]
     assert records[0] == records[1]
     assert json.loads(records[0])["source"] == "data/source"
+
+
+def test_source_set_refuses_a_url_with_credentials_and_says_where_they_go(tmp_path, tiny_zip, capsys):
+    project = make_project(tmp_path, tiny_zip)
+    before = (project / "data.dvc").read_text()
+    for url in (
+        "https://bob:s3cret@example.org/d.zip",
+        "https://example.org/d.zip?token=T0KEN",
+        "s3://bucket/d.zip?X-Amz-Signature=T0KEN",
+    ):
+        assert main(["source", "set", url, "--project-dir", str(project), "--no-fetch"]) == 1
+        err = capsys.readouterr().err
+        assert "carries" in err and ".netrc" in err and _clean(err), err
+        assert (project / "data.dvc").read_text() == before
+    with pytest.raises(SourceError, match="the query parameter 'sig'"):
+        set_source(project, "https://example.blob.core.windows.net/c/d.zip?sv=2024&sig=T0KEN", fetch=False)
+
+
+def test_an_https_login_comes_from_netrc_and_stays_out_of_data_dvc(tmp_path, class_folders, monkeypatch):
+    payload = padded_archive(class_folders, tmp_path / "v1.zip", padding_mb=1)
+    server = EtagServer(payload, login=("bob", "s3cret"))
+    try:
+        project = make_project(tmp_path, tmp_path / "v1.zip")
+        monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+        with pytest.raises(SourceError):
+            set_source(project, server.url)
+        netrc = tmp_path / "netrc"
+        netrc.write_text("machine 127.0.0.1 login bob password s3cret\n")
+        netrc.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc))
+        assert set_source(project, server.url).state == CHANGED
+    finally:
+        server.stop()
+    assert (project / "data" / "source").read_bytes() == payload
+    assert _clean((project / "data.dvc").read_text())
+
+
+def test_the_receipt_and_mlflow_output_never_show_the_tracking_uri_login(trained, tmp_path, monkeypatch, capfd):
+    """A team server's URI may carry a login; the receipt (committed) and MLflow's "View run ... at"
+    line never show it. (The registry here is SQLite: only the URI signflow resolved carries the login.)"""
+    from mlflow import MlflowClient
+
+    import signflow.register as register
+    from signflow.register import TEST_SET_TAG, Candidate, register_model
+
+    params, *_ = trained
+    database = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setattr(register, "resolve_tracking_uri", lambda cfg: "http://alice:Pa55w0rd@127.0.0.1:5077")
+    monkeypatch.setattr(register, "mlflow_client", lambda uri: MlflowClient(database, database))
+    (tmp_path / "metrics.json").write_text(json.dumps({"accuracy": 0.9, "macro_f1": 0.9, "test_images": 9}))
+    candidate = Candidate.from_files(
+        tmp_path / "model.pt", tmp_path / "metrics.json", params.model_dump(mode="json"), {TEST_SET_TAG: "a"}
+    )
+    register_model(params.register, candidate, tmp_path / "rec.json")
+    receipt = json.loads((tmp_path / "rec.json").read_text())
+    assert receipt["tracking_uri"] == "http://***@127.0.0.1:5077"
+    assert "Pa55w0rd" not in json.dumps(receipt) + "".join(capfd.readouterr())

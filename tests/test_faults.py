@@ -18,15 +18,15 @@ import pytest
 import torch
 import yaml
 
-from signflow._fileio import remove_stale_scratch
 from signflow._model_file import CheckpointError, load_bundle, save_bundle
 from signflow._runners import PlainRunner
 from signflow._training_state import resume_path
 from signflow.config import parse_params
-from signflow.download import extract_dataset
 from signflow.evaluate import evaluate
+from signflow.extract import extract_dataset
+from signflow.fileio import remove_stale_scratch
 from signflow.split import split_dataset
-from signflow.train import TrainingError, fine_tune
+from signflow.train import TrainingError, train_model
 from tests.helpers import CodeRunningPickle, section, tiny_params
 
 
@@ -34,13 +34,13 @@ from tests.helpers import CodeRunningPickle, section, tiny_params
 def prepared(tmp_path, tiny_zip):
     params = parse_params(tiny_params(epochs=4, cache_frozen_features=False))
     raw, split = tmp_path / "raw", tmp_path / "split"
-    extract_dataset(tiny_zip, raw, params.download)
+    extract_dataset(tiny_zip, raw, params.extract)
     split_dataset(raw, split, params.split)
     return params, raw, split
 
 
 def _train(params, raw, split, out: Path):
-    return fine_tune(params.train, raw, split, out / "model.pt", out / "log.csv")
+    return train_model(params.train, raw, split, out / "model.pt", out / "log.csv")
 
 
 def test_interrupted_training_resumes_from_its_checkpoint_to_the_same_model(prepared, tmp_path, monkeypatch):
@@ -114,7 +114,7 @@ def test_a_checkpoint_from_other_params_is_not_resumed(prepared, tmp_path, monke
     monkeypatch.setattr(PlainRunner, "train_epoch", original)
     other = params.train.model_copy(update={"lr": params.train.lr / 2})
     with caplog.at_level("WARNING"):
-        result = fine_tune(other, raw, split, tmp_path / "model.pt", tmp_path / "log.csv")
+        result = train_model(other, raw, split, tmp_path / "model.pt", tmp_path / "log.csv")
     assert "made with other train params or data: not resumed" in caplog.text
     assert result.epochs_run == 4
 
@@ -126,7 +126,7 @@ def test_a_resume_checkpoint_that_would_run_code_is_not_loaded(prepared, tmp_pat
     marker = tmp_path / "code-ran"
     torch.save({"format": "signflow-resume-2", "payload": CodeRunningPickle(marker)}, resume_path(tmp_path / "m.pt"))
     with caplog.at_level("WARNING"):
-        result = fine_tune(params.train, raw, split, tmp_path / "m.pt", tmp_path / "log.csv")
+        result = train_model(params.train, raw, split, tmp_path / "m.pt", tmp_path / "log.csv")
     assert not marker.exists()
     assert "unreadable or not a signflow checkpoint" in caplog.text
     assert result.epochs_run == params.train.epochs
@@ -242,10 +242,11 @@ def test_two_registrations_at_the_same_moment_make_two_versions_and_the_better_c
 
 def _register_on_another_machine(args):
     """Register from a process with its own temp folder, as on another machine sharing the registry;
-    "slow" dawdles 4 s between reading the champion and moving the alias, and "fast" starts its
-    registration only once "slow" is dawdling. Without a lock shared through the registry, "fast"
-    reads the old champion, moves the alias, and "slow" then overwrites it with a worse model."""
-    role, scratch, tracking, params_raw, model, accuracy = args
+    "slow" dawdles 4 s the first time it calls `register.<dawdle_in>` (between reading the champion and
+    moving the alias, or between the duplicate check and creating the version), and "fast" starts its
+    registration only once "slow" is dawdling. Without a lock shared through the registry, "fast" reads
+    the old champion (or finds no version of the same weights) and the two interleave."""
+    role, scratch, tracking, params_raw, model, accuracy, dawdle_in = args
     import tempfile
 
     os.environ["TMPDIR"] = str(Path(scratch) / role)
@@ -253,22 +254,21 @@ def _register_on_another_machine(args):
     tempfile.tempdir = None
     import signflow.register as register
 
-    marker, real_champion, calls = Path(scratch) / "slow-is-deciding", register._champion, []
+    marker, real, calls = Path(scratch) / "slow-is-dawdling", getattr(register, dawdle_in), []
     if role == "fast":
         deadline = time.monotonic() + 120
         while not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert marker.exists(), "the slow registration never reached the champion read: no race tested"
+        assert marker.exists(), "the slow registration never reached the dawdle: no race tested"
 
-    def champion(client, name):
-        calls.append(name)
-        current = real_champion(client, name)
+    def dawdling(*call_args, **kwargs):
+        calls.append(dawdle_in)
         if role == "slow" and len(calls) == 1:
             marker.touch()
             time.sleep(4)
-        return current
+        return real(*call_args, **kwargs)
 
-    register._champion = champion
+    setattr(register, dawdle_in, dawdling)
     params = parse_params({**params_raw, "register": {**params_raw["register"], "tracking_uri": tracking}})
     metrics = Path(scratch) / f"metrics-{role}.json"
     metrics.write_text(json.dumps({"accuracy": accuracy, "macro_f1": accuracy, "test_images": 9}))
@@ -278,34 +278,52 @@ def _register_on_another_machine(args):
     return result.version
 
 
+def _race_two_machines(tmp_path, params, models: dict[str, Path], dawdle_in: str) -> dict[str, str]:
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking).search_registered_models()  # the database exists before the two "machines" start
+    raw = params.model_dump(mode="json")
+    jobs = [
+        ("slow", str(tmp_path), tracking, raw, str(models["slow"]), 0.7, dawdle_in),
+        ("fast", str(tmp_path), tracking, raw, str(models["fast"]), 0.9, dawdle_in),
+    ]
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        return dict(zip(["slow", "fast"], pool.map(_register_on_another_machine, jobs), strict=True))
+
+
 def test_machines_sharing_a_registry_move_the_champion_one_at_a_time(trained, tmp_path):
     params, *_ = trained
     bundle = load_bundle(tmp_path / "model.pt")
     save_bundle(bundle, tmp_path / "slow.pt")
     bundle.state_dict = {k: v + 1 if v.is_floating_point() else v for k, v in bundle.state_dict.items()}
     save_bundle(bundle, tmp_path / "fast.pt")
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    models = {"slow": tmp_path / "slow.pt", "fast": tmp_path / "fast.pt"}
+    versions = _race_two_machines(tmp_path, params, models, "_champion")
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking)
-    client.search_registered_models()  # the database exists before the two "machines" start
-    raw = params.model_dump(mode="json")
-    jobs = [
-        ("slow", str(tmp_path), tracking, raw, str(tmp_path / "slow.pt"), 0.7),
-        ("fast", str(tmp_path), tracking, raw, str(tmp_path / "fast.pt"), 0.9),
-    ]
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        versions = dict(zip(["slow", "fast"], pool.map(_register_on_another_machine, jobs), strict=True))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     champion = client.get_model_version_by_alias(params.register.model_name, "champion")
     assert str(champion.version) == versions["fast"], "the better model stays champion: no lost update"
     names = [m.name for m in client.search_registered_models()]
     assert names == [params.register.model_name], "the champion lock is gone once both finished"
 
 
+def test_machines_registering_the_same_weights_at_once_make_one_version(trained, tmp_path):
+    params, *_ = trained
+    models = {"slow": tmp_path / "model.pt", "fast": tmp_path / "model.pt"}
+    versions = _race_two_machines(tmp_path, params, models, "_create_version")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert versions == {"slow": "1", "fast": "1"}
+    assert len(client.search_model_versions(f"name = '{params.register.model_name}'")) == 1
+
+
 def test_a_champion_lock_left_by_a_dead_registration_expires(trained, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    import signflow.register as register
+    import signflow._mlflow as registry
 
     class Clock:  # time as champion_lock sees it: each wait moves it 100 s on, without real waiting
         now = 1_000_000.0
@@ -320,12 +338,12 @@ def test_a_champion_lock_left_by_a_dead_registration_expires(trained, tmp_path, 
 
     params, *_ = trained
     clock = Clock()
-    monkeypatch.setattr(register, "time", clock)
+    monkeypatch.setattr(registry, "time", clock)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    name = params.register.model_name + register.CHAMPION_LOCK_SUFFIX
+    name = params.register.model_name + registry.CHAMPION_LOCK_SUFFIX
     expires = clock.now + 1000
     client.create_registered_model(name, tags={"holder": "dead", "expires": repr(expires)})
-    with register.champion_lock(client, params.register.model_name, timeout_s=5000):
+    with registry.champion_lock(client, params.register.model_name, timeout_s=5000):
         assert client.get_registered_model(name).tags["holder"] != "dead"
         assert clock.now > expires, "the dead holder's lock was kept until it expired"
     assert [m.name for m in client.search_registered_models()] == []
@@ -344,7 +362,7 @@ def _archive_slow_to_extract(tiny_zip: Path, target: Path, extra_files: int = 20
 def test_extract_killed_midway_leaves_the_previous_dataset_and_the_next_run_starts_clean(tmp_path, tiny_zip, venv_env):
     project = tmp_path / "proj"
     (project / "data").mkdir(parents=True)
-    extract_dataset(tiny_zip, project / "data" / "raw", section("download"))
+    extract_dataset(tiny_zip, project / "data" / "raw", section("extract"))
     before = sorted(p.relative_to(project).as_posix() for p in (project / "data" / "raw").rglob("*"))
     _archive_slow_to_extract(tiny_zip, project / "data" / "source")
     (project / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
@@ -361,12 +379,12 @@ def test_extract_killed_midway_leaves_the_previous_dataset_and_the_next_run_star
     assert partial, "the extraction had started"
     after = sorted(p.relative_to(project).as_posix() for p in (project / "data" / "raw").rglob("*"))
     assert after == before, "a killed extraction leaves the previous dataset untouched"
-    extract_dataset(project / "data" / "source", project / "data" / "raw", section("download"))
+    extract_dataset(project / "data" / "source", project / "data" / "raw", section("extract"))
     assert not [p for p in (project / "data").iterdir() if p.name.endswith(".partial")], "stale scratch removed"
 
 
 def test_stale_scratch_of_a_live_process_is_kept(tmp_path):
-    from signflow._fileio import _host_tag
+    from signflow.fileio import _host_tag
 
     target = tmp_path / "raw"
     mine = tmp_path / f".raw.{_host_tag()}-{os.getpid()}.abc.partial"
@@ -397,7 +415,7 @@ def test_outputs_get_the_mode_a_plain_write_gives(tmp_path):
     and folders and keep an existing file's own mode, so other users (an MLflow server) can read them."""
     import stat
 
-    from signflow._fileio import staging_dir, write_text_atomic
+    from signflow.fileio import staging_dir, write_text_atomic
 
     def mode(path):
         return stat.S_IMODE(path.stat().st_mode)
@@ -422,4 +440,4 @@ def test_image_size_the_model_cannot_take_is_a_config_error(prepared, tmp_path):
 
     cfg = params.train.model_copy(update={"model": "vit_tiny_patch16_224", "image_size": 100})
     with pytest.raises(ConfigError, match="train.image_size: 100 px is not supported by vit_tiny_patch16_224"):
-        fine_tune(cfg, raw, split, tmp_path / "model.pt", tmp_path / "log.csv")
+        train_model(cfg, raw, split, tmp_path / "model.pt", tmp_path / "log.csv")

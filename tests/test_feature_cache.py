@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from signflow._feature_cache import FeatureCache, compute_features, onnx_prefix, split_model
+from signflow._feature_cache import FeatureCache, compute_features, cut_model, onnx_prefix
 from signflow._model import apply_freeze_policy, create_model, preprocessing_for
 from signflow._preprocessing import load_images
 from signflow._runners import CachedRunner, PlainRunner, create_runner
@@ -49,7 +49,7 @@ def _train_one_epoch(runner_cls, config, splits, cache):
     data = TrainingData(cache, prep, *splits)
     generator = torch.Generator().manual_seed(5)
     if runner_cls is CachedRunner:
-        split = split_model(model, torch.randn(2, 3, 32, 32))
+        split = cut_model(model, torch.randn(2, 3, 32, 32))
         runner = CachedRunner(split, model, data, prep, config, CPU, generator)
     else:
         runner = PlainRunner(model, data, prep, config, CPU)
@@ -135,7 +135,7 @@ def test_a_changed_input_makes_a_new_cache_entry(splits, tmp_path):
     def keys(config, image_splits=splits, weights_seed=0, generator_seed=3):
         model, prep = model_and_prep(config, weights_seed)
         data = TrainingData(tmp_path / "cache", prep, *image_splits)
-        split = split_model(model, torch.randn(2, 3, config.image_size, config.image_size))
+        split = cut_model(model, torch.randn(2, 3, config.image_size, config.image_size))
         cache = FeatureCache(split, data, config, CPU, torch.Generator().manual_seed(generator_seed))
         return {"images": data.entries["train"].key, **{n: e.key for n, e in cache.entries.items()}}
 
@@ -176,9 +176,9 @@ def test_a_changed_image_is_computed_again_not_reused(splits, tmp_path):
 def test_split_is_refused_for_full_fine_tune_and_used_when_frozen():
     model = create_model(cfg(), num_classes=3)
     apply_freeze_policy(model, "all")
-    assert split_model(model, torch.randn(2, 3, 32, 32)) is None
+    assert cut_model(model, torch.randn(2, 3, 32, 32)) is None
     apply_freeze_policy(model, 2)
-    split = split_model(model, torch.randn(2, 3, 32, 32))
+    split = cut_model(model, torch.randn(2, 3, 32, 32))
     assert split is not None and split.cut_name.startswith("blocks.")
     assert not any(p.requires_grad for p in split.prefix.parameters())
 
@@ -310,18 +310,18 @@ def test_a_rerun_on_the_cache_and_a_resumed_run_train_the_model_of_a_fresh_run(t
     on the cache, and a run with a temporary cache folder."""
     from signflow._model_file import load_bundle
     from signflow.config import parse_params
-    from signflow.download import extract_dataset
+    from signflow.extract import extract_dataset
     from signflow.split import split_dataset
-    from signflow.train import fine_tune
+    from signflow.train import train_model
     from tests.helpers import tiny_params
 
     params = parse_params(tiny_params(epochs=3, trainable_blocks=1, cached_views=2, loader_workers=0))
     raw, split, cache = tmp_path / "raw", tmp_path / "split", tmp_path / "cache"
-    extract_dataset(tiny_zip, raw, params.download)
+    extract_dataset(tiny_zip, raw, params.extract)
     split_dataset(raw, split, params.split)
 
     def train(name: str, cache_dir):
-        fine_tune(params.train, raw, split, tmp_path / f"{name}.pt", tmp_path / f"{name}.csv", cache_dir)
+        train_model(params.train, raw, split, tmp_path / f"{name}.pt", tmp_path / f"{name}.csv", cache_dir)
         return load_bundle(tmp_path / f"{name}.pt").fingerprint()
 
     import tempfile

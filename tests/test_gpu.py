@@ -68,17 +68,17 @@ def test_cached_training_on_cuda_runs_the_prefix_in_torch_and_reads_pinned_batch
 def test_the_train_and_evaluate_steps_run_on_cuda(tiny_zip, tmp_path, trainable_blocks):
     from signflow._model_file import load_bundle
     from signflow.config import parse_params
-    from signflow.download import extract_dataset
     from signflow.evaluate import evaluate
+    from signflow.extract import extract_dataset
     from signflow.split import split_dataset
-    from signflow.train import fine_tune
+    from signflow.train import train_model
     from tests.helpers import section
 
     params = parse_params(tiny_params(device="cuda", trainable_blocks=trainable_blocks, loader_workers=1))
     raw, split = tmp_path / "raw", tmp_path / "split"
-    extract_dataset(tiny_zip, raw, params.download)
+    extract_dataset(tiny_zip, raw, params.extract)
     split_dataset(raw, split, params.split)
-    result = fine_tune(params.train, raw, split, tmp_path / "model.pt", tmp_path / "log.csv", tmp_path / "cache")
+    result = train_model(params.train, raw, split, tmp_path / "model.pt", tmp_path / "log.csv", tmp_path / "cache")
     assert result.epochs_run == params.train.epochs and result.train_images_per_second > 0
     assert load_bundle(tmp_path / "model.pt").state_dict, "weights saved from the GPU load on the CPU"
     evaluation = evaluate(section("evaluate"), tmp_path / "model.pt", raw, split, tmp_path / "reports")

@@ -13,7 +13,8 @@ from PIL import Image
 from signflow._images import DEFAULT_MAX_PIXELS, PILLOW_PIXEL_LIMIT, ImageRefused, check_image, load_rgb
 from signflow._preprocessing import ImageReadError, Preprocessing, decode_chunks
 from signflow.predict import predict_images
-from signflow.split import read_max_pixels, split_dataset
+from signflow.split import split_dataset
+from signflow.split_files import read_max_pixels
 from tests.helpers import section
 
 
@@ -87,17 +88,17 @@ def test_a_trained_model_carries_split_max_pixels_to_predict_and_the_served_mode
     from signflow._mlflow_model import load_mlflow_model, save_mlflow_model
     from signflow._model_file import load_bundle
     from signflow.config import parse_params
-    from signflow.download import extract_dataset
     from signflow.export import export_onnx
+    from signflow.extract import extract_dataset
     from signflow.predict import OnnxPredictor
-    from signflow.train import fine_tune
+    from signflow.train import train_model
     from tests.helpers import tiny_params
 
     params = parse_params(tiny_params(epochs=1))
     raw, split, model = tmp_path / "raw", tmp_path / "split", tmp_path / "model.pt"
-    extract_dataset(tiny_zip, raw, params.download)
+    extract_dataset(tiny_zip, raw, params.extract)
     split_dataset(raw, split, section("split", max_pixels=10_000))  # the tiny images are 40x40
-    fine_tune(params.train, raw, split, model, tmp_path / "train_log.csv")
+    train_model(params.train, raw, split, model, tmp_path / "train_log.csv")
     assert load_bundle(model).preprocessing.max_pixels == 10_000
     export_onnx(params.export, model, tmp_path / "model.onnx")
     assert OnnxPredictor(tmp_path / "model.onnx").preprocessing.max_pixels == 10_000

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from signflow import source
-from signflow.download import DownloadError, extract_dataset
+from signflow.extract import ExtractError, extract_dataset
 from signflow.source import NetworkError, SourceError, _fetch, set_source, sync_source
 from tests.helpers import make_project, section
 
@@ -81,9 +81,9 @@ def test_the_download_task_retries_only_network_errors():
 
 
 def test_the_download_task_has_the_deadline_from_params():
-    from tasks.pipeline import download_with_deadline
+    from tasks.pipeline import extract_with_deadline
 
-    assert download_with_deadline(section("download", timeout_s=7)).timeout_seconds == 7
+    assert extract_with_deadline(section("extract", timeout_s=7)).timeout_seconds == 7
 
 
 @pytest.fixture
@@ -104,12 +104,12 @@ def test_a_fifo_source_is_refused_before_anything_blocks(tmp_path, tiny_zip, fif
     os.mkfifo(class_folders / "alpha" / "pipe.JPG")
     with pytest.raises(SourceError, match="pipe.JPG is not a regular file"):
         set_source(project, str(class_folders), fetch=False)
-    with pytest.raises(DownloadError, match="not a regular file or folder"):
-        extract_dataset(fifo, tmp_path / "raw", section("download"))
+    with pytest.raises(ExtractError, match="not a regular file or folder"):
+        extract_dataset(fifo, tmp_path / "raw", section("extract"))
 
 
 def test_a_fifo_recorded_in_data_dvc_is_refused_by_a_run(tmp_path, tiny_zip, fifo):
-    from signflow import _dvc_state as dvc_state
+    from signflow import dvc_state
     from signflow.source import render_data_dvc
 
     project = make_project(tmp_path, tiny_zip)
@@ -137,7 +137,7 @@ def test_a_server_that_never_answers_fails_within_the_request_timeout(tmp_path, 
     stops saying the source is not reachable."""
     import yaml
 
-    from signflow import _dvc_state as dvc_state
+    from signflow import dvc_state
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

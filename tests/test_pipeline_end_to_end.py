@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from mlflow import MlflowClient
 
-from signflow import _dvc_state as dvc_state
+from signflow import dvc_state
 from tests.helpers import EtagServer, build_split_folders, make_project, zip_folder
 
 pytestmark = pytest.mark.slow

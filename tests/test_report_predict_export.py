@@ -20,7 +20,7 @@ from signflow.export import ExportError, export_onnx
 from signflow.layout import ModelOutputs
 from signflow.predict import OnnxPredictor, TorchPredictor, predict_images
 from signflow.register import register_run
-from signflow.split import read_manifest
+from signflow.split_files import read_manifest
 from tests.helpers import CLASS_COLOURS, make_image, section
 
 PNG = b"\x89PNG"
@@ -302,7 +302,7 @@ def test_with_near_duplicates_reported_every_report_gives_the_accuracy_with_and_
 
     from signflow.config import parse_params
     from signflow.split import split_dataset
-    from signflow.train import fine_tune
+    from signflow.train import train_model
     from tests.helpers import photo, reencoded, tiny_params
 
     rng = np.random.default_rng(8)
@@ -317,7 +317,7 @@ def test_with_near_duplicates_reported_every_report_gives_the_accuracy_with_and_
     params = parse_params(tiny_params(epochs=2) | {"split": {**tiny_params()["split"], "near_duplicates": "report"}})
     split = tmp_path / "split"
     split_dataset(raw, split, params.split)
-    fine_tune(params.train, raw, split, tmp_path / "model.pt", tmp_path / "train_log.csv")
+    train_model(params.train, raw, split, tmp_path / "model.pt", tmp_path / "train_log.csv")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     _evaluate_and_export(raw, split, tmp_path)
     registration = _register(params, tmp_path / "model.pt", split, tmp_path)

@@ -23,7 +23,7 @@ def params_file(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "key", ["register.tracking_uri", "register.model_name", "download.class_root", "train", "train.weights_file"]
+    "key", ["register.tracking_uri", "register.model_name", "extract.class_root", "train", "train.weights_file"]
 )
 def test_overrides_outside_train_and_evaluate_are_refused_naming_the_key(params_file, key):
     with pytest.raises(ConfigError) as error:

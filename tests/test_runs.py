@@ -16,8 +16,8 @@ import yaml
 from filelock import FileLock
 from mlflow import MlflowClient
 
-from signflow._fileio import LockBusyError
 from signflow.cli import COMMANDS, main
+from signflow.fileio import LockBusyError
 from signflow.split import split_dataset
 from tests.helpers import make_project, section, tiny_params
 
@@ -107,26 +107,27 @@ def test_a_waiting_flow_run_reads_params_after_the_lock_and_records_nothing_that
     tmp_path, tiny_zip, prefect_server, monkeypatch, venv_env
 ):
     import flows.pipeline
+    import signflow.project
     import tasks.pipeline
 
     project = make_project(tmp_path, tiny_zip, epochs=2)
     params_file = project / "params.yaml"
-    waiting, real_lock = threading.Event(), flows.pipeline.held_lock
+    waiting, real_lock = threading.Event(), signflow.project.held_lock
 
     def spy_lock(*args, **kwargs):
         waiting.set()
         return real_lock(*args, **kwargs)
 
-    real_fine_tune = tasks.pipeline.fine_tune
+    real_train = tasks.pipeline.train_model
 
     def edit_params_while_training(cfg, *args, **kwargs):
         params = yaml.safe_load(params_file.read_text())
         params["train"]["lr"] = 1e-4  # someone edits params.yaml while the step runs
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-        return real_fine_tune(cfg, *args, **kwargs)
+        return real_train(cfg, *args, **kwargs)
 
-    monkeypatch.setattr(flows.pipeline, "held_lock", spy_lock)
-    monkeypatch.setattr(tasks.pipeline, "fine_tune", edit_params_while_training)
+    monkeypatch.setattr(signflow.project, "held_lock", spy_lock)
+    monkeypatch.setattr(tasks.pipeline, "train_model", edit_params_while_training)
     lock, results = _hold(project), {}
     runner = threading.Thread(target=lambda: results.update(flows.pipeline.pipeline(project_dir=str(project))))
     runner.start()
@@ -189,3 +190,47 @@ def test_an_override_run_works_in_its_own_workspace_and_a_failed_one_leaves_noth
     assert failed.is_failed()
     assert sorted(p.name for p in (project / "runs").iterdir()) == [run_id], "nothing half-written"
     assert _digests(project) == before
+
+
+def _slow_source_project(tmp_path: Path, tiny_zip: Path) -> Path:
+    """A project whose source takes seconds to extract (the tiny dataset and 20,000 notes), with an
+    `extract.timeout_s` of one second."""
+    import zipfile
+
+    slow = tmp_path / "slow.zip"
+    with zipfile.ZipFile(tiny_zip) as small, zipfile.ZipFile(slow, "w") as big:
+        for item in small.infolist():
+            big.writestr(item, small.read(item))
+        for index in range(20000):
+            big.writestr(f"notes/note_{index:05d}.txt", "x")
+    project = make_project(tmp_path, slow)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["extract"]["timeout_s"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return project
+
+
+@pytest.mark.slow
+def test_the_pipeline_and_the_sweep_stop_an_extract_past_its_deadline(tmp_path, tiny_zip, prefect_server):
+    from flows.pipeline import pipeline
+    from flows.sweep import sweep_flow
+
+    project = _slow_source_project(tmp_path, tiny_zip)
+    for flow in (pipeline, sweep_flow):
+        state = flow(project_dir=str(project), return_state=True)
+        assert state.is_failed(), flow.name
+        with pytest.raises(TimeoutError):
+            state.result()
+        assert not (project / "data" / "raw").exists(), f"{flow.name}: the extract was stopped"
+
+
+def test_the_sweep_refuses_a_params_file_outside_the_project(tmp_path, tiny_zip, prefect_server):
+    from flows.sweep import sweep_flow
+    from signflow.config import ConfigError
+
+    project = make_project(tmp_path, tiny_zip)
+    (tmp_path / "outside.yaml").write_text(yaml.safe_dump(tiny_params()))
+    for path in ("../outside.yaml", str(tmp_path / "outside.yaml")):
+        with pytest.raises(ConfigError, match="must be a path relative to the project, inside it"):
+            sweep_flow(params_path=path, project_dir=str(project))
+    assert not (project / "data" / "raw").exists()

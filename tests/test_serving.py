@@ -53,12 +53,12 @@ class Registry:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> Registry:
     """A tiny model trained, evaluated, exported and registered as champion in its own registry."""
-    from signflow.download import extract_dataset
     from signflow.evaluate import evaluate
     from signflow.export import export_onnx
+    from signflow.extract import extract_dataset
     from signflow.register import register_run
     from signflow.split import split_dataset
-    from signflow.train import fine_tune
+    from signflow.train import train_model
 
     root = tmp_path_factory.mktemp("serving")
     dataset = build_class_folders(root / "dataset")
@@ -67,9 +67,9 @@ def registry(tmp_path_factory) -> Registry:
     (root / "params.yaml").write_text(yaml.safe_dump(raw_params))
     params = load_params(root / "params.yaml")
     raw, split, model = root / "raw", root / "split", root / "model.pt"
-    extract_dataset(dataset, raw, params.download)
+    extract_dataset(dataset, raw, params.extract)
     split_dataset(raw, split, params.split)
-    fine_tune(params.train, raw, split, model, root / "train_log.csv")
+    train_model(params.train, raw, split, model, root / "train_log.csv")
     outputs = ModelOutputs(root / "reports", root / "model.onnx", root / "model_card.md", root / "registered.json")
     evaluate(params.evaluate, model, raw, split, outputs.reports, root / "train_log.csv")
     export_onnx(params.export, model, outputs.onnx)

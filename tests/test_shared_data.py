@@ -8,17 +8,18 @@ import pytest
 
 from signflow.cli import main
 from signflow.config import parse_params
-from signflow.download import extract_dataset
 from signflow.evaluate import evaluate
-from signflow.split import read_manifest, split_dataset
-from signflow.train import fine_tune
+from signflow.extract import extract_dataset
+from signflow.split import split_dataset
+from signflow.split_files import read_manifest
+from signflow.train import train_model
 from tests.helpers import section, tiny_params
 
 UPSTREAM_COUNTS = [205, 206, 206, 206, 207, 207, 207, 206, 208, 204]
 
 
 def test_real_archive_downloads_and_splits_stratified(shared_dir, tmp_path):
-    info = extract_dataset(shared_dir / "datasets" / "sign-language-digits.zip", tmp_path / "raw", section("download"))
+    info = extract_dataset(shared_dir / "datasets" / "sign-language-digits.zip", tmp_path / "raw", section("extract"))
     assert info.class_names == [str(d) for d in range(10)]
     assert [info.counts[c] for c in info.class_names] == UPSTREAM_COUNTS
     assert not list((tmp_path / "raw").rglob("example_*"))
@@ -45,9 +46,9 @@ def test_real_report_is_consistent_and_predict_reads_the_examples(shared_dir, tm
     raw["train"].update(weights_file=str(shared_dir / "weights" / "mobilenetv2_100.tv_in1k.safetensors"), epochs=3)
     raw["train"].update(batch_size=64, lr=3e-3)
     params = parse_params(raw)
-    extract_dataset(archive, tmp_path / "raw", params.download)
+    extract_dataset(archive, tmp_path / "raw", params.extract)
     split_dataset(tmp_path / "raw", tmp_path / "split", params.split)
-    fine_tune(params.train, tmp_path / "raw", tmp_path / "split", tmp_path / "model.pt", tmp_path / "log.csv")
+    train_model(params.train, tmp_path / "raw", tmp_path / "split", tmp_path / "model.pt", tmp_path / "log.csv")
     result = evaluate(
         section("evaluate"),
         tmp_path / "model.pt",

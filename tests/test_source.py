@@ -9,9 +9,9 @@ import subprocess
 import pytest
 import yaml
 
-from signflow import _dvc_state as dvc_state
+from signflow import dvc_state
 from signflow.cli import main
-from signflow.download import extract_dataset
+from signflow.extract import extract_dataset
 from signflow.source import (
     CHANGED,
     UNCHANGED,
@@ -45,7 +45,7 @@ def test_https_source_is_fetched_once_and_again_only_when_its_etag_changes(tmp_p
     record = yaml.safe_load((project / "data.dvc").read_text())
     assert record["deps"][0]["checksum"] == f'"{served.etag}"', "DVC keeps the server's ETag"
     assert record["outs"][0]["persist"] is True
-    info = extract_dataset(project / "data" / "source", tmp_path / "raw", section("download"))
+    info = extract_dataset(project / "data" / "source", tmp_path / "raw", section("extract"))
     assert info.num_images == 3 * PER_CLASS, "the fetched archive (no extension) is extracted safely"
 
     assert check_source(project)[1] == UNCHANGED
@@ -60,7 +60,7 @@ def test_https_source_is_fetched_once_and_again_only_when_its_etag_changes(tmp_p
     changed = _sync(project)
     assert changed.fetched and changed.version != first.version and served.complete_bodies == 2
     assert yaml.safe_load((project / "data.dvc").read_text())["deps"][0]["checksum"] == f'"{served.etag}"'
-    info = extract_dataset(project / "data" / "source", tmp_path / "raw", section("download"))
+    info = extract_dataset(project / "data" / "source", tmp_path / "raw", section("extract"))
     assert info.counts["alpha"] == PER_CLASS + 1
 
     served.stop()

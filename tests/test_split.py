@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from signflow.split import SplitError, read_class_names, read_manifest, split_dataset
+from signflow.split import split_dataset
+from signflow.split_files import SplitError, read_class_names, read_manifest
 from tests.helpers import CLASS_COLOURS, PER_CLASS, make_image, section
 
 CFG = section("split", train=0.5, valid=0.25, test=0.25, seed=3)
@@ -80,7 +81,7 @@ def test_too_few_images_in_a_class_names_the_class(class_folders, tmp_path):
 
 
 def test_missing_raw_folder(tmp_path):
-    with pytest.raises(SplitError, match="run the download step first"):
+    with pytest.raises(SplitError, match="run the extract step first"):
         split_dataset(tmp_path / "nope", tmp_path / "split", CFG)
 
 
@@ -149,12 +150,12 @@ def test_images_over_the_pixel_limit_or_of_absurd_shape_are_refused_with_the_rea
 
 
 def test_empty_class_folder_and_readme_files_are_left_out_and_reported(class_folders, tmp_path):
-    from signflow.download import extract_dataset
+    from signflow.extract import extract_dataset
 
     (class_folders / "delta").mkdir()
     (class_folders / "README.md").write_text("# about")
     (class_folders / "alpha" / "README.txt").write_text("notes")
-    info = extract_dataset(class_folders, tmp_path / "raw", section("download"))
+    info = extract_dataset(class_folders, tmp_path / "raw", section("extract"))
     assert "delta" not in info.class_names
     assert any(line.startswith("delta/: class folder without images") for line in info.skipped)
     assert any(line.startswith("alpha/README.txt: not an image") for line in info.skipped)

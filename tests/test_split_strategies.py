@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from signflow.config import ConfigError, parse_params
-from signflow.split import SplitError, read_manifest, split_dataset
+from signflow.split import SplitError, split_dataset
+from signflow.split_files import read_manifest
 from tests.helpers import CLASS_COLOURS, build_split_folders, photo, section, tiny_params, video
 
 TRAIN_TEST = {"train": "train", "test": "test"}

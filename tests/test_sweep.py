@@ -10,7 +10,7 @@ import yaml
 
 import signflow.train
 from signflow.config import ConfigError
-from signflow.download import extract_dataset
+from signflow.extract import extract_dataset
 from signflow.split import split_dataset
 from signflow.sweep import plan_trials, sweep, trial_dir
 from tests.helpers import section, tiny_params
@@ -26,7 +26,7 @@ def project(tmp_path, tiny_zip, monkeypatch):
     from signflow.config import load_params
 
     params = load_params(tmp_path / "params.yaml")
-    extract_dataset(tiny_zip, tmp_path / "data" / "raw", params.download)
+    extract_dataset(tiny_zip, tmp_path / "data" / "raw", params.extract)
     split_dataset(tmp_path / "data" / "raw", tmp_path / "data" / "split", params.split)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return tmp_path
@@ -95,7 +95,7 @@ def test_sweep_picks_the_best_validation_trial_writes_the_comparison_and_registe
 
 
 def test_an_interrupted_sweep_skips_the_trials_it_finished(project, monkeypatch):
-    real, calls = signflow.train.fine_tune, []
+    real, calls = signflow.train.train_model, []
 
     def fail_on_the_second(cfg, *args, **kwargs):
         calls.append(cfg.lr)
@@ -103,11 +103,13 @@ def test_an_interrupted_sweep_skips_the_trials_it_finished(project, monkeypatch)
             raise KeyboardInterrupt("killed")
         return real(cfg, *args, **kwargs)
 
-    monkeypatch.setattr(signflow.train, "fine_tune", fail_on_the_second)
+    monkeypatch.setattr(signflow.train, "train_model", fail_on_the_second)
     with pytest.raises(KeyboardInterrupt):
         _sweep(project)
     calls.clear()
-    monkeypatch.setattr(signflow.train, "fine_tune", lambda cfg, *a, **k: (calls.append(cfg.lr), real(cfg, *a, **k))[1])
+    monkeypatch.setattr(
+        signflow.train, "train_model", lambda cfg, *a, **k: (calls.append(cfg.lr), real(cfg, *a, **k))[1]
+    )
     result = _sweep(project)
     assert len(calls) == 2, "the finished first trial was not trained again"
     assert result.ran == 2

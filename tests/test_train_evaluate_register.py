@@ -10,7 +10,7 @@ from signflow._model_file import CheckpointError, load_bundle, save_bundle
 from signflow.evaluate import evaluate
 from signflow.register import TEST_SET_TAG, Candidate, register_model
 from signflow.split import split_dataset
-from signflow.train import fine_tune
+from signflow.train import train_model
 from tests.helpers import section
 
 
@@ -28,7 +28,7 @@ def test_fine_tune_writes_best_checkpoint_and_epoch_log(trained, tmp_path):
 
 def test_training_is_reproducible_for_a_seed(trained, tmp_path):
     params, raw, split, _ = trained
-    fine_tune(params.train, raw, split, tmp_path / "again.pt", tmp_path / "again.csv")
+    train_model(params.train, raw, split, tmp_path / "again.pt", tmp_path / "again.csv")
     assert load_bundle(tmp_path / "again.pt").fingerprint() == load_bundle(tmp_path / "model.pt").fingerprint()
     assert (tmp_path / "again.csv").read_text().split("\n")[1].split(",")[:5] == (
         (tmp_path / "train_log.csv").read_text().split("\n")[1].split(",")[:5]
@@ -139,3 +139,23 @@ def test_checkpoint_write_is_atomic(trained, tmp_path, monkeypatch):
         save_bundle(bundle, tmp_path / "model.pt")
     assert (tmp_path / "model.pt").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.pt")]
+
+
+def test_the_champion_rescored_on_a_new_test_set_carries_the_alias_and_tags_never_lie(trained, tmp_path, monkeypatch):
+    """The same weights registered after the test set changed are a new version with the new test set
+    and accuracy; it takes the alias from the champion with those weights, so later models trained on
+    the new test set are compared with it instead of being refused for ever."""
+    from mlflow import MlflowClient
+
+    params, *_ = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert _register(params, tmp_path, tmp_path / "model.pt", 0.8).is_champion
+    rescored = _register(params, tmp_path, tmp_path / "model.pt", 0.75, test_set="test set B")
+    assert rescored.version == "2" and rescored.newly_created and rescored.is_champion
+    assert "the champion's own weights (version 1) scored on the current test set" in rescored.champion_reason
+    client = MlflowClient()
+    tags = {str(v.version): v.tags for v in client.search_model_versions(f"name = '{params.register.model_name}'")}
+    assert (tags["1"][TEST_SET_TAG], float(tags["1"]["signflow.test_accuracy"])) == ("test set A", 0.8)
+    assert (tags["2"][TEST_SET_TAG], float(tags["2"]["signflow.test_accuracy"])) == ("test set B", 0.75)
+    later = _register(params, tmp_path, _variant(tmp_path, 1.0), 0.9, test_set="test set B")
+    assert later.is_champion and "beats champion version 2 (0.7500) on the same test set" in later.champion_reason

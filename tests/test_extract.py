@@ -1,4 +1,4 @@
-"""The download step's local half: the fetched source (an archive or a folder) becomes the class
+"""The extract step: the fetched source (an archive or a folder) becomes the class
 folders, safely; the fetching itself is DVC's (tests/test_source.py)."""
 
 import io
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from signflow._fileio import sha256_file
-from signflow.download import DatasetInfo, DownloadError, extract_dataset
+from signflow.extract import DatasetInfo, ExtractError, extract_dataset
+from signflow.fileio import sha256_file
 from tests.helpers import CLASS_COLOURS, PER_CLASS, build_class_folders, build_split_folders, section, zip_folder
 
 
-def extract(source, dest, **download) -> DatasetInfo:
-    return extract_dataset(source, dest, section("download", **download))
+def extract(source, dest, **extract_params) -> DatasetInfo:
+    return extract_dataset(source, dest, section("extract", **extract_params))
 
 
 def test_upstream_layout_zip_finds_classes_and_leaves_examples_out(tiny_zip, tmp_path):
@@ -34,7 +34,7 @@ def test_folder_source_and_archive_without_an_extension(class_folders, tiny_zip,
     fetched = tmp_path / "source"  # DVC's copy has no extension: the archive is recognised by content
     fetched.write_bytes(tiny_zip.read_bytes())
     assert extract(fetched, tmp_path / "b").num_images == 3 * PER_CLASS
-    with pytest.raises(DownloadError, match="sha256 applies to archives"):
+    with pytest.raises(ExtractError, match="sha256 applies to archives"):
         extract(class_folders, tmp_path / "c", sha256="0" * 64)
 
 
@@ -49,7 +49,7 @@ def test_checksum_mismatch_keeps_the_previous_dataset(tiny_zip, tmp_path):
     raw = tmp_path / "raw"
     extract(tiny_zip, raw)
     before = sorted(p.relative_to(raw) for p in raw.rglob("*"))
-    with pytest.raises(DownloadError, match="sha256 is .* but download.sha256 expects"):
+    with pytest.raises(ExtractError, match="sha256 is .* but extract.sha256 expects"):
         extract(tiny_zip, raw, sha256="0" * 64)
     assert sorted(p.relative_to(raw) for p in raw.rglob("*")) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")], "no staging folder left behind"
@@ -61,7 +61,7 @@ def test_zip_entry_escaping_the_target_is_refused(tmp_path):
     with zipfile.ZipFile(archive, "w") as bundle:
         bundle.writestr("data/a/x.jpg", b"1")
         bundle.writestr("../../escaped.jpg", b"1")
-    with pytest.raises(DownloadError, match="outside the target"):
+    with pytest.raises(ExtractError, match="outside the target"):
         extract(archive, tmp_path / "raw")
     assert not (tmp_path / "escaped.jpg").exists() and not (tmp_path / "raw").exists()
 
@@ -88,31 +88,31 @@ def _tar(archive, *entries: tuple[tarfile.TarInfo, io.BytesIO | None]):
 
 def test_absolute_and_link_entries_in_tar_are_refused(tmp_path):
     archive = _tar(tmp_path / "evil.tar", _link("data/a/link.jpg", tarfile.SYMTYPE, "/etc/passwd"))
-    with pytest.raises(DownloadError, match="links and special files"):
+    with pytest.raises(ExtractError, match="links and special files"):
         extract(archive, tmp_path / "raw")
-    with pytest.raises(DownloadError, match="outside the target"):
+    with pytest.raises(ExtractError, match="outside the target"):
         extract(_tar(tmp_path / "abs.tar", _file("/tmp/abs.jpg")), tmp_path / "raw")
 
 
 def test_not_an_archive_and_truncated_archive(tiny_zip, tmp_path):
     text = tmp_path / "notes.zip"
     text.write_text("hello")
-    with pytest.raises(DownloadError, match="not a zip or tar archive"):
+    with pytest.raises(ExtractError, match="not a zip or tar archive"):
         extract(text, tmp_path / "raw")
     truncated = tmp_path / "cut.zip"
     truncated.write_bytes(tiny_zip.read_bytes()[: tiny_zip.stat().st_size // 2])
-    with pytest.raises(DownloadError):
+    with pytest.raises(ExtractError):
         extract(truncated, tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
 
 
 def test_missing_source_and_single_class(tmp_path, class_folders):
-    with pytest.raises(DownloadError, match="does not exist: `dvc repro` fetches"):
+    with pytest.raises(ExtractError, match="does not exist: `dvc repro` fetches"):
         extract(tmp_path / "nope.zip", tmp_path / "raw")
     single = tmp_path / "single"
     single.mkdir()
     (class_folders / "alpha").rename(single / "alpha")
-    with pytest.raises(DownloadError, match="only one class folder"):
+    with pytest.raises(ExtractError, match="only one class folder"):
         extract(single, tmp_path / "raw")
 
 
@@ -122,7 +122,7 @@ def test_ambiguous_class_roots_ask_for_class_root(class_folders, tmp_path):
         for part in ("photos", "more"):
             for file in class_folders.rglob("*.JPG"):
                 bundle.write(file, f"{part}/{file.relative_to(class_folders).as_posix()}")
-    with pytest.raises(DownloadError, match="set download.class_root"):
+    with pytest.raises(ExtractError, match="set extract.class_root"):
         extract(archive, tmp_path / "raw")
     assert extract(archive, tmp_path / "raw", class_root="photos").num_images == 3 * PER_CLASS
 
@@ -157,7 +157,7 @@ def test_split_folders_are_kept_under_their_split_names(tmp_path, names):
 def test_class_root_may_name_the_folder_holding_the_split_folders(tmp_path):
     source = build_split_folders(tmp_path / "src" / "kept", {"train": "train", "test": "test"}, per_class=3)
     build_class_folders(tmp_path / "src" / "other", per_class=3)
-    with pytest.raises(DownloadError, match="set download.class_root"):
+    with pytest.raises(ExtractError, match="set extract.class_root"):
         extract(tmp_path / "src", tmp_path / "raw")
     info = extract(tmp_path / "src", tmp_path / "raw", class_root="kept")
     assert info.split_folders == {"train": "kept/train", "test": "kept/test"}
@@ -169,7 +169,7 @@ def test_split_folders_of_loose_images_are_refused_with_the_layout_expected(tmp_
     loose.mkdir(parents=True)
     (class_folders / "alpha").rename(loose / "train")
     (class_folders / "beta").rename(loose / "test")
-    with pytest.raises(DownloadError, match=r"<split>/<class name>/<images>"):
+    with pytest.raises(ExtractError, match=r"<split>/<class name>/<images>"):
         extract(loose, tmp_path / "raw")
 
 
@@ -183,13 +183,13 @@ def test_junk_files_are_not_copied(class_folders, tmp_path):
 
 def test_hard_links_in_tar_and_symbolic_links_in_zip_are_refused(tmp_path):
     archive = _tar(tmp_path / "hard.tar", _file("data/a/x.jpg"), _link("data/b/y.jpg", tarfile.LNKTYPE, "data/a/x.jpg"))
-    with pytest.raises(DownloadError, match="links and special files"):
+    with pytest.raises(ExtractError, match="links and special files"):
         extract(archive, tmp_path / "raw")
     archive = tmp_path / "link.zip"
     with zipfile.ZipFile(archive, "w") as bundle:
         info = zipfile.ZipInfo("data/a/link.jpg")
         info.external_attr = 0o120777 << 16  # a symbolic link entry
         bundle.writestr(info, "/etc/passwd")
-    with pytest.raises(DownloadError, match="symbolic link"):
+    with pytest.raises(ExtractError, match="symbolic link"):
         extract(archive, tmp_path / "raw")
     assert not (tmp_path / "raw").exists()

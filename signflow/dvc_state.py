@@ -19,6 +19,19 @@ from typing import Any
 
 from signflow.errors import SignflowError
 
+__all__ = [
+    "DvcError",
+    "StageInputs",
+    "default_remote",
+    "is_dvc_project",
+    "open_repo",
+    "push",
+    "record_stage",
+    "source_inputs",
+    "stage_inputs",
+    "stage_is_up_to_date",
+]
+
 log = logging.getLogger(__name__)
 
 StageInputs = dict[str, Any]

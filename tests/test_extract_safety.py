@@ -1,4 +1,4 @@
-"""The download step against hostile or odd archives: size caps, bombs, lying headers, sparse and
+"""The extract step against hostile or odd archives: size caps, bombs, lying headers, sparse and
 encrypted entries, unsupported compression, file-system failures, odd names (issue 17)."""
 
 import errno
@@ -11,13 +11,14 @@ import zipfile
 
 import pytest
 
-from signflow import download
-from signflow.download import DatasetInfo, DownloadError, extract_dataset
+import signflow.extract as extract_module
+from signflow import _archive
+from signflow.extract import DatasetInfo, ExtractError, extract_dataset
 from tests.helpers import CLASS_COLOURS, section
 
 
-def extract(source, dest, **download_params) -> DatasetInfo:
-    return extract_dataset(source, dest, section("download", **download_params))
+def extract(source, dest, **extract_params) -> DatasetInfo:
+    return extract_dataset(source, dest, section("extract", **extract_params))
 
 
 def _zip(archive, entries: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED):
@@ -48,28 +49,28 @@ def _patch_central_directory(archive, member_index: int, offset: int, fmt: str, 
 def test_zip_bomb_is_refused_before_anything_is_written(tmp_path):
     archive = _zip(tmp_path / "bomb.zip", {**_images(*TWO_CLASSES), "data/a/zeros.jpg": bytes(8 * 2**20)})
     assert archive.stat().st_size < 100_000
-    with pytest.raises(DownloadError, match=r"compression ratio of .*download\.max_compression_ratio \(100"):
+    with pytest.raises(ExtractError, match=r"compression ratio of .*extract\.max_compression_ratio \(100"):
         extract(archive, tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
     padded = {**_images(*TWO_CLASSES), "data/a/zeros.jpg": bytes(8 * 2**20), "data/b/pad.jpg": os.urandom(200_000)}
     archive = _zip(tmp_path / "padded.zip", padded)  # overall ratio ~40: only the one entry gives it away
-    with pytest.raises(DownloadError, match=r"'data/a/zeros.jpg' expands .*raise download\.max_compression_ratio"):
+    with pytest.raises(ExtractError, match=r"'data/a/zeros.jpg' expands .*raise extract\.max_compression_ratio"):
         extract(archive, tmp_path / "raw")
 
 
 def test_extracted_size_member_count_and_source_size_caps(tmp_path):
     archive = _zip(tmp_path / "big.zip", _images(*TWO_CLASSES, "data/a/3.jpg"), zipfile.ZIP_STORED)
-    with pytest.raises(DownloadError, match=r"declare 192 bytes, above download\.max_extracted_bytes \(100\)"):
+    with pytest.raises(ExtractError, match=r"declare 192 bytes, above extract\.max_extracted_bytes \(100\)"):
         extract(archive, tmp_path / "raw", max_extracted_bytes=100)
-    with pytest.raises(DownloadError, match=r"more than 2 entries, above download\.max_members \(2\)"):
+    with pytest.raises(ExtractError, match=r"more than 2 entries, above extract\.max_members \(2\)"):
         extract(archive, tmp_path / "raw", max_members=2)
     tar = tmp_path / "big.tar"
     with tarfile.open(tar, "w") as bundle:
         for name in (*TWO_CLASSES, "data/a/3.jpg"):
             bundle.add(archive, name)
-    with pytest.raises(DownloadError, match=r"download\.max_members \(2\)"):
+    with pytest.raises(ExtractError, match=r"extract\.max_members \(2\)"):
         extract(tar, tmp_path / "raw", max_members=2)
-    with pytest.raises(DownloadError, match=r"source file is .* bytes, above download\.max_source_bytes \(100\)"):
+    with pytest.raises(ExtractError, match=r"source file is .* bytes, above extract\.max_source_bytes \(100\)"):
         extract(archive, tmp_path / "raw", max_source_bytes=100)
     assert not (tmp_path / "raw").exists()
     assert extract(archive, tmp_path / "raw", max_extracted_bytes=192, max_members=3).num_images == 3
@@ -85,32 +86,32 @@ def test_sparse_tar_entry_is_refused(tmp_path):
             info.size = 1
             bundle.addfile(info, io.BytesIO(b"1"))
         bundle.addfile(member, io.BytesIO(b"1"))
-    with pytest.raises(DownloadError, match="refusing sparse entry 'data/a/x.jpg'"):
+    with pytest.raises(ExtractError, match="refusing sparse entry 'data/a/x.jpg'"):
         extract(archive, tmp_path / "raw")
 
 
 def test_zip_entry_larger_than_its_header_says_is_stopped(tmp_path):
     archive = _zip(tmp_path / "liar.zip", {**_images(*TWO_CLASSES), "data/a/big.jpg": os.urandom(50_000)})
     _patch_central_directory(archive, 2, 24, "<I", 1000)  # uncompressed size: 1,000 bytes
-    with pytest.raises(DownloadError, match="'data/a/big.jpg' does not match its header"):
+    with pytest.raises(ExtractError, match="'data/a/big.jpg' does not match its header"):
         extract(archive, tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
 
 
 def test_written_bytes_are_counted_against_the_declared_size(tmp_path):
-    with pytest.raises(DownloadError, match="'x.jpg' holds more than the 10 bytes its header declares"):
-        download._write_member(io.BytesIO(bytes(100)), tmp_path / "x.jpg", 10, "x.jpg", tmp_path / "a.tar")
+    with pytest.raises(ExtractError, match="'x.jpg' holds more than the 10 bytes its header declares"):
+        _archive._write_member(io.BytesIO(bytes(100)), tmp_path / "x.jpg", 10, "x.jpg", tmp_path / "a.tar")
     assert (tmp_path / "x.jpg").stat().st_size == 11, "the copy stops one byte past the declared size"
 
 
 def test_encrypted_and_unsupported_zip_entries_give_one_clear_error(tmp_path):
     archive = _zip(tmp_path / "secret.zip", _images(*TWO_CLASSES))
     _patch_central_directory(archive, 1, 8, "<H", 0x1)  # general purpose flag: encrypted
-    with pytest.raises(DownloadError, match="'data/b/2.jpg' is encrypted"):
+    with pytest.raises(ExtractError, match="'data/b/2.jpg' is encrypted"):
         extract(archive, tmp_path / "raw")
     archive = _zip(tmp_path / "deflate64.zip", _images(*TWO_CLASSES))
     _patch_central_directory(archive, 0, 10, "<H", 9)  # compression method 9: Deflate64
-    with pytest.raises(DownloadError, match="'data/a/1.jpg' uses Deflate64 compression"):
+    with pytest.raises(ExtractError, match="'data/a/1.jpg' uses Deflate64 compression"):
         extract(archive, tmp_path / "raw")
 
 
@@ -121,22 +122,22 @@ def test_a_decompressor_zipfile_lacks_gives_one_clear_error(tmp_path, monkeypatc
         raise NotImplementedError("That compression method is not supported")
 
     monkeypatch.setattr(zipfile.ZipFile, "open", unsupported)
-    with pytest.raises(DownloadError, match="cannot decompress entry 'data/a/1.jpg'"):
+    with pytest.raises(ExtractError, match="cannot decompress entry 'data/a/1.jpg'"):
         extract(archive, tmp_path / "raw")
 
 
 def test_disk_full_and_too_long_names_give_one_clear_error(tmp_path, monkeypatch):
     long_name = "data/a/" + "x" * 300 + ".jpg"
     archive = _zip(tmp_path / "long.zip", _images(*TWO_CLASSES, long_name))
-    with pytest.raises(DownloadError, match=f"entry '{long_name}' has a name too long for this file system"):
+    with pytest.raises(ExtractError, match=f"entry '{long_name}' has a name too long for this file system"):
         extract(archive, tmp_path / "raw")
     archive = _zip(tmp_path / "ok.zip", _images(*TWO_CLASSES))
 
     def disk_full(*args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(download, "_copy_counted", disk_full)
-    with pytest.raises(DownloadError, match="no space left on the device while extracting 'data/a/1.jpg'"):
+    monkeypatch.setattr(_archive, "_copy_counted", disk_full)
+    with pytest.raises(ExtractError, match="no space left on the device while extracting 'data/a/1.jpg'"):
         extract(archive, tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
 
@@ -148,7 +149,7 @@ def test_tar_names_that_are_not_utf8_are_refused(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = 1
             bundle.addfile(info, io.BytesIO(b"1"))
-    with pytest.raises(DownloadError, match=r"entry b'data/a/caf\\xe9.jpg' has a name that is not UTF-8"):
+    with pytest.raises(ExtractError, match=r"entry b'data/a/caf\\xe9.jpg' has a name that is not UTF-8"):
         extract(archive, tmp_path / "raw")
 
 
@@ -156,19 +157,19 @@ def test_tar_names_that_are_not_utf8_are_refused(tmp_path):
     not hasattr(tarfile, "data_filter"), reason="tarfile.data_filter is Python 3.11.4+ (signflow's own checks apply)"
 )
 def test_tarfile_data_filter_is_applied(tmp_path, monkeypatch):
-    assert download.DATA_FILTER is tarfile.data_filter
+    assert _archive.DATA_FILTER is tarfile.data_filter
 
     def refuse(member, dest):
         raise tarfile.AbsoluteLinkError(member)
 
-    monkeypatch.setattr(download, "DATA_FILTER", refuse)
+    monkeypatch.setattr(_archive, "DATA_FILTER", refuse)
     archive = tmp_path / "plain.tar"
     with tarfile.open(archive, "w") as bundle:
         for name in TWO_CLASSES:
             info = tarfile.TarInfo(name)
             info.size = 1
             bundle.addfile(info, io.BytesIO(b"1"))
-    with pytest.raises(DownloadError, match="refusing 'data/a/1.jpg'"):
+    with pytest.raises(ExtractError, match="refusing 'data/a/1.jpg'"):
         extract(archive, tmp_path / "raw")
 
 
@@ -180,7 +181,7 @@ def test_names_are_nfc_and_case_collisions_are_refused(tmp_path):
     assert info.class_names == ["b", composed] and info.counts[composed] == 2
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["SOURCE.json", "b", composed]
     archive = _zip(tmp_path / "case.zip", _images("data/A/1.jpg", "data/a/2.jpg", "data/b/3.jpg"))
-    with pytest.raises(DownloadError, match="class folders 'A' and 'a' differ only in case"):
+    with pytest.raises(ExtractError, match="class folders 'A' and 'a' differ only in case"):
         extract(archive, tmp_path / "raw2")
 
 
@@ -218,7 +219,7 @@ def test_folder_source_names_are_nfc_and_case_collisions_are_refused(tmp_path):
     assert (tmp_path / "raw" / "b" / f"{composed}3.jpg").is_file()
     (source / "B").mkdir()
     (source / "B" / "4.jpg").write_bytes(b"1")
-    with pytest.raises(DownloadError, match="class folders 'B' and 'b' differ only in case"):
+    with pytest.raises(ExtractError, match="class folders 'B' and 'b' differ only in case"):
         extract(source, tmp_path / "raw")
 
 
@@ -226,8 +227,8 @@ def test_disk_full_while_copying_a_folder_source(class_folders, tmp_path, monkey
     def disk_full(*args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(download.shutil, "copyfile", disk_full)
-    with pytest.raises(DownloadError, match="no space left on the device while extracting 'alpha/"):
+    monkeypatch.setattr(extract_module.shutil, "copyfile", disk_full)
+    with pytest.raises(ExtractError, match="no space left on the device while extracting 'alpha/"):
         extract(class_folders, tmp_path / "raw")
 
 

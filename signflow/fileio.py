@@ -20,6 +20,20 @@ from typing import Any
 
 from signflow.errors import SignflowError
 
+__all__ = [
+    "FOREIGN_SCRATCH_AGE_S",
+    "LockBusyError",
+    "atomic_path",
+    "held_lock",
+    "remove_stale_scratch",
+    "replace_dir_atomic",
+    "sha256_file",
+    "staging_dir",
+    "write_atomic",
+    "write_json_atomic",
+    "write_text_atomic",
+]
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20

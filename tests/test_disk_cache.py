@@ -155,3 +155,29 @@ def test_a_reader_keeps_its_rows_when_another_run_removes_the_entry(tmp_path):
     _entry(tmp_path, "d", 100).data_path.unlink()
     assert np.array_equal(array.read_rows([5, 50]), values[[5, 50]])
     assert isinstance(array, DiskArray)
+
+
+def test_an_entry_is_on_the_disk_before_its_name_is(tmp_path, monkeypatch):
+    """Each file of an entry is synced before it is renamed into place, and its folder after: a
+    power loss then leaves the entry whole or missing, never renamed with its data lost."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def recorded_replace(source, target):
+        events.append(("replace", os.stat(source).st_ino, Path(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    entry = _entry(tmp_path, "s", 100)
+    entry.build(_fill_with(np.ones((100, 4), dtype=np.float32)))
+    renames = [(i, event) for i, event in enumerate(events) if event[0] == "replace"]
+    assert [event[2] for _, event in renames] == [entry.data_path, entry.record_path], "rows first, record last"
+    folder = os.stat(tmp_path).st_ino
+    for position, (_, inode, target) in renames:
+        assert ("fsync", inode) in events[:position], f"{target.name} synced before its rename"
+        assert ("fsync", folder) in events[position + 1 :], f"the folder synced after {target.name}'s rename"

@@ -128,13 +128,40 @@ def _plain_mode(path: Path, directory: bool) -> int:
         return (0o777 if directory else 0o666) & ~_umask()
 
 
+def fsync_file(path: str | Path) -> None:
+    """Wait until `path`'s content is on the disk (written through any descriptor, closed or not)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Wait until the renames and deletions in `folder` are on the disk. Best effort: some
+    filesystems (network mounts, Windows) cannot sync a folder, and the rename has happened anyway."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target` in one rename.
 
-    On any error the temporary file is removed and `target` keeps its previous content. A crash
-    (SIGKILL, power loss) can leave the temporary file; the next write of `target` removes it.
-    The file gets `target`'s mode if it exists, else the umask's, as a plain write would.
+    On any error the temporary file is removed and `target` keeps its previous content. The
+    temporary file is synced to the disk before the rename and the folder after it: without that
+    a power loss can leave the renamed `target` empty or zero-filled (a filesystem may commit the
+    rename before the data). A crash (SIGKILL, power loss) can leave the temporary file; the next write of
+    `target` removes it. The file gets `target`'s mode if it exists, else the umask's, as a plain
+    write would.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +172,9 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        fsync_file(tmp)
         os.replace(tmp, target)
+        fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

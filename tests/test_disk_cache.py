@@ -1,5 +1,5 @@
 """The cache folder: rows read without growing memory, disk space checked before anything is written,
-old entries given up for new ones, a half-written entry never used."""
+old entries given up for new ones, a half-written or damaged entry never used."""
 
 import json
 import os
@@ -14,7 +14,7 @@ from signflow._disk_cache import RESERVE_BYTES, ArraySpec, CacheEntry, CacheSpac
 from signflow._model import apply_freeze_policy, create_model, preprocessing_for
 from signflow._runners import create_runner
 from signflow._training_data import TrainingData
-from tests.helpers import image_split, train_config
+from tests.helpers import build_class_folders, image_split, tiny_params, train_config
 
 
 def folder_size(folder: Path) -> int:
@@ -155,3 +155,147 @@ def test_a_reader_keeps_its_rows_when_another_run_removes_the_entry(tmp_path):
     _entry(tmp_path, "d", 100).data_path.unlink()
     assert np.array_equal(array.read_rows([5, 50]), values[[5, 50]])
     assert isinstance(array, DiskArray)
+
+
+def _counting(fill):
+    """`fill`, counting its calls in `.calls`."""
+
+    def counted(writer) -> dict:
+        counted.calls += 1
+        return fill(writer)
+
+    counted.calls = 0
+    return counted
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b"",  # emptied: a power loss after the rename, before the data reached the disk
+        b"\0" * 300,  # zero-filled, the same way
+        b'{"format": 2, "kind": "test", "ke',  # cut short
+        b"\xff\xfe\x00garbage",  # not UTF-8
+        b"[1, 2, 3]\n",  # JSON, but no record
+        b'{"format": 2, "rows": 7}\n',  # a record, but not of this entry
+    ],
+    ids=["empty", "zero-filled", "truncated", "not-utf8", "not-an-object", "another-entry"],
+)
+def test_an_unreadable_record_counts_as_a_missing_entry_and_is_built_again(tmp_path, damage, caplog):
+    values = np.arange(800, dtype=np.float32).reshape(200, 4)
+    entry = _entry(tmp_path, "g", 200)
+    entry.build(_fill_with(values))
+    entry.record_path.write_bytes(damage)
+    assert not entry.is_complete()
+    with caplog.at_level("WARNING"):
+        array, record = entry.build(_fill_with(values + 1))
+    assert np.array_equal(array.read_range(0, 200), values + 1), "the entry was built again"
+    assert record["note"] == "made by a test" and entry.is_complete()
+    assert json.loads(entry.record_path.read_text())["rows"] == 200
+    assert str(entry.record_path) in caplog.text, "the warning names the damaged record"
+
+
+@pytest.mark.parametrize("damage", ["zero-filled", "one bit flipped"])
+def test_a_damaged_file_of_the_right_size_is_built_again_not_reused(tmp_path, damage, caplog):
+    values = np.arange(800, dtype=np.float32).reshape(200, 4) + 1
+    entry = _entry(tmp_path, "z", 200)
+    fill = _counting(_fill_with(values))
+    entry.build(fill)
+    entry.build(fill)
+    assert fill.calls == 1, "an intact entry is reused"
+    content = bytearray(entry.data_path.read_bytes())
+    if damage == "zero-filled":
+        content = bytearray(len(content))
+    else:
+        content[len(content) // 2] ^= 0x10
+    entry.data_path.write_bytes(content)
+    assert entry.is_complete(), "the right size: only the checksum tells"
+    with caplog.at_level("WARNING"):
+        array, _ = entry.build(fill)
+    assert fill.calls == 2, "the damaged entry was built again"
+    assert np.array_equal(array.read_range(0, 200), values)
+    assert str(entry.data_path) in caplog.text and "CRC-32" in caplog.text
+
+
+def test_an_entry_cached_before_records_held_a_checksum_is_built_again(tmp_path):
+    values = np.ones((50, 4), dtype=np.float32)
+    entry = _entry(tmp_path, "f", 50)
+    fill = _counting(_fill_with(values))
+    entry.build(fill)
+    record = json.loads(entry.record_path.read_text())
+    del record["crc32"]
+    entry.record_path.write_text(json.dumps({**record, "format": 1}))
+    assert not entry.is_complete()
+    entry.build(fill)
+    assert fill.calls == 2 and entry.is_complete()
+
+
+def test_an_entry_is_on_the_disk_before_its_name_is(tmp_path, monkeypatch):
+    """Each file of an entry is synced before it is renamed into place, and its folder after: a
+    power loss then leaves the entry whole or missing, never renamed with its data lost."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def recorded_replace(source, target):
+        events.append(("replace", os.stat(source).st_ino, Path(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    entry = _entry(tmp_path, "s", 100)
+    entry.build(_fill_with(np.ones((100, 4), dtype=np.float32)))
+    renames = [(i, event) for i, event in enumerate(events) if event[0] == "replace"]
+    assert [event[2] for _, event in renames] == [entry.data_path, entry.record_path], "rows first, record last"
+    folder = os.stat(tmp_path).st_ino
+    for position, (_, inode, target) in renames:
+        assert ("fsync", inode) in events[:position], f"{target.name} synced before its rename"
+        assert ("fsync", folder) in events[position + 1 :], f"the folder synced after {target.name}'s rename"
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    """A tiny run that caches decoded images and frozen features (one trainable block), its model
+    fingerprint and its cache folder."""
+    from signflow._model_file import load_bundle
+    from signflow.config import parse_params
+    from signflow.download import extract_dataset
+    from signflow.split import split_dataset
+    from signflow.train import fine_tune
+
+    root = tmp_path_factory.mktemp("cached-run")
+    params = parse_params(tiny_params(epochs=2, trainable_blocks=1))
+    extract_dataset(build_class_folders(root / "dataset", per_class=8), root / "raw", params.download)
+    split_dataset(root / "raw", root / "split", params.split)
+    fine_tune(params.train, root / "raw", root / "split", root / "model.pt", root / "log.csv", root / "cache")
+    kinds = {path.name.split("-")[0] for path in (root / "cache").glob("*.bin")}
+    assert kinds == {"images", "features"}, "the run caches both kinds of entry"
+    return params, root, load_bundle(root / "model.pt").fingerprint()
+
+
+@pytest.mark.parametrize("damage", ["empty records", "garbled records", "zero-filled files"])
+def test_training_on_a_damaged_cache_rebuilds_it_and_trains_the_same_model(trained_once, tmp_path, damage, caplog):
+    from signflow._model_file import load_bundle
+    from signflow.train import fine_tune
+
+    params, root, fingerprint = trained_once
+    cache = tmp_path / "cache"
+    shutil.copytree(root / "cache", cache)
+    clean = {path.name: path.read_bytes() for path in cache.glob("*.bin")}
+    for name in clean:
+        record, rows = cache / name.replace(".bin", ".json"), cache / name
+        if damage == "empty records":
+            record.write_bytes(b"")
+        elif damage == "garbled records":
+            record.write_bytes(record.read_bytes()[:40])
+        else:
+            rows.write_bytes(bytes(rows.stat().st_size))
+    with caplog.at_level("WARNING"):
+        fine_tune(params.train, root / "raw", root / "split", tmp_path / "model.pt", tmp_path / "log.csv", cache)
+    assert load_bundle(tmp_path / "model.pt").fingerprint() == fingerprint, "the model a clean cache gives"
+    for name, content in clean.items():
+        assert (cache / name).read_bytes() == content, f"{name} was rebuilt as it was"
+        damaged = cache / (name.replace(".bin", ".json") if "records" in damage else name)
+        assert str(damaged) in caplog.text, f"a warning names {damaged.name}"

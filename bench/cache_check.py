@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-import signflow._fileio
+import signflow.fileio
 from signflow._disk_cache import ArraySpec, CacheEntry, RowWriter, gigabytes
 
 REFERENCE_TRAIN_S = 105.0
@@ -83,9 +83,9 @@ def timed(action: Callable[[], object]) -> float:
 
 def time_builds(entries: list[CacheEntry], repeats: int, synced: bool) -> float:
     """Median seconds to build every entry (each removed first); with the fsyncs off unless `synced`."""
-    saved = signflow._fileio.fsync_file, signflow._fileio.fsync_dir
+    saved = signflow.fileio.fsync_file, signflow.fileio.fsync_dir
     if not synced:
-        signflow._fileio.fsync_file = signflow._fileio.fsync_dir = lambda path: None
+        signflow.fileio.fsync_file = signflow.fileio.fsync_dir = lambda path: None
     try:
         runs = []
         for repeat in range(repeats):
@@ -95,7 +95,7 @@ def time_builds(entries: list[CacheEntry], repeats: int, synced: bool) -> float:
             runs.append(sum(timed(lambda e=e, r=repeat: e.build(random_rows(e.spec, r))[0].close()) for e in entries))
         return statistics.median(runs)
     finally:
-        signflow._fileio.fsync_file, signflow._fileio.fsync_dir = saved
+        signflow.fileio.fsync_file, signflow.fileio.fsync_dir = saved
 
 
 def time_checks(entries: list[CacheEntry], repeats: int, cold: bool) -> dict[str, float]:

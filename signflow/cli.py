@@ -179,7 +179,7 @@ def add_predict_parser(commands) -> None:
         default="auto",
         help="auto (default) = ONNX Runtime when an .onnx of the same weights is there, else PyTorch",
     )
-    sub.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    sub.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default: 32)")
     sub.add_argument("--csv", type=Path, help="also write path,rank,class,probability,error rows to this CSV")
     sub.add_argument(
         "--params",
@@ -187,6 +187,17 @@ def add_predict_parser(commands) -> None:
         default=layout.PARAMS,
         help="params file for the registry settings (default: params.yaml)",
     )
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1; anything else is argparse's one-line usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_serve_parser(commands) -> None:

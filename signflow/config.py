@@ -102,7 +102,8 @@ class SplitConfig(_Section):
     train: float = Field(gt=0, lt=1)
     valid: float = Field(ge=0, lt=1)
     test: float = Field(gt=0, lt=1)
-    seed: int
+    seed: int = Field(ge=0, le=2**32 - 1)
+    """0 to 2**32 - 1: scikit-learn's random_state (numpy's RandomState) takes no other."""
     strategy: Literal["auto", "folders", "random", "group"]
     """folders: the dataset's own train/valid/test folders (a missing valid or test is carved out of train);
     random: stratified random; group: one split per key of `group_pattern`; auto: folders when the
@@ -184,7 +185,8 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(ge=0, lt=1)
     early_stopping_patience: int = Field(ge=0)
     """Stop after this many epochs without a better validation accuracy; 0 = never stop early."""
-    seed: int
+    seed: int = Field(ge=0, le=2**32 - 1)
+    """0 to 2**32 - 1: np.random.seed takes no other."""
     augment: AugmentConfig
     cache_frozen_features: bool
     """Run the frozen layers once per image view and train only the trainable tail (see README)."""
@@ -200,8 +202,10 @@ class TrainConfig(_Section):
     cache_runtime: Literal["auto", "onnxruntime", "torch"]
     """What runs the frozen layers for the cache: auto = ONNX Runtime on the CPU, PyTorch on CUDA."""
     device: Literal["auto", "cpu", "cuda"]
-    num_threads: int = Field(ge=0)
-    """torch intra-op threads; 0 keeps torch's default (one per core)."""
+    num_threads: int = Field(ge=0, le=1024)
+    """torch intra-op threads; 0 keeps torch's default (one per core). At most 1024, more than any
+    current machine's cores: thousands make OpenMP abort the process when it cannot create them. A
+    fixed bound, not the core count, so the same params are valid on every machine that loads them."""
     channels_last: bool
     amp: bool
     """bfloat16/float16 autocast on CUDA; ignored on the CPU."""

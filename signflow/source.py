@@ -11,18 +11,27 @@ folder of class folders). It is the one place the source is written. DVC stores 
 A file source is marked `persist: true`: DVC then leaves the old copy in place until the new one is
 complete (its downloads are atomic), so an unreachable server never removes `data/source`.
 Folders are not marked: DVC would copy a changed folder over the old one and keep deleted files.
+
+DVC says an http(s) source whose host never answers (refused, no DNS name, silent) "does not exist",
+as it says of a 404. When it does, signflow asks the host once itself, and says which it was: a host
+that did not answer is a NetworkError, which a flow run's download task retries.
 """
 
 from __future__ import annotations
 
 import errno
+import http
 import logging
 import os
 import socket
+import ssl
 import stat
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from typing import Any
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 import yaml
 
@@ -111,6 +120,16 @@ def read_source(project_dir: str | Path) -> SourceRecord:
         raise SourceError(f"{path}: expected `deps: [path: URL]` and `outs: [path: data/source]`") from None
 
 
+def _fs_config(project_dir: str | Path) -> dict[str, Any]:
+    """data.dvc's `fs_config` for the source (DVC's timeouts, ssl_verify, ...); {} when there is none."""
+    record = yaml.safe_load(Workspace(Path(project_dir)).data_dvc.read_text(encoding="utf-8")) or {}
+    try:
+        fs_config = record["deps"][0].get("fs_config")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return {}
+    return fs_config if isinstance(fs_config, dict) else {}
+
+
 LOCAL_ERRNOS = frozenset({errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT})
 """Causes that are this machine's (disk full, no permission, read-only): retrying cannot help."""
 
@@ -147,6 +166,96 @@ def is_network_error(error: BaseException) -> bool:
     if any(isinstance(cause, OSError) and cause.errno in LOCAL_ERRNOS for cause in chain):
         return False
     return any(isinstance(cause, _network_types()) for cause in chain)
+
+
+UNROUTABLE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN})
+"""Causes that mean this machine has no way to the host now (offline, no route): a retry may help."""
+
+
+def _probe_timeout_s(fs_config: dict[str, Any]) -> float:
+    from dvc_http import HTTPFileSystem
+
+    # DVC's own per-request timeouts (data.dvc's fs_config, else dvc-http's default), so the probe
+    # waits as long as DVC did for one request.
+    values = [fs_config.get(key) for key in ("connect_timeout", "read_timeout")]
+    return float(max(v if isinstance(v, int | float) else HTTPFileSystem.REQUEST_TIMEOUT for v in values))
+
+
+def _http_status(url: str, fs_config: dict[str, Any]) -> int:
+    """The HTTP status a GET of `url` gets (the body is not read). No credentials are sent: any
+    answer shows the host is reachable, which is all this asks."""
+    parts = urlsplit(url)
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+    context = ssl.create_default_context()
+    if fs_config.get("ssl_verify") is False:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    elif isinstance(fs_config.get("ssl_verify"), str):
+        context.load_verify_locations(fs_config["ssl_verify"])
+    try:
+        with urllib.request.urlopen(bare, timeout=_probe_timeout_s(fs_config), context=context) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        error.close()
+        return error.code
+
+
+def _no_answer(error: BaseException, timeout_s: float) -> str | None:
+    """Why a host gave no answer at all (refused, no DNS name, silent, no route); None when it answered."""
+    cause = error.reason if isinstance(error, urllib.error.URLError) else error
+    if isinstance(cause, socket.gaierror):
+        return "the DNS lookup of its name failed"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, TimeoutError):
+        return f"no answer within {timeout_s:g} s"
+    if isinstance(cause, ConnectionError):
+        return "it dropped the connection without answering"
+    if isinstance(cause, OSError) and cause.errno in UNROUTABLE_ERRNOS:
+        return "no route to it (is the network up?)"
+    return None
+
+
+@dataclass(frozen=True)
+class _Missing:
+    """Why DVC found no source: `what` happened, `why` (naming the host, never credentials; "" when
+    unknown), the `advice`, and whether the network is to blame (a NetworkError, which a flow run retries)."""
+
+    what: str
+    why: str
+    advice: str
+    network: bool
+
+    def describe(self) -> str:
+        return f"{self.what} ({self.why})" if self.why else self.what
+
+    def error(self, shown: str, then: str = "") -> SourceError:
+        return (NetworkError if self.network else SourceError)(f"{shown} {self.describe()}{then}; {self.advice}")
+
+
+def _why_missing(url: str, fs_config: dict[str, Any]) -> _Missing:
+    """Why DVC says a source `does not exist`: for http(s) it says so as well when the host never
+    answered, so the host is asked once more, by signflow."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return _Missing("was not found or is not reachable", "", "check the path or URL, and the network", False)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    try:
+        status = _http_status(url, fs_config)
+    except Exception as error:  # noqa: BLE001 - every failure is reported, those of the network as such
+        reason = _no_answer(error, _probe_timeout_s(fs_config))
+        if reason:
+            return _Missing("is not reachable", f"{host}: {reason}", "check the network, or try again later", True)
+        return _Missing("could not be read", f"{host}: {redact_url(str(error))}", "check the URL and data.dvc", False)
+    try:
+        answer = f"{host} answered HTTP {status} {http.HTTPStatus(status).phrase}"
+    except ValueError:
+        answer = f"{host} answered HTTP {status}"
+    if status >= 500 or status == 429:
+        return _Missing("is not available now", answer, "try again later", True)
+    if status >= 400:
+        what = "was not found" if status in (404, 410) else "was refused"
+        return _Missing(what, answer, "check the URL and its credentials (`signflow source set URL_OR_PATH`)", False)
+    return _Missing("could not be read by DVC", f"{answer} now", "try again", True)
 
 
 def refuse_special_files(path: Path, shown: str) -> None:
@@ -229,7 +338,7 @@ def set_source(project_dir: str | Path, text: str, fetch: bool = True) -> Source
     return SourceSync(redact_url(url), CHANGED, True, version, f"fetched {redact_url(url)} (version {version})")
 
 
-def _fetch(repo, url: str) -> None:
+def _fetch(repo, url: str, fs_config: dict[str, Any] | None = None) -> None:
     """`dvc update data.dvc`: fetch the source if it changed (or was never fetched), record it."""
     from dvc.dependency.base import DependencyDoesNotExistError
     from dvc.exceptions import DvcException
@@ -237,8 +346,7 @@ def _fetch(repo, url: str) -> None:
     try:
         repo.update(targets=[Workspace().data_dvc.name])
     except DependencyDoesNotExistError:
-        shown = redact_url(url)
-        raise SourceError(f"{shown}: not found or not reachable (check the URL or path, and the network)") from None
+        raise _why_missing(url, fs_config or {}).error(redact_url(url)) from None
     except DvcException as error:
         failure = NetworkError if is_network_error(error) else SourceError
         raise failure(f"{redact_url(url)}: could not fetch it: {redact_url(str(error))}") from None
@@ -272,6 +380,9 @@ def check_source(project_dir: str | Path) -> tuple[SourceRecord, str]:
     record = read_source(project_dir)
     with dvc_state.open_repo(project_dir) as repo:
         state, _ = _state(repo)
+    if state == UNREACHABLE:
+        missing = _why_missing(record.url, _fs_config(project_dir))
+        log.warning("%s %s; %s", redact_url(record.url), missing.describe(), missing.advice)
     return record, state
 
 
@@ -288,24 +399,26 @@ def sync_source(repo, project_dir: str | Path) -> SourceSync:
     if state == UNCHANGED and have_copy:
         return SourceSync(shown, state, False, record.version, f"{shown}: unchanged, not downloaded")
     if state != UNREACHABLE:
-        _fetch(repo, record.url)
+        _fetch(repo, record.url, _fs_config(project_dir))
         version = read_source(project_dir).version
         fetched = version != record.version or not have_copy
         note = f"{shown}: {state}, fetched (version {version})" if fetched else f"{shown}: same content"
         return SourceSync(shown, state, fetched, version, note)
+    missing = _why_missing(record.url, _fs_config(project_dir))
     if record.version is None:
-        raise SourceError(f"{shown}: not reachable, and it was never fetched; check the URL and the network")
+        raise missing.error(shown, ", and it was never fetched")
     if not have_copy:
-        _restore_or_pull(repo, record)
+        _restore_or_pull(repo, record, missing)
     note = (
-        f"{shown} is not reachable: using the data fetched before (version {record.version}); "
-        "new data there is noticed once it is back"
+        f"{shown} {missing.what}: using the data fetched before (version {record.version}); "
+        f"new data there is noticed once it is back{f' ({missing.why})' if missing.why else ''}"
     )
     log.warning(note)
     return SourceSync(shown, state, False, record.version, note)
 
 
-def _restore_or_pull(repo, record: SourceRecord) -> None:
+def _restore_or_pull(repo, record: SourceRecord, missing: _Missing) -> None:
+    """data/source from the DVC cache or the remote, when the source cannot give it (`missing` says why)."""
     from dvc.exceptions import DvcException
 
     try:
@@ -314,16 +427,19 @@ def _restore_or_pull(repo, record: SourceRecord) -> None:
     except DvcException:
         pass
     if dvc_state.default_remote(repo) is None:
-        raise SourceError(
-            f"{redact_url(record.url)} is not reachable and data/source (version {record.version}) is neither in the "
-            "workspace nor in the DVC cache, and no DVC remote is configured"
+        raise missing.error(
+            redact_url(record.url),
+            f", and data/source (version {record.version}) is neither in the workspace nor in the DVC cache, and no "
+            "DVC remote is configured",
         )
     try:
         repo.pull(targets=[Workspace().data_dvc.name])
     except DvcException as error:
         shown = redact_url(record.url)
         failure = NetworkError if is_network_error(error) else SourceError
-        raise failure(f"{shown} is not reachable and `dvc pull data.dvc` failed: {redact_url(str(error))}") from None
+        raise failure(
+            f"{shown} {missing.describe()}, and `dvc pull data.dvc` failed: {redact_url(str(error))}"
+        ) from None
 
 
 def require_fetched(repo, project_dir: str | Path) -> SourceRecord:

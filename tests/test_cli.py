@@ -81,3 +81,13 @@ def test_a_registry_model_without_a_params_file_is_a_message(command, tmp_path, 
             pass
         err = str(error.value)
     assert f"--model champion: a registry reference needs {missing}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("batch_size", ["0", "-1", "many"])
+def test_predict_refuses_a_batch_size_below_one_in_one_line(batch_size, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--batch-size", batch_size, "--model", str(tmp_path / "model.pt"), str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("signflow predict: error: argument --batch-size:")
+    assert batch_size in err.splitlines()[-1] and "Traceback" not in err

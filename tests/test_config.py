@@ -1,13 +1,15 @@
 import ast
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from pydantic import BaseModel
 
 from signflow import layout
 from signflow.cli import COMMANDS, build_parser
-from signflow.config import ConfigError, Params, load_params, parse_params
+from signflow.config import ConfigError, Params, check_run_overrides, load_params, parse_params
 from tests.helpers import ROOT, tiny_params
 
 
@@ -60,6 +62,49 @@ def test_out_of_range_values_are_refused(section, key, value, message):
     raw[section][key] = value
     with pytest.raises(ConfigError, match=message):
         parse_params(raw)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("train.seed", -1),
+        ("train.seed", 2**32),
+        ("split.seed", -1),
+        ("split.seed", 2**32),
+        ("train.num_threads", 20000),
+    ],
+)
+def test_a_value_that_would_crash_or_abort_a_run_is_refused_at_load_time(tmp_path, key, value):
+    section, name = key.split(".")
+    raw = tiny_params()
+    raw[section][name] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: Input should be"):
+        load_params(path)
+
+
+@pytest.mark.parametrize(("key", "value"), [("train.seed", -1), ("train.seed", 2**32), ("train.num_threads", 20000)])
+def test_a_run_override_is_held_to_the_same_bounds(tmp_path, key, value):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tiny_params()))
+    check_run_overrides({key: value})  # an allowed key: the value is what is refused
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: Input should be"):
+        load_params(path, {key: value})
+
+
+def test_the_seed_bounds_are_the_ones_numpy_and_scikit_learn_take():
+    from sklearn.utils import check_random_state
+
+    raw = tiny_params()
+    raw["train"]["seed"] = raw["split"]["seed"] = 2**32 - 1
+    params = parse_params(raw)
+    np.random.seed(params.train.seed)
+    check_random_state(params.split.seed)
+    raw["train"]["seed"] = raw["split"]["seed"] = 0
+    params = parse_params(raw)
+    np.random.seed(params.train.seed)
+    check_random_state(params.split.seed)
 
 
 def test_missing_params_file_says_where(tmp_path):

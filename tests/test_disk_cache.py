@@ -261,15 +261,15 @@ def trained_once(tmp_path_factory):
     fingerprint and its cache folder."""
     from signflow._model_file import load_bundle
     from signflow.config import parse_params
-    from signflow.download import extract_dataset
+    from signflow.extract import extract_dataset
     from signflow.split import split_dataset
-    from signflow.train import fine_tune
+    from signflow.train import train_model
 
     root = tmp_path_factory.mktemp("cached-run")
     params = parse_params(tiny_params(epochs=2, trainable_blocks=1))
-    extract_dataset(build_class_folders(root / "dataset", per_class=8), root / "raw", params.download)
+    extract_dataset(build_class_folders(root / "dataset", per_class=8), root / "raw", params.extract)
     split_dataset(root / "raw", root / "split", params.split)
-    fine_tune(params.train, root / "raw", root / "split", root / "model.pt", root / "log.csv", root / "cache")
+    train_model(params.train, root / "raw", root / "split", root / "model.pt", root / "log.csv", root / "cache")
     kinds = {path.name.split("-")[0] for path in (root / "cache").glob("*.bin")}
     assert kinds == {"images", "features"}, "the run caches both kinds of entry"
     return params, root, load_bundle(root / "model.pt").fingerprint()
@@ -278,7 +278,7 @@ def trained_once(tmp_path_factory):
 @pytest.mark.parametrize("damage", ["empty records", "garbled records", "zero-filled files"])
 def test_training_on_a_damaged_cache_rebuilds_it_and_trains_the_same_model(trained_once, tmp_path, damage, caplog):
     from signflow._model_file import load_bundle
-    from signflow.train import fine_tune
+    from signflow.train import train_model
 
     params, root, fingerprint = trained_once
     cache = tmp_path / "cache"
@@ -293,7 +293,7 @@ def test_training_on_a_damaged_cache_rebuilds_it_and_trains_the_same_model(train
         else:
             rows.write_bytes(bytes(rows.stat().st_size))
     with caplog.at_level("WARNING"):
-        fine_tune(params.train, root / "raw", root / "split", tmp_path / "model.pt", tmp_path / "log.csv", cache)
+        train_model(params.train, root / "raw", root / "split", tmp_path / "model.pt", tmp_path / "log.csv", cache)
     assert load_bundle(tmp_path / "model.pt").fingerprint() == fingerprint, "the model a clean cache gives"
     for name, content in clean.items():
         assert (cache / name).read_bytes() == content, f"{name} was rebuilt as it was"

@@ -173,7 +173,7 @@ def test_a_changed_image_is_computed_again_not_reused(splits, tmp_path):
     assert (decoded == load_images(other.paths, prep).numpy()).all()
 
 
-def test_split_is_refused_for_full_fine_tune_and_used_when_frozen():
+def test_the_cut_is_refused_for_full_fine_tune_and_used_when_frozen():
     model = create_model(cfg(), num_classes=3)
     apply_freeze_policy(model, "all")
     assert cut_model(model, torch.randn(2, 3, 32, 32)) is None

@@ -1,20 +1,25 @@
 """Fetching fails in bounded time and is retried only when the network failed: a deadline on the
 download task, DVC's per-request timeouts, special files refused before anything blocks, and a
-full disk or a permission error never retried as if it were the network."""
+full disk or a permission error never retried as if it were the network. A host that does not
+answer (refused, no DNS name, silent) is "not reachable" and retried, though DVC calls it a source
+that does not exist; a 404 is not retried."""
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import shutil
 import socket
 import threading
 
 import pytest
 
-from signflow import source
+from signflow import dvc_state, source
+from signflow.cli import main
 from signflow.extract import ExtractError, extract_dataset
 from signflow.source import NetworkError, SourceError, _fetch, set_source, sync_source
-from tests.helpers import make_project, section
+from tests.helpers import EtagServer, make_project, section
 
 
 def _dvc_error(cause: BaseException):
@@ -65,19 +70,104 @@ def test_network_failures_are_network_errors(cause):
         _fetch(_FailingRepo(error), "https://example.org/d.zip")
 
 
-def test_the_download_task_retries_only_network_errors():
+def _retried_by_the_download_task(error: BaseException) -> bool:
     from tasks.pipeline import _network_failure
 
     class State:
-        def __init__(self, error):
-            self.error = error
-
         def result(self):
-            raise self.error
+            raise error
 
-    assert _network_failure(None, None, State(NetworkError("down")))
-    assert not _network_failure(None, None, State(SourceError("disk full")))
-    assert not _network_failure(None, None, State(TimeoutError("the task's deadline")))
+    return _network_failure(None, None, State())
+
+
+def test_the_download_task_retries_only_network_errors():
+    assert _retried_by_the_download_task(NetworkError("down"))
+    assert not _retried_by_the_download_task(SourceError("disk full"))
+    assert not _retried_by_the_download_task(TimeoutError("the task's deadline"))
+
+
+def _sync(project):
+    with dvc_state.open_repo(project) as repo:
+        return sync_source(repo, project)
+
+
+@pytest.fixture
+def refused_url():
+    """An http URL whose port on 127.0.0.1 is bound but not listening: every connection is refused."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    yield f"http://127.0.0.1:{closed.getsockname()[1]}/dataset.zip"
+    closed.close()
+
+
+def test_an_unreachable_source_is_a_network_error_naming_the_host_never_its_credentials(
+    tmp_path, tiny_zip, refused_url, capsys
+):
+    project = make_project(tmp_path, tiny_zip)
+    host = refused_url.split("/")[2]
+    with_secrets = refused_url.replace("//", "//reader:s3cret@") + "?token=t0ken"
+    before = (project / "data.dvc").read_bytes()
+    with pytest.raises(NetworkError) as raised:
+        set_source(project, with_secrets)
+    assert f"is not reachable ({host}: connection refused)" in str(raised.value)
+    assert "s3cret" not in str(raised.value) and "t0ken" not in str(raised.value)
+    assert (project / "data.dvc").read_bytes() == before
+    assert main(["source", "set", with_secrets, "--project-dir", str(project)]) == 1
+    err = capsys.readouterr().err
+    assert f"is not reachable ({host}: connection refused)" in err and "s3cret" not in err and "t0ken" not in err
+
+    (project / "data.dvc").write_text(source.render_data_dvc(with_secrets, True))  # a run, never fetched
+    with pytest.raises(NetworkError, match=r"is not reachable \(127\.0\.0\.1:\d+: connection refused\)") as raised:
+        _sync(project)
+    assert _retried_by_the_download_task(raised.value)
+
+
+def test_a_host_name_that_does_not_resolve_is_a_network_error(tmp_path, tiny_zip, monkeypatch):
+    real_getaddrinfo = socket.getaddrinfo
+
+    def resolve(host, *args, **kwargs):  # no DNS server is asked: this name fails as an unknown one would
+        if host == "datasets.example.org":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    project = make_project(tmp_path, "https://datasets.example.org/signs.zip")
+    with pytest.raises(
+        NetworkError, match=r"is not reachable \(datasets\.example\.org: the DNS lookup of its name failed"
+    ) as raised:
+        _sync(project)
+    assert _retried_by_the_download_task(raised.value)
+
+
+def test_a_fresh_clone_with_the_host_down_is_retried_and_source_check_says_why(tmp_path, tiny_zip, caplog):
+    server = EtagServer(tiny_zip.read_bytes())
+    project = make_project(tmp_path, server.url)
+    assert _sync(project).fetched
+    server.stop()
+    host = server.url.split("/")[2]
+    with caplog.at_level(logging.WARNING, logger="signflow.source"):
+        assert main(["source", "check", "--project-dir", str(project)]) == 1
+    assert f"is not reachable ({host}: connection refused)" in caplog.text
+
+    (project / "data" / "source").unlink()  # a fresh clone: data.dvc records a version, nothing is here
+    shutil.rmtree(project / ".dvc" / "cache")
+    with pytest.raises(NetworkError, match=r"is not reachable .* no DVC remote is configured") as raised:
+        _sync(project)
+    assert _retried_by_the_download_task(raised.value)
+
+
+def test_a_source_the_server_says_is_missing_is_not_retried(tmp_path, tiny_zip):
+    server = EtagServer(tiny_zip.read_bytes())
+    project = make_project(tmp_path, tiny_zip)
+    gone = server.url.replace("dataset.zip", "gone.zip")
+    try:
+        with pytest.raises(
+            SourceError, match=r"was not found \(127\.0\.0\.1:\d+ answered HTTP 404 Not Found\)"
+        ) as raised:
+            set_source(project, gone)
+    finally:
+        server.stop()
+    assert not _retried_by_the_download_task(raised.value)
 
 
 def test_the_download_task_has_the_deadline_from_params():
@@ -109,7 +199,6 @@ def test_a_fifo_source_is_refused_before_anything_blocks(tmp_path, tiny_zip, fif
 
 
 def test_a_fifo_recorded_in_data_dvc_is_refused_by_a_run(tmp_path, tiny_zip, fifo):
-    from signflow import dvc_state
     from signflow.source import render_data_dvc
 
     project = make_project(tmp_path, tiny_zip)
@@ -134,10 +223,8 @@ def test_a_fifo_recorded_in_data_dvc_is_refused_by_a_run(tmp_path, tiny_zip, fif
 @pytest.mark.timeout(300)  # a hang guard: DVC's default, 60 s per attempt over several attempts, would trip it
 def test_a_server_that_never_answers_fails_within_the_request_timeout(tmp_path, tiny_zip):
     """DVC's per-request timeouts (60 s by default) can be set in data.dvc's `fs_config`; the run then
-    stops saying the source is not reachable."""
+    stops saying the source is not reachable, a NetworkError the download task retries."""
     import yaml
-
-    from signflow import dvc_state
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -150,7 +237,10 @@ def test_a_server_that_never_answers_fails_within_the_request_timeout(tmp_path, 
     }
     (project / "data.dvc").write_text(yaml.safe_dump(record))
     try:
-        with pytest.raises(SourceError, match="not reachable"), dvc_state.open_repo(project) as repo:
-            sync_source(repo, project)
+        with pytest.raises(
+            NetworkError, match=r"is not reachable \(127\.0\.0\.1:\d+: no answer within 1 s\)"
+        ) as raised:
+            _sync(project)
     finally:
         listener.close()
+    assert _retried_by_the_download_task(raised.value)

@@ -68,6 +68,7 @@ def test_https_source_is_fetched_once_and_again_only_when_its_etag_changes(tmp_p
     down = _sync(project)
     assert down.state == UNREACHABLE and not down.fetched and down.version == changed.version
     assert "not reachable: using the data fetched before" in down.note
+    assert down.note.endswith(f"({served.url.split('/')[2]}: connection refused)"), "it says why"
     assert (project / "data" / "source").is_file()
     repro = subprocess.run(["dvc", "repro", "data.dvc"], cwd=project, env=venv_env, capture_output=True, text=True)
     assert repro.returncode != 0 and "does not exist" in repro.stderr
@@ -111,7 +112,7 @@ def test_a_failed_set_leaves_data_dvc_and_the_data_as_they_were(tmp_path, tiny_z
     project = make_project(tmp_path, tiny_zip)
     _sync(project)
     before = (project / "data.dvc").read_bytes()
-    with pytest.raises(SourceError, match="not found or not reachable"):
+    with pytest.raises(SourceError, match="is not reachable"):
         set_source(project, "http://127.0.0.1:9/gone.zip")
     assert (project / "data.dvc").read_bytes() == before
     assert (project / "data" / "source").is_file() and check_source(project)[1] == UNCHANGED

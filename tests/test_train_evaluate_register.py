@@ -14,7 +14,7 @@ from signflow.train import train_model
 from tests.helpers import section
 
 
-def test_fine_tune_writes_best_checkpoint_and_epoch_log(trained, tmp_path):
+def test_train_model_writes_best_checkpoint_and_epoch_log(trained, tmp_path):
     params, raw, split, result = trained
     log = pd.read_csv(tmp_path / "train_log.csv")
     assert list(log["epoch"]) == [1, 2, 3]

@@ -14,7 +14,7 @@ keeping its share. The dataset is written to --dataset-dir (kept and reused when
 images; default: a temporary folder removed afterwards).
 
 The test accuracy of a built dataset MEANS NOTHING: copies of one photo land in the train, valid
-and test splits alike, so the model is tested on near-twins of its training images. This measures
+and test splits alike, so the model is tested on near-duplicates of its training images. This measures
 time and memory only.
 
 Each run is a fresh project (this repository's dvc.yaml, params.yaml and the signflow code its

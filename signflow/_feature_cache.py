@@ -29,7 +29,7 @@ from torch import nn
 
 from signflow._augment import augment
 from signflow._disk_cache import ArraySpec, CacheEntry, DiskArray, RowWriter, content_key
-from signflow._forward import autocast_for
+from signflow._forward import autocast_for, memory_format
 from signflow._onnx import INPUT_NAME, export_module, onnx_session
 from signflow._preprocessing import Preprocessing, normalize
 from signflow._progress import progress
@@ -235,7 +235,7 @@ class FeatureCache:
 
     def __init__(self, split: CutModel, data: TrainingData, cfg: TrainConfig, device: torch.device, generator):
         self.split, self.data, self.cfg, self.device, self.generator = split, data, cfg, device, generator
-        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.memory_format = memory_format(cfg.channels_last)
         example = normalize(data.example(1).to(device), data.prep).contiguous(memory_format=self.memory_format)
         with torch.inference_mode():
             shape = tuple(split.prefix(example).shape[1:])

@@ -14,6 +14,11 @@ def autocast_for(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The layout `train.channels_last` asks for (NHWC: about 2x faster on CPU here), in every step."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module,
@@ -28,9 +33,9 @@ def predict_logits(
     was_training = model.training
     model.eval()
     outputs = []
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    layout = memory_format(channels_last)
     for start in range(0, images.shape[0], batch_size):
-        batch = normalize(images[start : start + batch_size].to(device), prep).contiguous(memory_format=memory_format)
+        batch = normalize(images[start : start + batch_size].to(device), prep).contiguous(memory_format=layout)
         with autocast_for(device, amp):
             outputs.append(model(batch).float().cpu())
     model.train(was_training)

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from signflow._markdown import calibration_rows, near_duplicate_rows
 from signflow._model_file import ModelBundle
 from signflow.split_files import test_split_description
 
@@ -98,20 +99,6 @@ def _split_description(split_report: dict[str, Any]) -> str:
     return description[0].upper() + description[1:] + ("" if description.endswith(".") else ".")
 
 
-def _near_duplicate_rows(metrics: dict[str, Any]) -> list[str]:
-    """The test images with a near-duplicate in train, and the accuracy without them when there are any."""
-    if "test_near_duplicates_in_train" not in metrics:
-        return ["| test images with a near-duplicate in train | not searched |"]
-    twins = metrics["test_near_duplicates_in_train"]
-    rows = [f"| test images with a near-duplicate in train | {twins} |"]
-    if twins and "accuracy_without_near_duplicates" in metrics:
-        rows.append(
-            f"| accuracy without those {twins} (on {metrics['test_images'] - twins} images) | "
-            f"{metrics['accuracy_without_near_duplicates']:.4f} |"
-        )
-    return rows
-
-
 def _metrics(metrics: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     test_images = metrics["test_images"]
     return [
@@ -121,10 +108,9 @@ def _metrics(metrics: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         f"| accuracy | {metrics['accuracy']:.4f} |",
         f"| macro F1 | {metrics['macro_f1']:.4f} |",
         f"| test images | {test_images} |",
-        *_near_duplicate_rows(metrics),
+        *near_duplicate_rows(metrics),
         f"| mistakes | {metrics.get('mistakes', 'n/a')} |",
-        f"| expected calibration error | {metrics.get('ece', float('nan')):.4f} |",
-        *_calibration_rows(metrics),
+        *calibration_rows(metrics),
         f"| validation accuracy (epoch {summary.get('best_epoch', '?')}) | "
         f"{summary.get('valid_accuracy', float('nan')):.4f} |",
         "",
@@ -132,16 +118,6 @@ def _metrics(metrics: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         f"{1 / max(test_images, 1):.4f}: treat differences of a few mistakes between models as noise.",
         "",
         *_calibration_note(metrics),
-    ]
-
-
-def _calibration_rows(metrics: dict[str, Any]) -> list[str]:
-    if "ece_uncalibrated" not in metrics:
-        return []
-    return [
-        f"| expected calibration error before temperature scaling | {metrics['ece_uncalibrated']:.4f} |",
-        f"| mean confidence (before temperature scaling) | {metrics['mean_confidence']:.4f} "
-        f"({metrics['mean_confidence_uncalibrated']:.4f}) |",
     ]
 
 

@@ -82,7 +82,7 @@ def near_pairs(hashes: np.ndarray, classes: np.ndarray, max_distance: int) -> tu
     """Pairs (P, 2) of row indices (first < second) of images of the same class within `max_distance`
     bits, and their distances (P,).
 
-    Only pairs within a class are searched: a near-twin with another label cannot make a test
+    Only pairs within a class are searched: a near-duplicate with another label cannot make a test
     accuracy look better than it is, and the search is cheaper by about the number of classes."""
     pairs, distances = [np.empty((0, 2), np.int64)], [np.empty(0, np.uint16)]
     for label in np.unique(classes):

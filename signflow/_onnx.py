@@ -9,6 +9,14 @@ from pathlib import Path
 import torch
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
+# The metadata keys of an exported model.onnx: the export step writes them, predict and register read
+# them (the served MLflow model keeps its own copy: it runs without signflow installed).
+META_MODEL_NAME = "signflow.model_name"
+META_CLASS_NAMES = "signflow.class_names"
+META_PREPROCESSING = "signflow.preprocessing"
+META_TEMPERATURE = "signflow.temperature"
+META_OUTPUT = "signflow.output"
+META_FINGERPRINT = "signflow.fingerprint"
 
 
 def onnx_session(model: str | Path | bytes, threads: int | None = None):

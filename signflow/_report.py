@@ -14,6 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from signflow._images import load_rgb
+from signflow._markdown import calibration_rows, markdown_table, near_duplicate_rows
 from signflow.fileio import write_atomic
 
 
@@ -163,49 +164,23 @@ def plot_mistakes(mistakes: pd.DataFrame, raw_dir: Path, total: int, path: Path)
     save_figure(figure, path)
 
 
-def _markdown_table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    lines = [header, rule]
-    for _, row in frame.iterrows():
-        cells = [floats.format(v) if isinstance(v, float) else str(v) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def split_section(split: str, metrics: dict) -> list[str]:
     """How the test split was made and, when some test images have a near-duplicate in train, the
     accuracy with and without them."""
     lines = ["## How the test split was made", "", split[0].upper() + split[1:], ""]
-    twins = metrics.get("test_near_duplicates_in_train", 0)
-    if twins:
+    in_train = metrics.get("test_near_duplicates_in_train", 0)
+    if in_train:
         lines += [
-            "| test images | accuracy |",
+            "| metric | value |",
             "|---|---|",
-            f"| all {metrics['test_images']} | {metrics['accuracy']:.4f} |",
-            f"| the {metrics['test_images'] - twins} without a near-duplicate in train | "
-            + (f"{metrics['accuracy_without_near_duplicates']:.4f} |" if twins < metrics["test_images"] else "n/a |"),
+            f"| test accuracy | {metrics['accuracy']:.4f} |",
+            *near_duplicate_rows(metrics),
             "",
-            f"{twins} test image(s) have a near-duplicate in train (listed in the split's report.json): on them the "
+            f"{in_train} test image(s) have a near-duplicate in train (listed in the split's report.json): on them the "
             "model may be recalling a training image rather than recognising a new one.",
             "",
         ]
     return lines
-
-
-def _calibration_rows(metrics: dict) -> list[str]:
-    """ECE and mean confidence as served (after temperature scaling), and before it when known."""
-    rows = [
-        f"| expected calibration error | {metrics['ece']:.4f} |",
-        f"| mean confidence | {metrics['mean_confidence']:.4f} |",
-    ]
-    if "ece_uncalibrated" in metrics:
-        rows += [
-            f"| softmax temperature (fitted on validation) | {metrics['temperature']:.4f} |",
-            f"| expected calibration error before temperature scaling | {metrics['ece_uncalibrated']:.4f} |",
-            f"| mean confidence before temperature scaling | {metrics['mean_confidence_uncalibrated']:.4f} |",
-        ]
-    return rows
 
 
 def markdown_report(
@@ -230,16 +205,16 @@ def markdown_report(
         f"| macro F1 | {metrics['macro_f1']:.4f} |",
         f"| test images | {metrics['test_images']} |",
         f"| mistakes | {metrics['mistakes']} |",
-        *_calibration_rows(metrics),
+        *calibration_rows(metrics),
         "",
         *split_section(split, metrics),
         "## Per class",
         "",
-        _markdown_table(per_class),
+        markdown_table(per_class),
         "",
         "## Most confident mistakes",
         "",
-        _markdown_table(mistakes[["path", "actual", "predicted", "probability"]])
+        markdown_table(mistakes[["path", "actual", "predicted", "probability"]])
         if not mistakes.empty
         else "None: every test image was classified correctly.",
         *label_check_note(mistakes),

@@ -15,7 +15,7 @@ from torch import nn
 from signflow._augment import augment
 from signflow._disk_cache import DiskArray, ensure_space
 from signflow._feature_cache import CachedFeatures, CutModel, FeatureCache, cut_model
-from signflow._forward import autocast_for, predict_logits
+from signflow._forward import autocast_for, memory_format, predict_logits
 from signflow._model import set_train_mode
 from signflow._preprocessing import Preprocessing, normalize
 from signflow._progress import progress
@@ -31,7 +31,7 @@ class TrainingError(SignflowError, RuntimeError):
 
 
 def memory_format_for(cfg: TrainConfig) -> torch.memory_format:
-    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+    return memory_format(cfg.channels_last)
 
 
 def train_step(

@@ -68,13 +68,13 @@ def _class_balance(images: pd.DataFrame, assignment: Assignment) -> dict[str, An
 
 
 def _near_duplicate_report(
-    images: pd.DataFrame, near: NearDuplicates | None, cfg: SplitConfig, twins: pd.DataFrame
+    images: pd.DataFrame, near: NearDuplicates | None, cfg: SplitConfig, in_train: pd.DataFrame
 ) -> dict[str, Any]:
     if near is None:
         return {"mode": "off"}
     clusters = _clusters(images, near)
     split, path = images["split"].to_numpy(), images["path"].to_numpy()
-    in_test = twins[split[twins["row"]] == "test"]
+    in_test = in_train[split[in_train["row"]] == "test"]
     return {
         "mode": cfg.near_duplicates,
         "hash": f"{HASH_BITS}-bit DCT perceptual hash of the whole image and of its central 90%, same class only",
@@ -86,12 +86,12 @@ def _near_duplicate_report(
             {"path": path[row], "train_path": path[partner], "distance": int(distance)}
             for row, partner, distance in in_test[["row", "partner", "distance"]].itertuples(index=False)
         ],
-        "valid_images_with_train_near_duplicate": int((split[twins["row"]] == "valid").sum()),
+        "valid_images_with_train_near_duplicate": int((split[in_train["row"]] == "valid").sum()),
     }
 
 
 def describe_split(report: dict[str, Any]) -> str:
-    """One sentence saying how the test split was made and whether any test image has a near-twin in
+    """One sentence saying how the test split was made and whether any test image has a near-duplicate in
     train: what the evaluation report, the model card and the registry repeat next to the accuracy."""
     return f"{_how_split(report)}; {_near_duplicate_sentence(report)}."
 
@@ -142,9 +142,9 @@ def build_report(
     cfg: SplitConfig,
     assignment: Assignment,
     near: NearDuplicates | None,
-    twins: pd.DataFrame,
+    in_train: pd.DataFrame,
 ) -> dict[str, Any]:
-    """report.json's content: `images` carry their split; `twins` are train_twins' rows."""
+    """report.json's content: `images` carry their split; `in_train` are train_near_duplicates' rows."""
     parts = {name: images[images["split"] == name] for name in SPLITS}
     report = {
         "strategy": assignment.strategy,
@@ -164,7 +164,7 @@ def build_report(
             "groups": int(len(np.unique(assignment.group[assignment.group >= 0]))),
             "images": int((assignment.group >= 0).sum()),
         },
-        "near_duplicates": _near_duplicate_report(images, near, cfg, twins),
+        "near_duplicates": _near_duplicate_report(images, near, cfg, in_train),
         "excluded": rejected,
         "max_pixels": cfg.max_pixels,
     }

@@ -22,7 +22,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from signflow import _report as report
 from signflow import layout
 from signflow._calibration import calibration_bins, expected_calibration_error, softmax
-from signflow._forward import predict_logits
+from signflow._forward import memory_format, predict_logits
 from signflow._model import resolve_device
 from signflow._model_file import ModelBundle, load_bundle
 from signflow._preprocessing import decode_chunks
@@ -120,8 +120,7 @@ def logits_for(bundle: ModelBundle, paths: list[Path], batch_size: int) -> np.nd
     (channels_last: MobileNet-style CNNs ran about twice as fast with it on the CPU). Images are
     decoded and scored a chunk at a time: memory does not grow with the test split."""
     device = resolve_device("auto")
-    memory_format = torch.channels_last if bundle.channels_last else torch.contiguous_format
-    model = bundle.build_model().to(device, memory_format=memory_format)
+    model = bundle.build_model().to(device, memory_format=memory_format(bundle.channels_last))
     chunks = decode_chunks(paths, bundle.preprocessing, chunk_size=4 * batch_size, desc="evaluate test")
     logits = [
         predict_logits(model, images, bundle.preprocessing, batch_size, device, bundle.channels_last)
@@ -149,12 +148,12 @@ def compute_metrics(labels: np.ndarray, predicted: np.ndarray, class_names: list
 
 def near_duplicate_metrics(manifest: pd.DataFrame, predictions: pd.DataFrame, split_report: dict) -> dict:
     """The number of test images with a near-duplicate in train and the accuracy on the others: a test
-    image whose near-twin was trained on measures memory, not generalisation. {} when not searched."""
+    image whose near-duplicate was trained on measures memory, not generalisation. {} when not searched."""
     if split_report.get("near_duplicates", {}).get("mode", "off") == "off" or "train_near_duplicate" not in manifest:
         return {}
-    twin = (manifest["train_near_duplicate"].fillna("").astype(str) != "").to_numpy()
-    metrics = {"test_near_duplicates_in_train": int(twin.sum())}
-    others = predictions[~twin]
+    has_near_duplicate = (manifest["train_near_duplicate"].fillna("").astype(str) != "").to_numpy()
+    metrics = {"test_near_duplicates_in_train": int(has_near_duplicate.sum())}
+    others = predictions[~has_near_duplicate]
     if len(others):
         metrics["accuracy_without_near_duplicates"] = float((others["actual"] == others["predicted"]).mean())
     return metrics

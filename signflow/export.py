@@ -22,7 +22,18 @@ import torch
 from torch import nn
 
 from signflow._model_file import ModelBundle, load_bundle
-from signflow._onnx import INPUT_NAME, OUTPUT_NAME, export_module, onnx_session
+from signflow._onnx import (
+    INPUT_NAME,
+    META_CLASS_NAMES,
+    META_FINGERPRINT,
+    META_MODEL_NAME,
+    META_OUTPUT,
+    META_PREPROCESSING,
+    META_TEMPERATURE,
+    OUTPUT_NAME,
+    export_module,
+    onnx_session,
+)
 from signflow._preprocessing import normalize
 from signflow.config import ExportConfig
 from signflow.errors import SignflowError
@@ -53,12 +64,12 @@ OUTPUT_DESCRIPTION = "logits divided by signflow.temperature: their softmax give
 
 def metadata_for(bundle: ModelBundle, fingerprint: str) -> dict[str, str]:
     return {
-        "signflow.model_name": bundle.model_name,
-        "signflow.class_names": json.dumps(bundle.class_names),
-        "signflow.preprocessing": json.dumps(bundle.preprocessing.to_dict()),
-        "signflow.temperature": repr(float(bundle.temperature)),
-        "signflow.output": OUTPUT_DESCRIPTION,
-        "signflow.fingerprint": fingerprint,
+        META_MODEL_NAME: bundle.model_name,
+        META_CLASS_NAMES: json.dumps(bundle.class_names),
+        META_PREPROCESSING: json.dumps(bundle.preprocessing.to_dict()),
+        META_TEMPERATURE: repr(float(bundle.temperature)),
+        META_OUTPUT: OUTPUT_DESCRIPTION,
+        META_FINGERPRINT: fingerprint,
     }
 
 

@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from signflow._forward import memory_format
 from signflow._images import is_image_name, is_junk
 from signflow._mlflow import VersionNotFound, downloaded_version, is_registry_reference, registry_settings
 from signflow._model_file import load_bundle
-from signflow._onnx import INPUT_NAME, onnx_session
+from signflow._onnx import INPUT_NAME, META_CLASS_NAMES, META_FINGERPRINT, META_PREPROCESSING, onnx_session
 from signflow._preprocessing import Preprocessing, normalize, read_image
 from signflow.errors import SignflowError
 from signflow.fileio import write_atomic
@@ -50,7 +51,7 @@ class TorchPredictor:
         self.class_names, self.preprocessing = bundle.class_names, bundle.preprocessing
         self.fingerprint, self.temperature = bundle.fingerprint(), bundle.temperature
         # channels_last (as trained): MobileNet-style CNNs ran about twice as fast with it on the CPU
-        self.memory_format = torch.channels_last if bundle.channels_last else torch.contiguous_format
+        self.memory_format = memory_format(bundle.channels_last)
         self.model = bundle.build_model().to(memory_format=self.memory_format)
         self.source = str(model_path)
 
@@ -70,15 +71,15 @@ class OnnxPredictor:
             raise PredictError(f"{onnx_path}: not a loadable ONNX model ({error})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         try:
-            self.class_names = json.loads(meta["signflow.class_names"])
+            self.class_names = json.loads(meta[META_CLASS_NAMES])
             # "signflow._preprocessing": the key of files exported at commit d8aea16
-            preprocessing = meta.get("signflow.preprocessing") or meta["signflow._preprocessing"]
+            preprocessing = meta.get(META_PREPROCESSING) or meta["signflow._preprocessing"]
             self.preprocessing = Preprocessing.from_dict(json.loads(preprocessing))
         except KeyError:
             raise PredictError(
                 f"{onnx_path}: no signflow metadata (class list, preprocessing); export it with `signflow export`"
             ) from None
-        self.fingerprint = meta.get("signflow.fingerprint", "")
+        self.fingerprint = meta.get(META_FINGERPRINT, "")
         self.input_name = INPUT_NAME
         self.source = str(onnx_path)
 

@@ -28,6 +28,7 @@ from signflow._mlflow import RegistryError, champion_lock, mlflow_client, resolv
 from signflow._mlflow_model import log_mlflow_model
 from signflow._model_card import render_model_card
 from signflow._model_file import ModelBundle, load_bundle
+from signflow._onnx import META_FINGERPRINT
 from signflow._provenance import data_source, data_version, fingerprint_test_set, git_commit
 from signflow._redact import redact_url
 from signflow.config import Params, RegisterConfig
@@ -203,13 +204,13 @@ def split_tags(split_report: dict[str, Any], metrics_path: Path) -> dict[str, st
     """How the test split was made, for the version's tags: the strategy, the split step's description
     and how many test images have a near-duplicate in train ("not searched" / "unknown" otherwise)."""
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
-    twins = metrics.get("test_near_duplicates_in_train")
+    in_train = metrics.get("test_near_duplicates_in_train")
     searched = split_report.get("near_duplicates", {}).get("mode", "off") != "off"
     return {
         "signflow.split_strategy": split_report.get("strategy", "unknown"),
         "signflow.split": test_split_description(split_report)[:5000],
-        "signflow.test_near_duplicates_in_train": str(twins)
-        if twins is not None
+        "signflow.test_near_duplicates_in_train": str(in_train)
+        if in_train is not None
         else ("unknown" if searched else "not searched"),
     }
 
@@ -385,7 +386,7 @@ def _check_exported_from(onnx_path: Path, fingerprint: str, model_path: str | Pa
     import onnx
 
     meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-    if meta.get("signflow.fingerprint") != fingerprint:
+    if meta.get(META_FINGERPRINT) != fingerprint:
         raise RegistryError(
             f"{onnx_path} was exported from other weights than {model_path}; run `signflow export` again"
         )

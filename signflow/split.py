@@ -366,7 +366,7 @@ def _check_cluster_sizes(images: pd.DataFrame, near: NearDuplicates, pool_rows: 
         )
 
 
-def train_twins(images: pd.DataFrame, near: NearDuplicates | None) -> pd.DataFrame:
+def train_near_duplicates(images: pd.DataFrame, near: NearDuplicates | None) -> pd.DataFrame:
     """For each valid or test row with a train image within the distance: the nearest one (row, partner, distance)."""
     if near is None or not len(near.pairs):
         return pd.DataFrame({"row": [], "partner": [], "distance": []}, dtype=np.int64)
@@ -405,10 +405,10 @@ def split_dataset(raw_dir: str | Path, out_dir: str | Path, cfg: SplitConfig) ->
     near = find_near_duplicates(images, cfg)
     assignment = assign_splits(images, strategy, split_folders, cfg, near)
     images["split"], images["group"] = assignment.split, assignment.group
-    twins = train_twins(images, near)
+    in_train = train_near_duplicates(images, near)
     images["train_near_duplicate"] = ""
-    images.loc[twins["row"].to_numpy(), "train_near_duplicate"] = images["path"].to_numpy()[twins["partner"]]
-    report = build_report(images, rejected, class_names, cfg, assignment, near, twins)
+    images.loc[in_train["row"].to_numpy(), "train_near_duplicate"] = images["path"].to_numpy()[in_train["partner"]]
+    report = build_report(images, rejected, class_names, cfg, assignment, near, in_train)
     _write_split(out_dir, images, class_names, report)
     _log_summary(report, out_dir)
     return SplitResult(class_names, report["counts"], len(rejected), strategy, report["description"])

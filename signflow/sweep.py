@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 
+from signflow._markdown import markdown_table
 from signflow._report import new_figure, save_figure
 from signflow.config import (
     Params,
@@ -180,7 +181,7 @@ def write_comparison(table: pd.DataFrame, sweep_dir: str | Path) -> dict[str, Pa
     sweep_dir = Path(sweep_dir)
     paths = {"csv": sweep_dir / "results.csv", "markdown": sweep_dir / "results.md", "plot": sweep_dir / "trials.png"}
     write_atomic(paths["csv"], lambda tmp: table.to_csv(tmp, index=False))
-    write_text_atomic(paths["markdown"], markdown_table(table))
+    write_text_atomic(paths["markdown"], markdown_table(table.drop(columns=["reproduce"])) + "\n")
     ran = table[table["valid_accuracy"].notna()]
     figure, axes = new_figure(1, 2, figsize=(11, 4.2))
     for ax, column, label in (
@@ -197,15 +198,6 @@ def write_comparison(table: pd.DataFrame, sweep_dir: str | Path) -> dict[str, Pa
         ax.legend(loc="lower right")
     save_figure(figure, paths["plot"])
     return paths
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    shown = table.drop(columns=["reproduce"])
-    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
-    for _, row in shown.iterrows():
-        cells = [f"{v:.4f}" if isinstance(v, float) and v == v else ("" if v != v else str(v)) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def run_trials(

@@ -296,7 +296,7 @@ def test_onnx_files_exported_with_the_old_preprocessing_key_still_load(trained, 
 
 
 def test_with_near_duplicates_reported_every_report_gives_the_accuracy_with_and_without_them(tmp_path, monkeypatch):
-    """split.near_duplicates: report leaves near-twins of train images in the test split; the evaluation
+    """split.near_duplicates: report leaves near-duplicates of train images in the test split; the evaluation
     report, the model card and the registry then give the accuracy on all test images and without those."""
     from mlflow import MlflowClient
 
@@ -332,7 +332,8 @@ def test_with_near_duplicates_reported_every_report_gives_the_accuracy_with_and_
     assert metrics["accuracy_without_near_duplicates"] == pytest.approx(right[~twins.to_numpy()].mean())
     text = (tmp_path / "reports" / "report.md").read_text()
     assert f"| all {len(test)} | {metrics['accuracy']:.4f} |" in text
-    assert f"| the {(~twins).sum()} without a near-duplicate in train | {right[~twins.to_numpy()].mean():.4f} |" in text
+    without = right[~twins.to_numpy()].mean()
+    assert f"| accuracy without those {twins.sum()} (on {(~twins).sum()} images) | {without:.4f} |" in text
     assert "not kept together (split.near_duplicates: report)" in text
     card = (tmp_path / "model_card.md").read_text()
     assert f"| test images with a near-duplicate in train | {twins.sum()} |" in card

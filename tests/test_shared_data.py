@@ -27,7 +27,7 @@ def test_real_archive_downloads_and_splits_stratified(shared_dir, tmp_path):
     result = split_dataset(tmp_path / "raw", tmp_path / "split", cfg)
     assert sum(result.counts.values()) + result.excluded == 2062
     # Distinct photos of similar hands: a few small near-duplicate clusters (28 of 61 images when measured),
-    # each within one class and one split, and no test image with a near-twin in train.
+    # each within one class and one split, and no test image with a near-duplicate in train.
     near = json.loads((tmp_path / "split" / "report.json").read_text())["near_duplicates"]
     assert 10 <= len(near["clusters"]) <= 60 and max(len(c["images"]) for c in near["clusters"]) <= 6
     assert all(len({p.split("/")[0] for p in c["images"]}) == 1 and len(c["splits"]) == 1 for c in near["clusters"])

@@ -14,7 +14,7 @@ Folders are not marked: DVC would copy a changed folder over the old one and kee
 
 DVC says an http(s) source whose host never answers (refused, no DNS name, silent) "does not exist",
 as it says of a 404. When it does, signflow asks the host once itself, and says which it was: a host
-that did not answer is a NetworkError, which a flow run's download task retries.
+that did not answer is a NetworkError, which a flow run's extract task retries.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 How the test split is made is `split.strategy`:
 - `folders`: the split folders the dataset ships (`data/raw/{train,valid,test}/<class>/`, kept by the
-  download step). A missing valid (or test) folder is carved out of train; the seed affects only that.
+  extract step). A missing valid (or test) folder is carved out of train; the seed affects only that.
 - `random`: a stratified random split of all images (split folders, if any, merged first).
 - `group`: all images whose path gives the same key (`split.group_pattern`) land in one split.
 - `auto`: `folders` when the dataset ships split folders, otherwise `random`.

@@ -323,20 +323,20 @@ def test_with_near_duplicates_reported_every_report_gives_the_accuracy_with_and_
     registration = _register(params, tmp_path / "model.pt", split, tmp_path)
 
     test = read_manifest(split, "test").fillna("")
-    twins = test["train_near_duplicate"] != ""
-    assert twins.sum() > 0, "this seed leaves some copies' originals in train"
+    near = test["train_near_duplicate"] != ""
+    assert near.sum() > 0, "this seed leaves some copies' originals in train"
     predictions = pd.read_csv(tmp_path / "reports" / "predictions.csv")
     right = (predictions["actual"] == predictions["predicted"]).to_numpy()
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
-    assert metrics["test_near_duplicates_in_train"] == twins.sum()
-    assert metrics["accuracy_without_near_duplicates"] == pytest.approx(right[~twins.to_numpy()].mean())
+    assert metrics["test_near_duplicates_in_train"] == near.sum()
+    assert metrics["accuracy_without_near_duplicates"] == pytest.approx(right[~near.to_numpy()].mean())
     text = (tmp_path / "reports" / "report.md").read_text()
-    assert f"| all {len(test)} | {metrics['accuracy']:.4f} |" in text
-    without = right[~twins.to_numpy()].mean()
-    assert f"| accuracy without those {twins.sum()} (on {(~twins).sum()} images) | {without:.4f} |" in text
+    assert f"| test images with a near-duplicate in train | {near.sum()} |" in text
+    without = right[~near.to_numpy()].mean()
+    assert f"| accuracy without those {near.sum()} (on {(~near).sum()} images) | {without:.4f} |" in text
     assert "not kept together (split.near_duplicates: report)" in text
     card = (tmp_path / "model_card.md").read_text()
-    assert f"| test images with a near-duplicate in train | {twins.sum()} |" in card
-    assert f"| accuracy without those {twins.sum()} (on {(~twins).sum()} images) |" in card
+    assert f"| test images with a near-duplicate in train | {near.sum()} |" in card
+    assert f"| accuracy without those {near.sum()} (on {(~near).sum()} images) |" in card
     tags = MlflowClient().get_model_version(params.register.model_name, registration.version).tags
-    assert tags["signflow.test_near_duplicates_in_train"] == str(twins.sum())
+    assert tags["signflow.test_near_duplicates_in_train"] == str(near.sum())

@@ -153,8 +153,8 @@ def test_a_cluster_swallowing_its_class_stops_a_grouped_split_and_points_to_grou
     with pytest.raises(SplitError, match=r"cluster of 12 near-duplicate images holds 67% of class 'a'.*group_pattern"):
         split_dataset(raw, tmp_path / "split", section("split"))
     result = split_dataset(raw, tmp_path / "split", section("split", near_duplicates="report"))
-    twins = report(tmp_path / "split")["near_duplicates"]["test_images_with_train_near_duplicate"]
-    assert f"{len(twins)} of {result.counts['test']} test images have a near-duplicate in train" in result.description
-    assert len(twins) > 0 and all(t["train_path"].split("/")[1].startswith("webcam") for t in twins)
+    near = report(tmp_path / "split")["near_duplicates"]["test_images_with_train_near_duplicate"]
+    assert f"{len(near)} of {result.counts['test']} test images have a near-duplicate in train" in result.description
+    assert len(near) > 0 and all(t["train_path"].split("/")[1].startswith("webcam") for t in near)
     test = manifests(tmp_path / "split")["test"].fillna("")
-    assert (test["train_near_duplicate"] != "").sum() == len(twins)
+    assert (test["train_near_duplicate"] != "").sum() == len(near)

@@ -34,7 +34,8 @@ __all__ = ["ServeError", "ServedModel", "create_app", "open_served_model", "serv
 log = logging.getLogger(__name__)
 
 MAX_IMAGE_BYTES = 10 * 2**20
-"""Largest photo or frame accepted by POST /predict (a 12-megapixel JPEG is about 5 MB)."""
+"""Largest photo or frame accepted by POST /predict (a 12-megapixel JPEG is about 5 MB). A body is
+read only up to this, declared length or not (a chunked upload declares none)."""
 MAX_TOP_K = 20
 EXAMPLE_SIZE = 64
 """Pixels of the input example stored when an .onnx file is wrapped on the fly (any size works)."""
@@ -110,6 +111,20 @@ def top_classes(served: ServedModel, image: bytes, top_k: int) -> dict[str, Any]
     return {"top": top, "error": row["error"], "ms": round((time.perf_counter() - started) * 1000, 1)}
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes: never buffered whole first."""
+    too_large = HTTPException(413, f"image larger than {limit // 2**20} MB")
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def create_app(served: ServedModel) -> FastAPI:
     """The FastAPI app: the page, the model's description and the prediction endpoint."""
     app = FastAPI(title=f"signflow: {served.name}", docs_url=None, redoc_url=None)
@@ -126,13 +141,9 @@ def create_app(served: ServedModel) -> FastAPI:
     @app.post("/predict")
     async def predict(request: Request, top_k: int = Query(3, ge=1, le=MAX_TOP_K)) -> dict[str, Any]:
         """Top-k classes of the image file in the request body (JPEG, PNG, ...)."""
-        if int(request.headers.get("content-length") or 0) > MAX_IMAGE_BYTES:
-            raise HTTPException(413, f"image larger than {MAX_IMAGE_BYTES // 2**20} MB")
-        body = await request.body()
+        body = await read_body(request, MAX_IMAGE_BYTES)
         if not body:
             raise HTTPException(400, "empty request: post the image file's bytes as the body")
-        if len(body) > MAX_IMAGE_BYTES:
-            raise HTTPException(413, f"image larger than {MAX_IMAGE_BYTES // 2**20} MB")
         result = await run_in_threadpool(top_classes, served, body, top_k)
         if result.pop("error"):
             raise HTTPException(422, "cannot read the image: send a JPEG, PNG or other image file")

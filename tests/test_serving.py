@@ -322,6 +322,81 @@ def test_serve_app_describes_the_model_and_classifies_uploads(registry):
         assert client.post("/predict?top_k=0", content=image.read_bytes()).status_code == 422
 
 
+class AnsweringModel:
+    """A stand-in for the served pyfunc model: every image is class "a"; `predict` runs `on_predict` first."""
+
+    def __init__(self, on_predict=lambda: None):
+        self.on_predict = on_predict
+
+    def predict(self, frame, params=None):
+        import pandas as pd
+
+        self.on_predict()
+        return pd.DataFrame([{"classes": ["a"], "probabilities": [1.0], "error": None}] * len(frame))
+
+
+def answering_app(on_predict=lambda: None):
+    from signflow.serve import ServedModel, create_app
+
+    return create_app(ServedModel(AnsweringModel(on_predict), "stand-in", None, ["a"], "stand-in"))
+
+
+def small_png() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+async def post_chunked(app, chunks) -> tuple[int, int]:
+    """POST /predict with a chunked body (no Content-Length), straight to the ASGI app, as uvicorn
+    passes it on; (status, bytes the app read before answering)."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"transfer-encoding", b"chunked")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    chunks, read, status = iter(chunks), 0, []
+
+    async def receive() -> dict:
+        nonlocal read
+        chunk = next(chunks, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        read += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    await app(scope, receive, send)
+    return status[0], read
+
+
+def test_serve_stops_reading_a_chunked_upload_at_the_size_limit():
+    """A chunked upload declares no length: the server must stop reading at the limit, not buffer
+    all of it first (a 300 MB upload raised its memory by 300 MB before the 413)."""
+    from signflow.serve import MAX_IMAGE_BYTES
+
+    app, mebibyte = answering_app(), b"x" * 2**20
+    status, read = asyncio.run(post_chunked(app, [mebibyte] * (4 * MAX_IMAGE_BYTES // 2**20)))
+    assert status == 413
+    assert read <= MAX_IMAGE_BYTES + len(mebibyte), f"read {read / 2**20:.0f} MB of a 40 MB upload"
+    image = small_png()
+    assert asyncio.run(post_chunked(app, [image[:100], image[100:]])) == (200, len(image))
+
+
 def test_serve_loads_an_onnx_file_and_names_what_it_cannot_load(registry, tmp_path):
     from signflow.serve import ServeError, open_served_model
 

@@ -25,10 +25,20 @@ DEFAULT_MAX_PIXELS = 50_000_000
 they recorded the split.max_pixels they were made with."""
 PILLOW_BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 """Pillow's own refusal at open, and its warning, which a warnings filter may turn into an error."""
+READ_ERRORS = (OSError, ValueError, SyntaxError)
+"""What Pillow raises for a file it cannot read (load_rgb turns its bomb refusals into ImageRefused)."""
 
 
 class ImageRefused(ValueError):
     """An image that is readable but refused (too many pixels, absurd shape); the message says why."""
+
+
+def unreadable_reason(error: Exception) -> str:
+    """Why an image could not be decoded, for people. A damaged file can make Pillow raise nearly
+    anything (a malformed TIFF: TypeError, OverflowError), so callers catch every Exception there."""
+    if isinstance(error, READ_ERRORS):
+        return str(error) or type(error).__name__
+    return f"damaged or unsupported image file ({type(error).__name__}: {error})"
 
 
 def is_image_name(path: str | Path) -> bool:

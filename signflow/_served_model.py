@@ -12,8 +12,8 @@ same pixels); the class list, preprocessing and temperature come from the ONNX f
 Input: a DataFrame with a column `image` holding the encoded bytes of an image file (JPEG, PNG,
 ...), as bytes or as a base64 string (a JSON request to /invocations sends base64).
 Output: one row per image: `classes` and `probabilities` (top-k, best first), `label` and
-`probability` (the best), `error` (why an image could not be read; the other rows still get an
-answer). Param: `top_k` (3 unless given).
+`probability` (the best), `error` (why an image could not be read, whatever the decoder raised; the
+other rows still get an answer). Param: `top_k` (3 unless given).
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ DEFAULT_MAX_PIXELS = 50_000_000
 """As signflow._images.DEFAULT_MAX_PIXELS: the limit of a model whose metadata does not record the
 split.max_pixels it was trained with."""
 BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+READ_ERRORS = (binascii.Error, OSError, ValueError, SyntaxError, *BOMB_ERRORS)
+"""What an unreadable file usually raises; a damaged one can make Pillow raise anything else too."""
 
 
 def decode_rgb(data: bytes, max_side: int, max_pixels: int = DEFAULT_MAX_PIXELS):
@@ -116,9 +118,8 @@ class SignflowOnnxModel(PythonModel):
             try:
                 arrays.append(self.to_uint8(image_bytes(value)))
                 readable.append(index)
-            except (binascii.Error, OSError, ValueError, SyntaxError, *BOMB_ERRORS) as error:
-                reason = "not a readable image file" if isinstance(error, UnidentifiedImageError) else str(error)
-                rows[index]["error"] = f"cannot read image: {reason or type(error).__name__}"
+            except Exception as error:  # noqa: BLE001 - any decoder failure is this row's error, never the batch's
+                rows[index]["error"] = f"cannot read image: {unreadable_reason(error)}"
         if arrays:
             for index, row in zip(readable, self.probabilities(np.stack(arrays)), strict=True):
                 order = np.argsort(-row, kind="stable")[:top_k]
@@ -129,6 +130,14 @@ class SignflowOnnxModel(PythonModel):
                     probability=float(row[order[0]]),
                 )
         return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def unreadable_reason(error: Exception) -> str:
+    if isinstance(error, UnidentifiedImageError):
+        return "not a readable image file"
+    if isinstance(error, READ_ERRORS):
+        return str(error) or type(error).__name__
+    return f"damaged or unsupported image file ({type(error).__name__}: {error})"
 
 
 set_model(SignflowOnnxModel())

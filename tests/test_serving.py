@@ -28,7 +28,7 @@ from signflow.config import Params, load_params
 from signflow.layout import ModelOutputs
 from signflow.predict import OnnxPredictor, TorchPredictor, predict_images
 from tests.browser import Chromium, chromium_binary, frames_from_images, write_y4m
-from tests.helpers import ROOT, build_class_folders, make_image, tiny_params, venv_path
+from tests.helpers import MALFORMED_TIFFS, ROOT, build_class_folders, make_image, tiny_params, venv_path
 
 
 @dataclass(frozen=True)
@@ -292,11 +292,15 @@ def test_predict_onnx_and_the_mlflow_model_give_the_same_calibrated_probabilitie
 def test_the_mlflow_model_answers_each_row_even_when_some_are_unreadable(pyfunc, registry):
     import pandas as pd
 
-    rows = pd.DataFrame({"image": [b64(registry.image("alpha")), "not base64!", b64(registry.root / "params.yaml")]})
+    unreadable = ["not base64!", b64(registry.root / "params.yaml"), *map(b64, MALFORMED_TIFFS)]
+    rows = pd.DataFrame({"image": [b64(registry.image("alpha")), *unreadable, b64(registry.image("beta"))]})
     answers = pyfunc.predict(rows, params={"top_k": 1})
-    assert answers["label"].iloc[0] == "alpha" and len(answers["classes"].iloc[0]) == 1
+    assert answers["label"].iloc[0] == "alpha" and answers["label"].iloc[-1] == "beta"
+    assert list(answers["classes"]) == [["alpha"], *[[]] * len(unreadable), ["beta"]]
     assert "cannot read image" in answers["error"].iloc[1] and answers["classes"].iloc[1] == []
     assert answers["error"].iloc[2] == "cannot read image: not a readable image file"
+    for error in answers["error"].iloc[3:-1]:  # Pillow raises TypeError and OverflowError on these TIFFs
+        assert error.startswith("cannot read image: damaged or unsupported image file ("), error
 
 
 def test_serve_app_describes_the_model_and_classifies_uploads(registry):
@@ -318,6 +322,8 @@ def test_serve_app_describes_the_model_and_classifies_uploads(registry):
         assert len(client.post("/predict?top_k=1", content=image.read_bytes()).json()["top"]) == 1
         assert client.post("/predict", content=b"").status_code == 400
         assert client.post("/predict", content=b"not an image").status_code == 422
+        for tiff in MALFORMED_TIFFS:  # Pillow raises TypeError and OverflowError on these: still a 422
+            assert client.post("/predict", content=tiff.read_bytes()).status_code == 422, tiff.name
         assert client.post("/predict", content=b"x" * (MAX_IMAGE_BYTES + 1)).status_code == 413
         assert client.post("/predict?top_k=0", content=image.read_bytes()).status_code == 422
 

@@ -72,6 +72,23 @@ def load_rgb(path: str | Path, max_side: int | None = None, max_pixels: int = PI
 
 
 def _decode_rgb(path: str | Path, max_side: int | None, max_pixels: int) -> Image.Image:
+    # Outside `with` (which holds the opened image to its end), each step drops the image before it:
+    # a 50-megapixel RGBA PNG peaks at 3 full copies (decoded, white background, composite), not 5,
+    # and an RGB one at 1, not 3 (bench/serve_memory.py measures the served model's copy of this).
+    image = _open_decoded(path, max_side, max_pixels)
+    ImageOps.exif_transpose(image, in_place=True)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda value: value * (1 / 256)).convert("L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        del image
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _open_decoded(path: str | Path, max_side: int | None, max_pixels: int) -> Image.Image:
+    """The image decoded as stored (large JPEGs in draft mode), refused from its header when too large."""
     with Image.open(path) as image:
         if image.width * image.height > max_pixels:
             raise ImageRefused(
@@ -81,14 +98,7 @@ def _decode_rgb(path: str | Path, max_side: int | None, max_pixels: int) -> Imag
         if max_side is not None and image.format == "JPEG":
             image.draft("RGB", (max_side, max_side))
         image.load()
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            image = image.point(lambda value: value * (1 / 256)).convert("L")
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, rgba)
-        return image.convert("RGB")
+    return image
 
 
 def check_image(path: str | Path, max_pixels: int, max_aspect_ratio: float) -> tuple[int, int, Image.Image]:

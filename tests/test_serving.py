@@ -303,6 +303,28 @@ def test_the_mlflow_model_answers_each_row_even_when_some_are_unreadable(pyfunc,
         assert error.startswith("cannot read image: damaged or unsupported image file ("), error
 
 
+def test_the_mlflow_model_runs_a_long_request_in_fixed_size_batches(pyfunc, registry, monkeypatch):
+    """1000 rows in one request once took 2.5 GB as one ONNX batch: batches are capped, answers unchanged."""
+    import pandas as pd
+
+    from signflow._served_model import BATCH_SIZE
+
+    model = pyfunc.unwrap_python_model()
+    images = [b64(registry.image(label)) for label in ("alpha", "beta", "gamma ü")]
+    alone = [pyfunc.predict(pd.DataFrame({"image": [image]}))["label"].iloc[0] for image in images]
+    batch_sizes, probabilities = [], model.probabilities
+
+    def recording(batch: np.ndarray) -> np.ndarray:
+        batch_sizes.append(len(batch))
+        return probabilities(batch)
+
+    monkeypatch.setattr(model, "probabilities", recording)
+    rows = 3 * BATCH_SIZE + 2
+    answers = pyfunc.predict(pd.DataFrame({"image": [images[i % 3] for i in range(rows)]}))
+    assert list(answers["label"]) == [alone[i % 3] for i in range(rows)]
+    assert sum(batch_sizes) == rows and max(batch_sizes) == BATCH_SIZE
+
+
 def test_serve_app_describes_the_model_and_classifies_uploads(registry):
     from fastapi.testclient import TestClient
 
@@ -401,6 +423,47 @@ def test_serve_stops_reading_a_chunked_upload_at_the_size_limit():
     assert read <= MAX_IMAGE_BYTES + len(mebibyte), f"read {read / 2**20:.0f} MB of a 40 MB upload"
     image = small_png()
     assert asyncio.run(post_chunked(app, [image[:100], image[100:]])) == (200, len(image))
+
+
+def test_serve_decodes_at_most_decode_slots_images_at_once():
+    """DECODE_SLOTS + 1 requests at once: the barrier below opens only if all of them decode at the
+    same time, which the server must never allow (each decode can take 16 bytes a pixel)."""
+    import threading
+
+    import httpx
+
+    from signflow.serve import DECODE_SLOTS
+
+    barrier, crowded = threading.Barrier(DECODE_SLOTS + 1, timeout=2), []
+
+    def decode() -> None:
+        try:
+            barrier.wait()
+            crowded.append(True)
+        except threading.BrokenBarrierError:  # fewer arrived: the extra one was waiting its turn
+            pass
+
+    async def post_all() -> list[int]:
+        transport = httpx.ASGITransport(app=answering_app(decode))
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve") as client:
+            posts = [client.post("/predict", content=small_png()) for _ in range(DECODE_SLOTS + 1)]
+            return [response.status_code for response in await asyncio.gather(*posts)]
+
+    assert asyncio.run(post_all()) == [200] * (DECODE_SLOTS + 1)
+    assert not crowded, f"{DECODE_SLOTS + 1} images were decoded at once; the limit is {DECODE_SLOTS}"
+
+
+def test_serve_caps_the_open_connections(monkeypatch, registry):
+    """Waiting requests hold their body: uvicorn answers 503 past MAX_CONNECTIONS, so they cost at
+    most MAX_CONNECTIONS x MAX_IMAGE_BYTES."""
+    import uvicorn
+
+    from signflow.serve import MAX_CONNECTIONS, serve
+
+    settings = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: settings.update(kwargs))
+    serve(str(registry.root / "model.onnx"), registry.root / "params.yaml", "127.0.0.1", 8000)
+    assert settings["limit_concurrency"] == MAX_CONNECTIONS
 
 
 def test_serve_loads_an_onnx_file_and_names_what_it_cannot_load(registry, tmp_path):

@@ -25,10 +25,20 @@ DEFAULT_MAX_PIXELS = 50_000_000
 they recorded the split.max_pixels they were made with."""
 PILLOW_BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 """Pillow's own refusal at open, and its warning, which a warnings filter may turn into an error."""
+READ_ERRORS = (OSError, ValueError, SyntaxError)
+"""What Pillow raises for a file it cannot read (load_rgb turns its bomb refusals into ImageRefused)."""
 
 
 class ImageRefused(ValueError):
     """An image that is readable but refused (too many pixels, absurd shape); the message says why."""
+
+
+def unreadable_reason(error: Exception) -> str:
+    """Why an image could not be decoded, for people. A damaged file can make Pillow raise nearly
+    anything (a malformed TIFF: TypeError, OverflowError), so callers catch every Exception there."""
+    if isinstance(error, READ_ERRORS):
+        return str(error) or type(error).__name__
+    return f"damaged or unsupported image file ({type(error).__name__}: {error})"
 
 
 def is_image_name(path: str | Path) -> bool:
@@ -62,6 +72,23 @@ def load_rgb(path: str | Path, max_side: int | None = None, max_pixels: int = PI
 
 
 def _decode_rgb(path: str | Path, max_side: int | None, max_pixels: int) -> Image.Image:
+    # Outside `with` (which holds the opened image to its end), each step drops the image before it:
+    # a 50-megapixel RGBA PNG peaks at 3 full copies (decoded, white background, composite), not 5,
+    # and an RGB one at 1, not 3 (bench/serve_memory.py measures the served model's copy of this).
+    image = _open_decoded(path, max_side, max_pixels)
+    ImageOps.exif_transpose(image, in_place=True)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda value: value * (1 / 256)).convert("L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        del image
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _open_decoded(path: str | Path, max_side: int | None, max_pixels: int) -> Image.Image:
+    """The image decoded as stored (large JPEGs in draft mode), refused from its header when too large."""
     with Image.open(path) as image:
         if image.width * image.height > max_pixels:
             raise ImageRefused(
@@ -71,14 +98,7 @@ def _decode_rgb(path: str | Path, max_side: int | None, max_pixels: int) -> Imag
         if max_side is not None and image.format == "JPEG":
             image.draft("RGB", (max_side, max_side))
         image.load()
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            image = image.point(lambda value: value * (1 / 256)).convert("L")
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, rgba)
-        return image.convert("RGB")
+    return image
 
 
 def check_image(path: str | Path, max_pixels: int, max_aspect_ratio: float) -> tuple[int, int, Image.Image]:

@@ -12,8 +12,8 @@ same pixels); the class list, preprocessing and temperature come from the ONNX f
 Input: a DataFrame with a column `image` holding the encoded bytes of an image file (JPEG, PNG,
 ...), as bytes or as a base64 string (a JSON request to /invocations sends base64).
 Output: one row per image: `classes` and `probabilities` (top-k, best first), `label` and
-`probability` (the best), `error` (why an image could not be read; the other rows still get an
-answer). Param: `top_k` (3 unless given).
+`probability` (the best), `error` (why an image could not be read, whatever the decoder raised; the
+other rows still get an answer). Rows are run BATCH_SIZE at a time. Param: `top_k` (3 unless given).
 """
 
 from __future__ import annotations
@@ -40,24 +40,38 @@ DEFAULT_MAX_PIXELS = 50_000_000
 """As signflow._images.DEFAULT_MAX_PIXELS: the limit of a model whose metadata does not record the
 split.max_pixels it was trained with."""
 BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+READ_ERRORS = (binascii.Error, OSError, ValueError, SyntaxError, *BOMB_ERRORS)
+"""What an unreadable file usually raises; a damaged one can make Pillow raise anything else too."""
+BATCH_SIZE = 32
+"""Rows decoded and run through ONNX Runtime at once, so a request of any length costs one batch's
+memory: 1000 small JPEGs for mobilenetv2_100 at 160 px took the peak RSS from 0.3 to 5.3 GB as one
+batch, to 0.49 GB in batches of 32 (and ran faster)."""
 
 
 def decode_rgb(data: bytes, max_side: int, max_pixels: int = DEFAULT_MAX_PIXELS):
     """As signflow._images.load_rgb: an image over `max_pixels` refused from its header, before
-    decoding; JPEG draft mode, EXIF rotation, 16-bit and alpha flattened on white, then 8-bit RGB."""
+    decoding; JPEG draft mode, EXIF rotation, 16-bit and alpha flattened on white, then 8-bit RGB.
+    Each step drops the previous image: a 50-megapixel RGBA PNG peaks at 3 full copies, not 5."""
+    image = open_decoded(data, max_side, max_pixels)
+    ImageOps.exif_transpose(image, in_place=True)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda value: value * (1 / 256)).convert("L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        del image
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def open_decoded(data: bytes, max_side: int, max_pixels: int):
+    """The image decoded as stored (large JPEGs in draft mode), refused from its header when too large."""
     with Image.open(io.BytesIO(data)) as image:
         if image.width * image.height > max_pixels:
             raise ValueError(f"{image.width}x{image.height} pixels is above the limit of {max_pixels:,} pixels")
         if image.format == "JPEG":
             image.draft("RGB", (max_side, max_side))
         image.load()
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            image = image.point(lambda value: value * (1 / 256)).convert("L")
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        return image.convert("RGB")
+    return image
 
 
 def image_bytes(value) -> bytes:
@@ -110,15 +124,22 @@ class SignflowOnnxModel(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         top_k = max(1, min(int((params or {}).get("top_k", 3)), len(self.class_names)))
-        rows = [{**dict.fromkeys(COLUMNS), "classes": [], "probabilities": []} for _ in range(len(model_input))]
+        images = list(model_input["image"])
+        rows = []
+        for start in range(0, len(images), BATCH_SIZE):
+            rows += self.answer(images[start : start + BATCH_SIZE], top_k)
+        return pd.DataFrame(rows, columns=COLUMNS)
+
+    def answer(self, images: list, top_k: int) -> list[dict]:
+        """One row per image of a batch: its top-k classes, or why it could not be read."""
+        rows = [{**dict.fromkeys(COLUMNS), "classes": [], "probabilities": []} for _ in images]
         arrays, readable = [], []
-        for index, value in enumerate(model_input["image"]):
+        for index, value in enumerate(images):
             try:
                 arrays.append(self.to_uint8(image_bytes(value)))
                 readable.append(index)
-            except (binascii.Error, OSError, ValueError, SyntaxError, *BOMB_ERRORS) as error:
-                reason = "not a readable image file" if isinstance(error, UnidentifiedImageError) else str(error)
-                rows[index]["error"] = f"cannot read image: {reason or type(error).__name__}"
+            except Exception as error:  # noqa: BLE001 - any decoder failure is this row's error, never the batch's
+                rows[index]["error"] = f"cannot read image: {unreadable_reason(error)}"
         if arrays:
             for index, row in zip(readable, self.probabilities(np.stack(arrays)), strict=True):
                 order = np.argsort(-row, kind="stable")[:top_k]
@@ -128,7 +149,15 @@ class SignflowOnnxModel(PythonModel):
                     label=self.class_names[order[0]],
                     probability=float(row[order[0]]),
                 )
-        return pd.DataFrame(rows, columns=COLUMNS)
+        return rows
+
+
+def unreadable_reason(error: Exception) -> str:
+    if isinstance(error, UnidentifiedImageError):
+        return "not a readable image file"
+    if isinstance(error, READ_ERRORS):
+        return str(error) or type(error).__name__
+    return f"damaged or unsupported image file ({type(error).__name__}: {error})"
 
 
 set_model(SignflowOnnxModel())

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from signflow._forward import memory_format
-from signflow._images import is_image_name, is_junk
+from signflow._images import is_image_name, is_junk, unreadable_reason
 from signflow._mlflow import VersionNotFound, downloaded_version, is_registry_reference, registry_settings
 from signflow._model_file import load_bundle
 from signflow._onnx import INPUT_NAME, META_CLASS_NAMES, META_FINGERPRINT, META_PREPROCESSING, onnx_session
@@ -223,9 +223,8 @@ def predict_images(
                 try:
                     tensors.append(read_image(path, predictor.preprocessing))
                     readable.append(prediction)
-                # PIL raises all three for bad files; load_rgb turns its decompression-bomb refusals into ValueError
-                except (OSError, ValueError, SyntaxError) as exc:
-                    prediction.error = f"cannot read image: {exc}"
+                except Exception as exc:  # noqa: BLE001 - any decoder failure is this file's error, never the run's
+                    prediction.error = f"cannot read image: {unreadable_reason(exc)}"
             results.append(prediction)
         if tensors:
             probabilities = predictor.probabilities(torch.stack(tensors))

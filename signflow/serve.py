@@ -6,11 +6,17 @@ classifies a photo instead when there is no camera. It shows the model's name, v
 list from `GET /info`. The model is the version's MLflow model (signflow._mlflow_model): ONNX
 Runtime, the preprocessing and temperature it was registered with, no PyTorch. FastAPI and uvicorn
 serve it, on 127.0.0.1 unless told otherwise (browsers allow the camera only on localhost or HTTPS).
+
+Memory is bounded whatever clients send: a server needs its idle size (0.3 GB with mobilenetv2_100
+at 160 px) + DECODE_SLOTS x 16 bytes x the model's max_pixels (split.max_pixels: 0.8 GB a slot at
+the default 50 MP) + MAX_CONNECTIONS x 2 x MAX_IMAGE_BYTES (bodies being read: 0.64 GB). That is
+2.6 GB on 2 cores and 4.2 GB on 4 or more; bench/serve_memory.py measures the decoding part.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,10 +26,12 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
+
 # FastAPI resolves the endpoints' (string) annotations in this module's globals: imported here
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
-from starlette.concurrency import run_in_threadpool
 
 from signflow._mlflow import VersionNotFound, downloaded_version, is_registry_reference, registry_settings
 from signflow._mlflow_model import load_mlflow_model, save_mlflow_model
@@ -34,7 +42,15 @@ __all__ = ["ServeError", "ServedModel", "create_app", "open_served_model", "serv
 log = logging.getLogger(__name__)
 
 MAX_IMAGE_BYTES = 10 * 2**20
-"""Largest photo or frame accepted by POST /predict (a 12-megapixel JPEG is about 5 MB)."""
+"""Largest photo or frame accepted by POST /predict (a 12-megapixel JPEG is about 5 MB). A body is
+read only up to this, declared length or not (a chunked upload declares none)."""
+DECODE_SLOTS = min(4, os.cpu_count() or 1)
+"""Images decoded and classified at once (one a core, at most 4, so the memory bound does not grow
+with the machine); other requests wait their turn holding only their body. Decoding one image at
+the model's pixel limit takes up to about 16 bytes a pixel (bench/serve_memory.py at 50 MP: a
+lossless WebP 0.76 GB, an RGBA PNG 0.57 GB, a 1-bit PNG 0.24 GB)."""
+MAX_CONNECTIONS = 32
+"""Open connections uvicorn serves before answering 503: each holds at most one body."""
 MAX_TOP_K = 20
 EXAMPLE_SIZE = 64
 """Pixels of the input example stored when an .onnx file is wrapped on the fly (any size works)."""
@@ -110,6 +126,20 @@ def top_classes(served: ServedModel, image: bytes, top_k: int) -> dict[str, Any]
     return {"top": top, "error": row["error"], "ms": round((time.perf_counter() - started) * 1000, 1)}
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes: never buffered whole first."""
+    too_large = HTTPException(413, f"image larger than {limit // 2**20} MB")
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def create_app(served: ServedModel) -> FastAPI:
     """The FastAPI app: the page, the model's description and the prediction endpoint."""
     app = FastAPI(title=f"signflow: {served.name}", docs_url=None, redoc_url=None)
@@ -123,17 +153,15 @@ def create_app(served: ServedModel) -> FastAPI:
     def info() -> dict[str, Any]:
         return served.info()
 
+    decode_slots = anyio.CapacityLimiter(DECODE_SLOTS)
+
     @app.post("/predict")
     async def predict(request: Request, top_k: int = Query(3, ge=1, le=MAX_TOP_K)) -> dict[str, Any]:
         """Top-k classes of the image file in the request body (JPEG, PNG, ...)."""
-        if int(request.headers.get("content-length") or 0) > MAX_IMAGE_BYTES:
-            raise HTTPException(413, f"image larger than {MAX_IMAGE_BYTES // 2**20} MB")
-        body = await request.body()
+        body = await read_body(request, MAX_IMAGE_BYTES)
         if not body:
             raise HTTPException(400, "empty request: post the image file's bytes as the body")
-        if len(body) > MAX_IMAGE_BYTES:
-            raise HTTPException(413, f"image larger than {MAX_IMAGE_BYTES // 2**20} MB")
-        result = await run_in_threadpool(top_classes, served, body, top_k)
+        result = await anyio.to_thread.run_sync(top_classes, served, body, top_k, limiter=decode_slots)
         if result.pop("error"):
             raise HTTPException(422, "cannot read the image: send a JPEG, PNG or other image file")
         return result
@@ -149,4 +177,11 @@ def serve(spec: str, params_path: str | Path, host: str, port: int) -> None:
         log.info("serving %s (%d classes) at http://%s:%d/", served.source, len(served.class_names), host, port)
         if host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("browsers allow the camera only on localhost or HTTPS; other machines can upload photos only")
-        uvicorn.run(create_app(served), host=host, port=port, access_log=False, log_level="info")
+        uvicorn.run(
+            create_app(served),
+            host=host,
+            port=port,
+            access_log=False,
+            log_level="info",
+            limit_concurrency=MAX_CONNECTIONS,
+        )

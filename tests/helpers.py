@@ -18,6 +18,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+MALFORMED_TIFFS = sorted((ROOT / "tests" / "data").glob("crash_TIFF_*.bin"))
+"""Fuzzed TIFFs on which Pillow's decoder raises TypeError and OverflowError (found by a fuzzer)."""
 CLASS_COLOURS = {"alpha": (200, 40, 40), "beta": (40, 200, 40), "gamma ü": (40, 40, 200)}
 PER_CLASS = 12
 

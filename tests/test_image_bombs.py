@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from signflow._images import DEFAULT_MAX_PIXELS, PILLOW_PIXEL_LIMIT, ImageRefused, check_image, load_rgb
 from signflow._preprocessing import ImageReadError, Preprocessing, decode_chunks
@@ -23,6 +23,18 @@ def _declared_png(path, width: int, height: int):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("1", (width, height)).save(path)
     return path
+
+
+def _record_decodes(monkeypatch) -> list[tuple[int, int]]:
+    """The size of every image Pillow decodes from now on: a refusal from the header decodes none."""
+    decoded, load = [], ImageFile.ImageFile.load
+
+    def recording_load(image):
+        decoded.append(image.size)
+        return load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
+    return decoded
 
 
 class FixedPredictor:
@@ -58,10 +70,14 @@ def test_pillows_bomb_warning_is_a_refusal_not_a_crash(tmp_path):
             check_image(png, PILLOW_PIXEL_LIMIT, 10)
 
 
-def test_training_decode_and_predict_refuse_above_the_models_limit_before_decoding(tmp_path):
+def test_training_decode_and_predict_refuse_above_the_models_limit_before_decoding(tmp_path, monkeypatch):
     wide = _declared_png(tmp_path / "wide.png", 2000, 1000)
     prep = Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bilinear", max_pixels=1_000_000)
     assert Preprocessing.from_dict(prep.to_dict()) == prep
+    decoded = _record_decodes(monkeypatch)
+    load_rgb(_declared_png(tmp_path / "fits.png", 1000, 1000), max_pixels=1_000_000)
+    assert (1000, 1000) in decoded, "an image within the limit is decoded (and recorded)"
+    decoded.clear()
     with pytest.raises(ImageReadError, match="2000x1000 pixels is above the limit of 1,000,000 pixels"):
         list(decode_chunks([wide], prep))
     [prediction] = predict_images(FixedPredictor(prep), [wide])
@@ -71,17 +87,23 @@ def test_training_decode_and_predict_refuse_above_the_models_limit_before_decodi
     big = _declared_png(tmp_path / "big.png", 8000, 8000)  # 64 MP: under Pillow's limits, 192 MB decoded
     [prediction] = predict_images(FixedPredictor(Preprocessing.from_dict(old)), [big])
     assert prediction.error.startswith("cannot read image: 8000x8000 pixels is above the limit of 50,000,000")
+    assert decoded == [], "refused from the header, before decoding"
 
 
-def test_the_served_model_refuses_above_its_limit_before_decoding(tmp_path):
+def test_the_served_model_refuses_above_its_limit_before_decoding(tmp_path, monkeypatch):
     from signflow._served_model import SignflowOnnxModel
 
     served = SignflowOnnxModel()
     served.class_names, served.size, served.resample = ["a", "b"], 32, Image.Resampling.BILINEAR
     served.max_pixels = 1_000_000
+    decoded = _record_decodes(monkeypatch)
+    served.to_uint8(_declared_png(tmp_path / "fits.png", 1000, 1000).read_bytes())
+    assert (1000, 1000) in decoded, "an image within the limit is decoded (and recorded)"
+    decoded.clear()
     png = _declared_png(tmp_path / "wide.png", 2000, 1000).read_bytes()
     answer = served.predict(None, pd.DataFrame({"image": [png]}))
     assert answer["error"][0] == "cannot read image: 2000x1000 pixels is above the limit of 1,000,000 pixels"
+    assert decoded == [], "refused from the header, before decoding"
 
 
 def test_a_trained_model_carries_split_max_pixels_to_predict_and_the_served_model(tiny_zip, tmp_path):

@@ -21,7 +21,7 @@ from signflow.layout import ModelOutputs
 from signflow.predict import OnnxPredictor, TorchPredictor, predict_images
 from signflow.register import register_run
 from signflow.split_files import read_manifest
-from tests.helpers import CLASS_COLOURS, make_image, section
+from tests.helpers import CLASS_COLOURS, MALFORMED_TIFFS, make_image, section
 
 PNG = b"\x89PNG"
 
@@ -137,6 +137,8 @@ def _odd_images(folder):
     rgb.save(folder / "actually_png.jpg", format="PNG")
     (folder / "broken.jpg").write_bytes(base.read_bytes()[:200])
     (folder / "empty.png").write_bytes(b"")
+    for tiff in MALFORMED_TIFFS:  # Pillow's decoder raises TypeError (and more) on these
+        (folder / f"{tiff.stem}.tif").write_bytes(tiff.read_bytes())
     (folder / ".DS_Store").write_bytes(b"junk")
     return folder
 
@@ -148,6 +150,9 @@ def test_predict_cli_prints_top_k_and_goes_on_past_bad_files(trained, tmp_path, 
     captured = capsys.readouterr()
     assert code == 1, "some files could not be read"
     assert "broken.jpg: cannot read image" in captured.err and "empty.png: cannot read image" in captured.err
+    for tiff in MALFORMED_TIFFS:
+        assert f"{tiff.stem}.tif: cannot read image: " in captured.err
+    assert "crash_TIFF_TypeError.tif: cannot read image: damaged or unsupported image file (TypeError: " in captured.err
     assert ".DS_Store" not in captured.out + captured.err
     printed = [line for line in captured.out.splitlines() if line.startswith(str(images))]
     assert len(printed) == 6
@@ -156,7 +161,8 @@ def test_predict_cli_prints_top_k_and_goes_on_past_bad_files(trained, tmp_path, 
     rows = list(csv.DictReader(out.open()))
     ok = [r for r in rows if not r["error"]]
     assert len(ok) == 6 * 2 and {r["rank"] for r in ok} == {"1", "2"}
-    assert {r["path"].rsplit("/", 1)[1] for r in rows if r["error"]} == {"broken.jpg", "empty.png"}
+    unreadable = {"broken.jpg", "empty.png", *(f"{tiff.stem}.tif" for tiff in MALFORMED_TIFFS)}
+    assert {r["path"].rsplit("/", 1)[1] for r in rows if r["error"]} == unreadable
 
 
 def test_predict_reports_a_decompression_bomb_and_predicts_a_thin_strip(trained, tmp_path, monkeypatch):

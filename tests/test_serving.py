@@ -28,7 +28,7 @@ from signflow.config import Params, load_params
 from signflow.layout import ModelOutputs
 from signflow.predict import OnnxPredictor, TorchPredictor, predict_images
 from tests.browser import Chromium, chromium_binary, frames_from_images, write_y4m
-from tests.helpers import ROOT, build_class_folders, make_image, tiny_params, venv_path
+from tests.helpers import MALFORMED_TIFFS, ROOT, build_class_folders, make_image, tiny_params, venv_path
 
 
 @dataclass(frozen=True)
@@ -292,11 +292,37 @@ def test_predict_onnx_and_the_mlflow_model_give_the_same_calibrated_probabilitie
 def test_the_mlflow_model_answers_each_row_even_when_some_are_unreadable(pyfunc, registry):
     import pandas as pd
 
-    rows = pd.DataFrame({"image": [b64(registry.image("alpha")), "not base64!", b64(registry.root / "params.yaml")]})
+    unreadable = ["not base64!", b64(registry.root / "params.yaml"), *map(b64, MALFORMED_TIFFS)]
+    rows = pd.DataFrame({"image": [b64(registry.image("alpha")), *unreadable, b64(registry.image("beta"))]})
     answers = pyfunc.predict(rows, params={"top_k": 1})
-    assert answers["label"].iloc[0] == "alpha" and len(answers["classes"].iloc[0]) == 1
+    assert answers["label"].iloc[0] == "alpha" and answers["label"].iloc[-1] == "beta"
+    assert list(answers["classes"]) == [["alpha"], *[[]] * len(unreadable), ["beta"]]
     assert "cannot read image" in answers["error"].iloc[1] and answers["classes"].iloc[1] == []
     assert answers["error"].iloc[2] == "cannot read image: not a readable image file"
+    for error in answers["error"].iloc[3:-1]:  # Pillow raises TypeError and OverflowError on these TIFFs
+        assert error.startswith("cannot read image: damaged or unsupported image file ("), error
+
+
+def test_the_mlflow_model_runs_a_long_request_in_fixed_size_batches(pyfunc, registry, monkeypatch):
+    """1000 rows in one request once took 2.5 GB as one ONNX batch: batches are capped, answers unchanged."""
+    import pandas as pd
+
+    from signflow._served_model import BATCH_SIZE
+
+    model = pyfunc.unwrap_python_model()
+    images = [b64(registry.image(label)) for label in ("alpha", "beta", "gamma ü")]
+    alone = [pyfunc.predict(pd.DataFrame({"image": [image]}))["label"].iloc[0] for image in images]
+    batch_sizes, probabilities = [], model.probabilities
+
+    def recording(batch: np.ndarray) -> np.ndarray:
+        batch_sizes.append(len(batch))
+        return probabilities(batch)
+
+    monkeypatch.setattr(model, "probabilities", recording)
+    rows = 3 * BATCH_SIZE + 2
+    answers = pyfunc.predict(pd.DataFrame({"image": [images[i % 3] for i in range(rows)]}))
+    assert list(answers["label"]) == [alone[i % 3] for i in range(rows)]
+    assert sum(batch_sizes) == rows and max(batch_sizes) == BATCH_SIZE
 
 
 def test_serve_app_describes_the_model_and_classifies_uploads(registry):
@@ -318,8 +344,126 @@ def test_serve_app_describes_the_model_and_classifies_uploads(registry):
         assert len(client.post("/predict?top_k=1", content=image.read_bytes()).json()["top"]) == 1
         assert client.post("/predict", content=b"").status_code == 400
         assert client.post("/predict", content=b"not an image").status_code == 422
+        for tiff in MALFORMED_TIFFS:  # Pillow raises TypeError and OverflowError on these: still a 422
+            assert client.post("/predict", content=tiff.read_bytes()).status_code == 422, tiff.name
         assert client.post("/predict", content=b"x" * (MAX_IMAGE_BYTES + 1)).status_code == 413
         assert client.post("/predict?top_k=0", content=image.read_bytes()).status_code == 422
+
+
+class AnsweringModel:
+    """A stand-in for the served pyfunc model: every image is class "a"; `predict` runs `on_predict` first."""
+
+    def __init__(self, on_predict=lambda: None):
+        self.on_predict = on_predict
+
+    def predict(self, frame, params=None):
+        import pandas as pd
+
+        self.on_predict()
+        return pd.DataFrame([{"classes": ["a"], "probabilities": [1.0], "error": None}] * len(frame))
+
+
+def answering_app(on_predict=lambda: None):
+    from signflow.serve import ServedModel, create_app
+
+    return create_app(ServedModel(AnsweringModel(on_predict), "stand-in", None, ["a"], "stand-in"))
+
+
+def small_png() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+async def post_chunked(app, chunks) -> tuple[int, int]:
+    """POST /predict with a chunked body (no Content-Length), straight to the ASGI app, as uvicorn
+    passes it on; (status, bytes the app read before answering)."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"transfer-encoding", b"chunked")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    chunks, read, status = iter(chunks), 0, []
+
+    async def receive() -> dict:
+        nonlocal read
+        chunk = next(chunks, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        read += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    await app(scope, receive, send)
+    return status[0], read
+
+
+def test_serve_stops_reading_a_chunked_upload_at_the_size_limit():
+    """A chunked upload declares no length: the server must stop reading at the limit, not buffer
+    all of it first (a 300 MB upload raised its memory by 300 MB before the 413)."""
+    from signflow.serve import MAX_IMAGE_BYTES
+
+    app, mebibyte = answering_app(), b"x" * 2**20
+    status, read = asyncio.run(post_chunked(app, [mebibyte] * (4 * MAX_IMAGE_BYTES // 2**20)))
+    assert status == 413
+    assert read <= MAX_IMAGE_BYTES + len(mebibyte), f"read {read / 2**20:.0f} MB of a 40 MB upload"
+    image = small_png()
+    assert asyncio.run(post_chunked(app, [image[:100], image[100:]])) == (200, len(image))
+
+
+def test_serve_decodes_at_most_decode_slots_images_at_once():
+    """DECODE_SLOTS + 1 requests at once: the barrier below opens only if all of them decode at the
+    same time, which the server must never allow (each decode can take 16 bytes a pixel)."""
+    import threading
+
+    import httpx
+
+    from signflow.serve import DECODE_SLOTS
+
+    barrier, crowded = threading.Barrier(DECODE_SLOTS + 1, timeout=2), []
+
+    def decode() -> None:
+        try:
+            barrier.wait()
+            crowded.append(True)
+        except threading.BrokenBarrierError:  # fewer arrived: the extra one was waiting its turn
+            pass
+
+    async def post_all() -> list[int]:
+        transport = httpx.ASGITransport(app=answering_app(decode))
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve") as client:
+            posts = [client.post("/predict", content=small_png()) for _ in range(DECODE_SLOTS + 1)]
+            return [response.status_code for response in await asyncio.gather(*posts)]
+
+    assert asyncio.run(post_all()) == [200] * (DECODE_SLOTS + 1)
+    assert not crowded, f"{DECODE_SLOTS + 1} images were decoded at once; the limit is {DECODE_SLOTS}"
+
+
+def test_serve_caps_the_open_connections(monkeypatch, registry):
+    """Waiting requests hold their body: uvicorn answers 503 past MAX_CONNECTIONS, so they cost at
+    most MAX_CONNECTIONS x MAX_IMAGE_BYTES."""
+    import uvicorn
+
+    from signflow.serve import MAX_CONNECTIONS, serve
+
+    settings = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: settings.update(kwargs))
+    serve(str(registry.root / "model.onnx"), registry.root / "params.yaml", "127.0.0.1", 8000)
+    assert settings["limit_concurrency"] == MAX_CONNECTIONS
 
 
 def test_serve_loads_an_onnx_file_and_names_what_it_cannot_load(registry, tmp_path):

@@ -157,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_model_arguments(sub: argparse.ArgumentParser, paths_help: str) -> None:
+    """--model (a registry alias or version, or a path) and --params (where the registry settings are)."""
+    sub.add_argument(
+        "--model",
+        default="champion",
+        help=f"a registry alias or version number of register.model_name (default: champion), or {paths_help}",
+    )
+    sub.add_argument(
+        "--params",
+        type=Path,
+        default=layout.PARAMS,
+        help="params file for the registry settings (default: params.yaml)",
+    )
+
+
 def add_predict_parser(commands) -> None:
     help_text = "print the top-k classes of images (files or folders) with a trained or registered model"
     sub = commands.add_parser(
@@ -166,12 +181,7 @@ def add_predict_parser(commands) -> None:
         "Exits 1 when some file could not be read (the others are still predicted).",
     )
     sub.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders (recursive)")
-    sub.add_argument(
-        "--model",
-        default="champion",
-        help="a registry alias or version number of register.model_name (default: champion), or a path to "
-        "a .pt / .onnx model file or a folder holding model.pt / model.onnx",
-    )
+    _add_model_arguments(sub, "a path to a .pt / .onnx model file or a folder holding model.pt / model.onnx")
     sub.add_argument("--top-k", type=int, default=3, help="classes per image (default: 3)")
     sub.add_argument(
         "--backend",
@@ -181,12 +191,6 @@ def add_predict_parser(commands) -> None:
     )
     sub.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default: 32)")
     sub.add_argument("--csv", type=Path, help="also write path,rank,class,probability,error rows to this CSV")
-    sub.add_argument(
-        "--params",
-        type=Path,
-        default=layout.PARAMS,
-        help="params file for the registry settings (default: params.yaml)",
-    )
 
 
 def _positive_int(text: str) -> int:
@@ -209,24 +213,13 @@ def add_serve_parser(commands) -> None:
         "classes update a few times a second. The model runs with ONNX Runtime from the version's MLflow model. "
         "Stop with Ctrl-C.",
     )
-    sub.add_argument(
-        "--model",
-        default="champion",
-        help="a registry alias or version number of register.model_name (default: champion), an MLflow model "
-        "folder, or an exported .onnx file (or a folder holding model.onnx)",
-    )
+    _add_model_arguments(sub, "an MLflow model folder, or an exported .onnx file (or a folder holding model.onnx)")
     sub.add_argument(
         "--host",
         default="127.0.0.1",
         help="address to listen on (default: 127.0.0.1; browsers allow the camera only on localhost or HTTPS)",
     )
     sub.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    sub.add_argument(
-        "--params",
-        type=Path,
-        default=layout.PARAMS,
-        help="params file for the registry settings (default: params.yaml)",
-    )
 
 
 def run_serve(args: argparse.Namespace) -> int:

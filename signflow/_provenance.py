@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from signflow._redact import redact_url
+from signflow.split_files import read_manifest
 
 SOURCE_PATHS = ("signflow", "tasks", "flows", "pyproject.toml", "dvc.yaml")
 """What `-dirty` looks at: the code and the pipeline's definition. The pipeline's own outputs that git
@@ -51,8 +52,6 @@ def data_source(data_dvc: str | Path = "data.dvc") -> str:
 def fingerprint_test_set(split_dir: str | Path) -> str:
     """sha256 of the test split's rows (path, label and content hash of every image, sorted): two
     models' test accuracies are comparable exactly when their fingerprints are equal."""
-    import pandas as pd
-
-    manifest = pd.read_csv(Path(split_dir) / "test.csv", usecols=["path", "label", "sha256"], dtype=str)
+    manifest = read_manifest(split_dir, "test")[["path", "label", "sha256"]]
     rows = sorted(manifest.itertuples(index=False, name=None))
     return hashlib.sha256("\n".join("\t".join(row) for row in rows).encode()).hexdigest()

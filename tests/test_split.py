@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+from signflow.extract import extract_dataset
 from signflow.split import split_dataset
 from signflow.split_files import SplitError, read_class_names, read_manifest
 from tests.helpers import CLASS_COLOURS, PER_CLASS, make_image, section
@@ -148,8 +149,6 @@ def test_images_over_the_pixel_limit_or_of_absurd_shape_are_refused_with_the_rea
     used = pd.concat(manifests(tmp_path / "split").values())
     assert "beta/tall.png" in set(used["path"]), "2.5 times taller than wide is kept"
 
-
-def test_empty_class_folder_and_readme_files_are_left_out_and_reported(class_folders, tmp_path):
     from signflow.extract import extract_dataset
 
     (class_folders / "delta").mkdir()
@@ -170,3 +169,31 @@ def test_class_names_with_spaces_and_non_ascii_keep_their_index_everywhere(class
     for frame in manifests(tmp_path / "split").values():
         assert (frame["label_index"] == frame["label"].map(result.class_names.index)).all()
     assert json.loads((tmp_path / "split" / "classes.json").read_text(encoding="utf-8")) == result.class_names
+
+
+def test_class_folders_named_like_missing_values_are_labels(tmp_path):
+    """pandas reads `None`, `NA`, `null` and `nan` as missing values by default; here they are class
+    names, through the manifests, the test-set fingerprint and a trained model's evaluation."""
+    from signflow._provenance import fingerprint_test_set
+    from signflow.evaluate import evaluate
+    from signflow.train import train_model
+
+    names = ["None", "NA", "null", "nan"]
+    for index, name in enumerate(names):
+        for i in range(10):
+            make_image(
+                tmp_path / "src" / name / f"{i}.jpg", (60 * index + 20, 90, 200 - 50 * index), seed=index * 100 + i
+            )
+    extract_dataset(tmp_path / "src", tmp_path / "raw", section("extract"))
+    split_dataset(tmp_path / "raw", tmp_path / "split", section("split"))
+    for part in ("train", "valid", "test"):
+        manifest = read_manifest(tmp_path / "split", part)
+        assert set(manifest["label"]) == set(names) and manifest["label"].map(type).eq(str).all()
+    assert len(fingerprint_test_set(tmp_path / "split")) == 64
+    train_model(
+        section("train", epochs=1), tmp_path / "raw", tmp_path / "split", tmp_path / "m.pt", tmp_path / "log.csv"
+    )
+    result = evaluate(
+        section("evaluate"), tmp_path / "m.pt", tmp_path / "raw", tmp_path / "split", tmp_path / "reports"
+    )
+    assert result.test_images == len(read_manifest(tmp_path / "split", "test"))

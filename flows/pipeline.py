@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 from flows._cli import add_project_arguments, run_reporting_errors
 from signflow.config import Params, check_run_overrides
 from signflow.errors import SignflowError
-from signflow.fileio import replace_dir_atomic, staging_dir, write_text_atomic
+from signflow.fileio import remove_stale_scratch_in, replace_dir_atomic, staging_dir, write_text_atomic
 from signflow.layout import Workspace
 from signflow.project import LOCK_WAIT_S, project_run
 from tasks.pipeline import (
@@ -106,8 +106,11 @@ def _override_run(
     params: Params, project: Workspace, overrides: dict[str, Any], run_id: str, run_name: str
 ) -> dict[str, StepOutcome]:
     """Every step, in a scratch folder that becomes `runs/<run id>/` only once all succeeded (a
-    failed run leaves nothing); the main workspace and dvc.lock are not touched."""
+    failed run leaves nothing, and the scratch a killed one left is removed by the next); the main
+    workspace and dvc.lock are not touched."""
     final = project.override_run(run_id)
+    for stale in remove_stale_scratch_in(project.runs):  # a killed override run's, under another run id
+        get_run_logger().info("removed %s, left by an override run that was killed", stale)
     get_run_logger().info("overrides %s: this run works in %s; dvc.lock is not updated", overrides, final.root)
     tags = run_tags_for(run_id, run_name, overrides, final.root.relative_to(project.root).as_posix())
     with staging_dir(final.root) as scratch:

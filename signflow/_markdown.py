@@ -36,15 +36,32 @@ def near_duplicate_rows(metrics: dict[str, Any]) -> list[str]:
 
 def calibration_rows(metrics: dict[str, Any]) -> list[str]:
     """Metric-table rows: ECE and mean confidence as served (after temperature scaling), and before it
-    when known."""
+    when known. A temperature of exactly 1.0 is one that was never fitted (no validation split, or a
+    model file from before calibration): its "before" rows would only repeat the others."""
     rows = [
         f"| expected calibration error | {metrics['ece']:.4f} |",
         f"| mean confidence | {metrics['mean_confidence']:.4f} |",
     ]
-    if "ece_uncalibrated" in metrics:
+    if metrics.get("temperature") == 1.0:
+        rows.append("| softmax temperature | none fitted: probabilities are the plain softmax |")
+    elif "ece_uncalibrated" in metrics:
         rows += [
             f"| softmax temperature (fitted on validation) | {metrics['temperature']:.4f} |",
             f"| expected calibration error before temperature scaling | {metrics['ece_uncalibrated']:.4f} |",
             f"| mean confidence before temperature scaling | {metrics['mean_confidence_uncalibrated']:.4f} |",
         ]
     return rows
+
+
+def has_validation(model_summary: dict[str, Any]) -> bool:
+    """Whether the model was selected on a validation split: trained without one (split.valid: 0),
+    its validation accuracy is NaN."""
+    return not _missing(model_summary.get("valid_accuracy", 0.0))
+
+
+def kept_epoch(model_summary: dict[str, Any]) -> str:
+    """Which epoch the model's weights are from, and why: 'epoch 3 (validation accuracy 0.9500)'."""
+    epoch, accuracy = model_summary.get("best_epoch", "?"), model_summary.get("valid_accuracy")
+    if not has_validation(model_summary):
+        return f"epoch {epoch}, the last (no validation split)"
+    return f"epoch {epoch}" + (f" (validation accuracy {accuracy:.4f})" if accuracy is not None else "")

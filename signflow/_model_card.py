@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from signflow._markdown import calibration_rows, near_duplicate_rows
+from signflow._markdown import calibration_rows, has_validation, near_duplicate_rows
 from signflow._model_file import ModelBundle
 from signflow.split_files import test_split_description
 
@@ -33,7 +33,7 @@ def render_model_card(
         [f"# Model card: {registration['model_name']} version {registration['version']}", ""],
         _what_it_is(bundle, params["train"]),
         _how_to_use(registration),
-        _data(split_report, registration),
+        _data(split_report, registration, bundle.summary),
         _metrics(metrics, bundle.summary),
         [
             "## Training parameters",
@@ -80,7 +80,12 @@ def _how_to_use(registration: dict[str, Any]) -> list[str]:
     ]
 
 
-def _data(split_report: dict[str, Any], registration: dict[str, Any]) -> list[str]:
+def _data(split_report: dict[str, Any], registration: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    kept = (
+        "The checkpoint kept is the epoch with the best validation accuracy"
+        if has_validation(summary)
+        else "There was no validation split (split.valid: 0): the checkpoint kept is the last epoch"
+    )
     return [
         "## Data",
         f"- Source (data.dvc): `{registration.get('data_source', 'unrecorded')}`",
@@ -88,8 +93,7 @@ def _data(split_report: dict[str, Any], registration: dict[str, Any]) -> list[st
         f"- Code version (git commit): `{registration['git_commit']}`",
         f"- {_split_counts(split_report)}.",
         f"- Split: {_split_description(split_report)} Identical files are kept once (never in two splits).",
-        "- The checkpoint kept is the epoch with the best validation accuracy; the test split is used only once, "
-        "for the figures below.",
+        f"- {kept}; the test split is used only once, for the figures below.",
         "",
     ]
 
@@ -111,8 +115,7 @@ def _metrics(metrics: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         *near_duplicate_rows(metrics),
         f"| mistakes | {metrics.get('mistakes', 'n/a')} |",
         *calibration_rows(metrics),
-        f"| validation accuracy (epoch {summary.get('best_epoch', '?')}) | "
-        f"{summary.get('valid_accuracy', float('nan')):.4f} |",
+        _validation_row(summary),
         "",
         f"With {test_images} test images, one mistake moves accuracy by "
         f"{1 / max(test_images, 1):.4f}: treat differences of a few mistakes between models as noise.",
@@ -121,9 +124,22 @@ def _metrics(metrics: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     ]
 
 
+def _validation_row(summary: dict[str, Any]) -> str:
+    epoch = summary.get("best_epoch", "?")
+    if not has_validation(summary):
+        return f"| validation accuracy | none: no validation split (last epoch, {epoch}, kept) |"
+    return f"| validation accuracy (epoch {epoch}) | {summary.get('valid_accuracy', float('nan')):.4f} |"
+
+
 def _calibration_note(metrics: dict[str, Any]) -> list[str]:
     if "temperature" not in metrics:
         return []
+    if metrics["temperature"] == 1.0:
+        return [
+            "Probabilities are not calibrated: no temperature was fitted (there was no validation split to fit "
+            "it on), so they are the model's plain softmax. Treat them as scores, not as probabilities.",
+            "",
+        ]
     return [
         f"Probabilities are calibrated: the logits are divided by a temperature of {metrics['temperature']:.4f}, "
         "fitted on the validation split after training (temperature scaling), in the model file, the ONNX graph "

@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from signflow._images import load_rgb
-from signflow._markdown import calibration_rows, markdown_table, near_duplicate_rows
+from signflow._markdown import calibration_rows, kept_epoch, markdown_table, near_duplicate_rows
 from signflow.fileio import write_atomic
 
 
@@ -196,8 +196,7 @@ def markdown_report(
     lines = [
         "# Evaluation report",
         "",
-        f"Model `{model_summary.get('model_name', '?')}`, kept at epoch {model_summary.get('best_epoch', '?')} "
-        f"(validation accuracy {model_summary.get('valid_accuracy', float('nan')):.4f}).",
+        f"Model `{model_summary.get('model_name', '?')}`, kept at {kept_epoch(model_summary)}.",
         "",
         "| metric | value |",
         "|---|---|",

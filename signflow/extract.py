@@ -19,6 +19,7 @@ import re
 import shutil
 import unicodedata
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 
 from signflow._archive import extract_archive, write_error
@@ -67,10 +68,11 @@ def _image_count(folder: Path) -> int:
 def _class_root_candidates(tree: Path) -> list[tuple[Path, int, int]]:
     """(folder, image subfolders, images in them) for every folder with at least one image subfolder."""
     candidates: list[tuple[Path, int, int]] = []
-    for folder in [tree, *sorted(p for p in tree.rglob("*") if p.is_dir() and not _outside(p, tree))]:
+    bounds = _SourceBounds(tree)  # DVC's cache holds files, never folders: no cache lookup needed here
+    for folder in [tree, *sorted(p for p in tree.rglob("*") if p.is_dir() and not bounds.outside(p))]:
         if is_junk(folder.relative_to(tree)):
             continue
-        subs = [sub for sub in folder.iterdir() if sub.is_dir() and not is_junk(sub.name) and not _outside(sub, tree)]
+        subs = [sub for sub in folder.iterdir() if sub.is_dir() and not is_junk(sub.name) and not bounds.outside(sub)]
         counts = [_image_count(sub) for sub in subs]
         image_dirs = [c for c in counts if c > 0]
         if image_dirs:
@@ -150,12 +152,50 @@ def _roots_in(class_root: Path) -> dict[str, Path]:
     return roots
 
 
-def _outside(path: Path, root: Path) -> bool:
-    """Whether `path` leads outside `root` once links are followed: a folder source's links can point
-    anywhere on the machine (a link to /etc/passwd must not become training data). A link into a DVC
-    cache is DVC's own (`cache.type: symlink` makes every file of data/source one) and stays in."""
-    target = path.resolve()
-    return not target.is_relative_to(root.resolve()) and not _is_dvc_cache_object(target)
+class _SourceBounds:
+    """Where a folder source's links may lead once followed: inside the source, or to a file object
+    in this project's DVC cache (`cache.type: symlink` makes every file of data/source such a link).
+    Anything else is left out: a link to /etc/passwd, or into another project's cache, must not
+    become training data."""
+
+    def __init__(self, root: Path, project_dir: Path | None = None):
+        self.root, self.project_dir = root.resolve(), project_dir
+
+    def outside(self, path: Path) -> bool:
+        target = path.resolve()
+        if target.is_relative_to(self.root):
+            return False
+        if not _is_dvc_cache_object(target) or self.cache_dir is None:
+            return True
+        return target.parents[3] != self.cache_dir  # <cache>/files/md5/ab/<30 hex>
+
+    @cached_property
+    def cache_dir(self) -> Path | None:
+        """Looked up once, and only when a link shaped like a cache object is met."""
+        return None if self.project_dir is None else _dvc_cache_dir(self.project_dir)
+
+
+def _dvc_cache_dir(project_dir: Path) -> Path | None:
+    """The DVC cache of the project at `project_dir` (None if it is not a DVC project), as `dvc cache
+    dir` gives it: `[cache] dir` of its .dvc/config, config.local or the user's or system's config,
+    else `.dvc/cache`. Read with DVC's own config loader (about 0.15 s with its import; opening a
+    `dvc.repo.Repo` costs twice that and writes DVC's state files)."""
+    dvc_dir = Path(project_dir) / ".dvc"
+    if not dvc_dir.is_dir():
+        return None
+    from dvc.config import Config, ConfigError
+
+    try:
+        config = Config(dvc_dir=str(dvc_dir))
+    except ConfigError as error:
+        raise ExtractError(
+            f"{dvc_dir}: {error}. The extract step reads DVC's config to find this project's cache (the only "
+            "place outside the source that data/source's links may lead to); fix the config"
+        ) from None
+    cache = config["cache"]
+    if cache.get("local"):  # `cache.local`: the name of a local remote used as the cache
+        return Path(config["remote"][cache["local"]]["url"]).resolve()
+    return Path(cache.get("dir") or dvc_dir / "cache").resolve()
 
 
 def _is_dvc_cache_object(target: Path) -> bool:
@@ -168,7 +208,7 @@ def _is_dvc_cache_object(target: Path) -> bool:
     )
 
 
-def _class_folders(class_root: Path, source_root: Path, skipped: list[str]) -> dict[str, list[Path]]:
+def _class_folders(class_root: Path, bounds: _SourceBounds, skipped: list[str]) -> dict[str, list[Path]]:
     """Class name (NFC) -> its folders (two when the names differ only in Unicode form). Links leading
     outside the source are left out and listed; two names that differ only in case are refused (they
     would be one folder on macOS and Windows)."""
@@ -176,7 +216,7 @@ def _class_folders(class_root: Path, source_root: Path, skipped: list[str]) -> d
     for entry in sorted(class_root.iterdir()):
         if is_junk(entry.name) or not entry.is_dir() and not entry.is_symlink():
             continue
-        if _outside(entry, source_root):
+        if bounds.outside(entry):
             skipped.append(f"{entry.name}: link outside the source, left out")
         elif entry.is_dir():
             folders.setdefault(unicodedata.normalize("NFC", entry.name), []).append(entry)
@@ -189,7 +229,7 @@ def _class_folders(class_root: Path, source_root: Path, skipped: list[str]) -> d
     return folders
 
 
-def _class_files(folder: Path, source_root: Path, skipped: list[str]) -> list[Path]:
+def _class_files(folder: Path, bounds: _SourceBounds, skipped: list[str]) -> list[Path]:
     """Files under a class folder, junk left out. Links to files inside the source are followed;
     links leading outside it are left out and listed; links to folders are not walked."""
     files = []
@@ -198,7 +238,7 @@ def _class_files(folder: Path, source_root: Path, skipped: list[str]) -> list[Pa
         for entry in (Path(parent) / name for name in [*names, *dirs]):
             if is_junk(entry.relative_to(folder)):
                 continue
-            if _outside(entry, source_root):
+            if bounds.outside(entry):
                 skipped.append(f"{entry.relative_to(folder.parent).as_posix()}: link outside the source, left out")
             elif entry.is_file():
                 files.append(entry)
@@ -215,13 +255,13 @@ def _copy_file(file: Path, target: Path, source: Path) -> None:
         raise write_error(source, file.relative_to(source).as_posix(), error) from None
 
 
-def _copy_classes(class_root: Path, dest: Path, source_root: Path | None = None) -> tuple[dict[str, int], list[str]]:
+def _copy_classes(class_root: Path, dest: Path, bounds: _SourceBounds) -> tuple[dict[str, int], list[str]]:
     """Copy each class folder's image files to `dest/<class>/` (names in NFC); return the counts and
-    what was left out. `source_root` is the whole source: links leading outside it are left out."""
+    what was left out. Links leading out of `bounds` are left out."""
     counts: dict[str, int] = {}
     skipped: list[str] = []
-    for name, folders in _class_folders(class_root, source_root or class_root, skipped).items():
-        files = [file for folder in folders for file in _class_files(folder, source_root or class_root, skipped)]
+    for name, folders in _class_folders(class_root, bounds, skipped).items():
+        files = [file for folder in folders for file in _class_files(folder, bounds, skipped)]
         others = [p for p in files if not is_image_name(p)]
         skipped += [f"{p.relative_to(class_root).as_posix()}: not an image file name, left out" for p in others]
         files = [p for p in files if is_image_name(p)]
@@ -237,14 +277,14 @@ def _copy_classes(class_root: Path, dest: Path, source_root: Path | None = None)
     return counts, skipped
 
 
-def _copy_dataset(roots: dict[str, Path], dest: Path, tree: Path) -> tuple[dict[str, int], list[str]]:
+def _copy_dataset(roots: dict[str, Path], dest: Path, bounds: _SourceBounds) -> tuple[dict[str, int], list[str]]:
     """Copy the class folders of each root to `dest/<class>/` or, for split folders, `dest/<split>/<class>/`
     (canonical split names: train, valid, test); image counts per class over all splits, and what was left
-    out. Links leading outside `tree` (the whole source) are left out."""
+    out. Links leading out of `bounds` (the whole source, the project's DVC cache) are left out."""
     counts: dict[str, int] = {}
     skipped: list[str] = []
     for split, root in sorted(roots.items()):
-        split_counts, split_skipped = _copy_classes(root, dest / split if split else dest, tree)
+        split_counts, split_skipped = _copy_classes(root, dest / split if split else dest, bounds)
         for name, count in split_counts.items():
             counts[name] = counts.get(name, 0) + count
         skipped += [f"{split}/{line}" if split else line for line in split_skipped]
@@ -301,7 +341,7 @@ def extract_dataset(
         else:
             roots = find_class_roots(tree)
         staged = scratch / "dataset"
-        counts, skipped = _copy_dataset(roots, staged, tree)
+        counts, skipped = _copy_dataset(roots, staged, _SourceBounds(tree, Path(project_dir)))
         common = Path(os.path.commonpath(list(roots.values())))
         info = DatasetInfo(
             source=_recorded_source(source, Path(project_dir)),

@@ -26,6 +26,7 @@ __all__ = [
     "atomic_path",
     "held_lock",
     "remove_stale_scratch",
+    "remove_stale_scratch_in",
     "replace_dir_atomic",
     "sha256_file",
     "staging_dir",
@@ -92,19 +93,40 @@ def remove_stale_scratch(target: str | Path) -> list[Path]:
     removed only once it has been untouched for a day.
     """
     target = Path(target)
-    removed = []
     if not target.parent.is_dir():
-        return removed
+        return []
+    removed = []
     for candidate in target.parent.glob(f".{glob.escape(target.name)}.*"):
         parts = candidate.name[len(target.name) + 2 :].split(".")
-        if len(parts) < 3 or parts[-1] not in ("tmp", "partial") or not _is_stale(candidate, parts[0]):
-            continue
-        if candidate.is_dir():
-            shutil.rmtree(candidate, ignore_errors=True)
-        else:
-            candidate.unlink(missing_ok=True)
-        removed.append(candidate)
+        if len(parts) >= 3 and _remove_if_stale(candidate, writer=parts[0], suffix=parts[-1]):
+            removed.append(candidate)
     return removed
+
+
+def remove_stale_scratch_in(folder: str | Path) -> list[Path]:
+    """Remove the scratch of every target in `folder` left by a killed process, by the rules of
+    `remove_stale_scratch`: for a folder whose targets change name from run to run (`runs/<run id>`),
+    where a killed run's scratch would never be looked for under its own name again."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for candidate in folder.glob(".*"):
+        # `.<target>.<host>-<pid>.<random>.<tmp|partial>`: the target's name may hold dots, the rest cannot
+        parts = candidate.name[1:].rsplit(".", 3)
+        if len(parts) == 4 and parts[0] and _remove_if_stale(candidate, writer=parts[1], suffix=parts[3]):
+            removed.append(candidate)
+    return removed
+
+
+def _remove_if_stale(candidate: Path, writer: str, suffix: str) -> bool:
+    if suffix not in ("tmp", "partial") or not _is_stale(candidate, writer):
+        return False
+    if candidate.is_dir():
+        shutil.rmtree(candidate, ignore_errors=True)
+    else:
+        candidate.unlink(missing_ok=True)
+    return True
 
 
 def _umask() -> int:

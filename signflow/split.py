@@ -264,6 +264,12 @@ def _random_names(ordered: pd.DataFrame, fractions: dict[str, float], seed: int)
     return names
 
 
+_WITHOUT_VALIDATION = (
+    ", or set split.valid to 0 (then training keeps its last epoch, fits no temperature to calibrate the "
+    "probabilities and cannot stop early)"
+)
+
+
 def _check_class_sizes(images: pd.DataFrame, units: np.ndarray, needed: int, grouped: bool) -> None:
     for name in sorted(images["label"].unique()):
         mask = (images["label"] == name).to_numpy()
@@ -272,8 +278,10 @@ def _check_class_sizes(images: pd.DataFrame, units: np.ndarray, needed: int, gro
             what = f"{count} usable image(s) in {groups} group(s)" if grouped else f"{count} usable image(s)"
             raise SplitError(
                 f"class {name!r} has {what}; splitting it into {needed} parts needs at least {needed}"
-                f"{' groups' if grouped else ''} per class. Add images, remove the class folder, or set split.valid "
-                "to 0." + (" Images kept together (same group key or near-duplicates) count as one." if grouped else "")
+                f"{' groups' if grouped else ''} per class. Add images or remove the class folder"
+                + (_WITHOUT_VALIDATION if needed == len(SPLITS) else "")
+                + "."
+                + (" Images kept together (same group key or near-duplicates) count as one." if grouped else "")
             )
 
 

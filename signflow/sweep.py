@@ -37,6 +37,7 @@ from signflow.config import (
 from signflow.errors import SignflowError
 from signflow.fileio import write_atomic, write_json_atomic, write_text_atomic
 from signflow.layout import ModelOutputs, winner_outputs
+from signflow.split_files import read_manifest
 
 __all__ = ["SweepError", "SweepResult", "Trial", "WinnerSteps", "plan_trials", "publish_winner", "run_trials", "sweep"]
 
@@ -211,6 +212,7 @@ def run_trials(
 ) -> list[dict[str, Any]]:
     """All trials, one after another, or through `runner([(trial, deadline), ...])` (e.g. Prefect
     tasks). The first trial has no deadline, so even a tiny budget yields a winner."""
+    require_validation(split_dir)
     deadline = time.time() + max_minutes * 60
     jobs = [(trial, None if index == 0 else deadline) for index, trial in enumerate(trials)]
     if runner is not None:
@@ -244,6 +246,15 @@ class SweepResult:
 def require_split(split_dir: str | Path) -> None:
     if not (Path(split_dir) / "classes.json").is_file():
         raise SweepError(f"{split_dir}: no split found; run `dvc repro split` (or the pipeline) first")
+
+
+def require_validation(split_dir: str | Path) -> None:
+    """The winner is the trial with the best validation accuracy: without validation images there is none."""
+    if read_manifest(split_dir, "valid").empty:
+        raise SweepError(
+            f"{split_dir}/valid.csv has no images (split.valid: 0): a sweep picks its winner by validation "
+            "accuracy. Set split.valid above 0 for the sweep"
+        )
 
 
 @dataclass(frozen=True)

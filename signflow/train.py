@@ -4,12 +4,14 @@
 epoch checkpoint if there is one, run the epochs, write the epoch log and the best model. The
 model with the best validation accuracy (ties: lower validation loss) is written to `model_path`
 with its class list, preprocessing and the softmax temperature fitted on its validation logits
-(signflow._calibration); per-epoch metrics go to `log_path` (CSV).
+(signflow._calibration); per-epoch metrics go to `log_path` (CSV). Without validation images
+(split.valid: 0) the last epoch is kept, no temperature is fitted (1.0) and early stopping is refused.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import tempfile
 import time
@@ -58,6 +60,8 @@ class TrainResult:
     total_parameters: int
 
     def summary_line(self) -> str:
+        if math.isnan(self.best_valid_accuracy):
+            return f"last epoch {self.best_epoch} kept (no validation split)"
         return f"best epoch {self.best_epoch}, valid accuracy {self.best_valid_accuracy:.4f}"
 
 
@@ -145,9 +149,10 @@ def prepare_training(cfg: TrainConfig, raw_dir: Path, split_dir: Path, cache_dir
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     class_names = read_class_names(split_dir)
+    train, valid = (read_split(raw_dir, split_dir, name) for name in ("train", "valid"))
+    check_validation(cfg, valid, split_dir)
     model, prep = build_model(cfg, len(class_names), device)
     prep = replace(prep, max_pixels=read_max_pixels(split_dir))
-    train, valid = (read_split(raw_dir, split_dir, name) for name in ("train", "valid"))
     data = TrainingData(cache_dir, prep, train, valid)
     optimizer = create_optimizer(cfg, model)
     scheduler = create_scheduler(cfg, optimizer)
@@ -177,8 +182,23 @@ def read_split(raw_dir: Path, split_dir: Path, name: str) -> SplitFiles:
         name,
         [raw_dir / p for p in manifest["path"]],
         manifest["sha256"].tolist(),
-        torch.tensor(manifest["label_index"].to_numpy(), dtype=torch.long),
+        # an empty manifest (split.valid: 0) reads as object columns, which torch.tensor refuses
+        torch.tensor(manifest["label_index"].to_numpy(dtype=np.int64), dtype=torch.long),
     )
+
+
+def check_validation(cfg: TrainConfig, valid: SplitFiles, split_dir: Path) -> None:
+    """Without validation images (split.valid: 0) training keeps the last epoch and fits no
+    temperature; early stopping, which needs a validation accuracy, is refused rather than ignored."""
+    if len(valid):
+        return
+    if cfg.early_stopping_patience:
+        raise TrainingError(
+            f"{split_dir}/valid.csv has no images (split.valid: 0), but train.early_stopping_patience is "
+            f"{cfg.early_stopping_patience}: early stopping needs a validation accuracy. Set "
+            "train.early_stopping_patience: 0, or split.valid above 0"
+        )
+    log.warning("no validation split: the last epoch is kept and probabilities are not calibrated")
 
 
 def create_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -4,7 +4,9 @@ encrypted entries, unsupported compression, file-system failures, odd names (iss
 import errno
 import io
 import os
+import shutil
 import struct
+import subprocess
 import tarfile
 import unicodedata
 import zipfile
@@ -14,7 +16,7 @@ import pytest
 import signflow.extract as extract_module
 from signflow import _archive
 from signflow.extract import DatasetInfo, ExtractError, extract_dataset
-from tests.helpers import CLASS_COLOURS, section
+from tests.helpers import CLASS_COLOURS, PER_CLASS, section, venv_path
 
 
 def extract(source, dest, **extract_params) -> DatasetInfo:
@@ -232,14 +234,47 @@ def test_disk_full_while_copying_a_folder_source(class_folders, tmp_path, monkey
         extract(class_folders, tmp_path / "raw")
 
 
-def test_links_into_a_dvc_cache_are_dvc_s_own_and_are_followed(tmp_path):
-    """With `cache.type: symlink`, every file DVC puts in data/source links into .dvc/cache."""
-    source, cache = tmp_path / "source", tmp_path / ".dvc" / "cache" / "files" / "md5"
-    for index, name in enumerate(("a/1.jpg", "b/2.jpg")):
-        target = cache / f"c{index}" / ("0" * 30)
+def _dvc_project(folder, *commands: list[str]):
+    """A DVC project (no git) at `folder`, then each of `commands` run in it by `dvc`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PATH": venv_path()}
+    for command in (["init", "--no-scm", "-q"], *commands):
+        subprocess.run(["dvc", *command], cwd=folder, env=env, check=True, capture_output=True)
+    return folder
+
+
+def test_links_into_the_projects_dvc_cache_are_dvc_s_own_and_are_followed(class_folders, tmp_path):
+    """With `cache.type: symlink`, every file DVC puts in data/source links into the project's cache,
+    wherever `dvc cache dir` put it (here in config.local, outside the project)."""
+    cache = tmp_path / "team-cache"
+    project = _dvc_project(
+        tmp_path / "project", ["config", "cache.type", "symlink"], ["cache", "dir", "--local", str(cache)]
+    )
+    shutil.copytree(class_folders, project / "data" / "source")
+    subprocess.run(
+        ["dvc", "add", "-q", "data/source"], cwd=project, env={**os.environ, "PATH": venv_path()}, check=True
+    )
+    links = [p for p in (project / "data" / "source").rglob("*") if p.is_symlink()]
+    assert links and all(p.resolve().is_relative_to(cache.resolve()) for p in links), "a symlink checkout"
+    info = extract_dataset(project / "data" / "source", tmp_path / "raw", section("extract"), project)
+    assert info.counts == dict.fromkeys(CLASS_COLOURS, PER_CLASS) and not info.skipped
+
+
+def test_links_shaped_like_dvc_cache_objects_outside_the_projects_cache_are_left_out(class_folders, tmp_path):
+    """Only this project's cache is DVC's own: a path `.../files/md5/ab/<30 hex>` anywhere else, in
+    another project's cache or in no cache at all, is outside like any other."""
+    project = _dvc_project(tmp_path / "project")
+    theirs = tmp_path / "someone-else" / ".dvc" / "cache" / "files" / "md5" / "ab" / ("c" * 30)
+    bare = tmp_path / "tmp" / "files" / "md5" / "00" / ("0" * 30)
+    for target, link in ((theirs, "alpha/theirs.jpg"), (bare, "beta/any.jpg")):
         target.parent.mkdir(parents=True)
-        target.write_bytes(b"image")
-        (source / name).parent.mkdir(parents=True, exist_ok=True)
-        (source / name).symlink_to(target)
-    info = extract(source, tmp_path / "raw")
-    assert info.counts == {"a": 1, "b": 1} and not info.skipped
+        target.write_bytes(b"PRIVATE DATA FROM ELSEWHERE")
+        (class_folders / link).symlink_to(target)
+    info = extract_dataset(class_folders, tmp_path / "raw", section("extract"), project)
+    assert sorted(info.skipped) == [
+        "alpha/theirs.jpg: link outside the source, left out",
+        "beta/any.jpg: link outside the source, left out",
+    ]
+    assert not (tmp_path / "raw" / "alpha" / "theirs.jpg").exists()
+    assert not (tmp_path / "raw" / "beta" / "any.jpg").exists()
+    assert info.counts == dict.fromkeys(CLASS_COLOURS, PER_CLASS)

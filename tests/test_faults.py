@@ -24,7 +24,7 @@ from signflow._training_state import resume_path
 from signflow.config import parse_params
 from signflow.evaluate import evaluate
 from signflow.extract import extract_dataset
-from signflow.fileio import remove_stale_scratch
+from signflow.fileio import remove_stale_scratch, remove_stale_scratch_in
 from signflow.split import split_dataset
 from signflow.train import TrainingError, train_model
 from tests.helpers import CodeRunningPickle, section, tiny_params
@@ -394,6 +394,27 @@ def test_stale_scratch_of_a_live_process_is_kept(tmp_path):
         folder.mkdir()
     assert sorted(remove_stale_scratch(target)) == sorted([dead, legacy_dead])
     assert mine.exists() and not dead.exists()
+
+
+def test_a_killed_override_runs_scratch_is_removed_whatever_its_run_id_and_a_live_ones_is_kept(tmp_path):
+    """Override runs stage in `runs/.<run id>.<host>-<pid>.<random>.partial`: the next run has another
+    run id, so it must look for every run's scratch, not only its own name's."""
+    from signflow.fileio import _host_tag
+
+    runs, here = tmp_path / "runs", _host_tag()
+    dead = runs / f".3f2a-run-a.{here}-999999999.k1.partial"
+    live = runs / f".9c1b-run-b.{here}-{os.getpid()}.k2.partial"
+    other_host_fresh = runs / ".77aa-run-c.other-box-999999999.k3.partial"
+    other_host_old = runs / ".88bb-run-d.other-box-999999998.k4.partial"
+    finished = runs / "5d4e-run-e"  # a finished override run's workspace
+    for folder in (dead, live, other_host_fresh, other_host_old, finished):
+        (folder / "workspace" / "data" / "raw").mkdir(parents=True)
+        (folder / "workspace" / "data" / "raw" / "big.bin").write_bytes(b"x" * 1000)
+    day_and_a_bit = time.time() - 25 * 3600
+    os.utime(other_host_old, (day_and_a_bit, day_and_a_bit))
+    assert sorted(remove_stale_scratch_in(runs)) == sorted([dead, other_host_old])
+    assert sorted(p.name for p in runs.iterdir()) == sorted(p.name for p in (live, other_host_fresh, finished))
+    assert remove_stale_scratch_in(tmp_path / "no-runs-yet") == []
 
 
 def test_scratch_of_another_host_is_kept_until_it_is_a_day_old(tmp_path):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import threading
 import time
@@ -17,7 +19,7 @@ from filelock import FileLock
 from mlflow import MlflowClient
 
 from signflow.cli import COMMANDS, main
-from signflow.fileio import LockBusyError
+from signflow.fileio import LockBusyError, _host_tag
 from signflow.split import split_dataset
 from tests.helpers import make_project, section, tiny_params
 
@@ -164,10 +166,18 @@ def test_an_override_run_works_in_its_own_workspace_and_a_failed_one_leaves_noth
     project = make_project(tmp_path, tiny_zip, epochs=2)
     pipeline(project_dir=str(project))
     before = _digests(project)
+    # scratch of an override run killed before this one (another run id), and of one still running
+    killed = project / "runs" / f".0b1e-killed.{_host_tag()}-999999999.abc.partial"
+    running = project / "runs" / f".0b1f-running.{_host_tag()}-{os.getpid()}.def.partial"
+    for scratch in (killed, running):
+        (scratch / "workspace" / "data" / "raw").mkdir(parents=True)
 
     state = pipeline(project_dir=str(project), overrides={"train.epochs": 1}, return_state=True)
     results, run_id = state.result(), str(state.state_details.flow_run_id)
     workspace = project / "runs" / run_id
+    assert not killed.exists(), "a killed override run's scratch is removed by the next one"
+    assert running.is_dir(), "a running one's is kept"
+    shutil.rmtree(running)
     assert results["train"].result.epochs_run == 1 and results["train"].recorded is None
     for output in ("models/model.pt", "models/model.onnx", "reports/metrics.json", "models/registered.json"):
         assert (workspace / output).is_file(), output

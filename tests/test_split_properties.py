@@ -115,6 +115,15 @@ def test_too_small_a_class_is_refused_with_a_message():
         stratified_split(frame, {"train": 0.4, "valid": 0.3, "test": 0.3}, 0)
 
 
+def test_the_advice_to_drop_validation_says_what_it_costs_and_is_given_only_when_it_helps():
+    frame = pd.DataFrame({"path": ["a/1", "a/2", "b/1", "b/2", "b/3"], "label": list("aabbb"), "sha256": list("12345")})
+    with pytest.raises(SplitError, match=r"or set split.valid to 0 \(then training keeps its last epoch, fits no"):
+        stratified_split(frame, {"train": 0.4, "valid": 0.3, "test": 0.3}, 0)
+    with pytest.raises(SplitError, match="class 'a' has 1 usable image") as refused:
+        stratified_split(frame.iloc[1:], {"train": 0.6, "valid": 0.0, "test": 0.4}, 0)
+    assert "split.valid" not in str(refused.value), "valid is already 0"
+
+
 def test_a_class_in_too_few_groups_is_refused_naming_it():
     frame = pd.DataFrame({"path": [f"p{i}" for i in range(12)], "label": ["a"] * 6 + ["b"] * 6})
     frame["sha256"] = frame["path"]

@@ -12,7 +12,7 @@ import signflow.train
 from signflow.config import ConfigError
 from signflow.extract import extract_dataset
 from signflow.split import split_dataset
-from signflow.sweep import plan_trials, sweep, trial_dir
+from signflow.sweep import SweepError, plan_trials, sweep, trial_dir
 from tests.helpers import section, tiny_params
 
 GRID = {"train.trainable_blocks": [1, "all"], "train.lr": [3e-3, 1e-3]}
@@ -69,6 +69,15 @@ def test_bad_grids_are_refused_with_the_key_or_trial_named():
         section("sweep", grid={"split.seed": [1, 2]})
     with pytest.raises(ConfigError, match="sweep trial .*train.lr"):
         plan_trials(tiny_params(), section("sweep", grid={"train.lr": [1e-3, -1]}))
+
+
+def test_a_sweep_without_validation_images_is_refused_before_any_trial(project):
+    """Its winner is chosen by validation accuracy: with split.valid 0 there is none to choose by."""
+    split = project / "data" / "split-without-valid"
+    split_dataset(project / "data" / "raw", split, section("split", train=0.75, valid=0.0, test=0.25))
+    with pytest.raises(SweepError, match=r"valid.csv has no images \(split.valid: 0\): a sweep picks its winner"):
+        sweep(project / "params.yaml", project / "data" / "raw", split, project / "sweep", project)
+    assert not (project / "sweep" / "trials").exists()
 
 
 def test_sweep_picks_the_best_validation_trial_writes_the_comparison_and_registers_it(project):

@@ -1,17 +1,22 @@
 import json
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from signflow._model_card import render_model_card
 from signflow._model_file import CheckpointError, load_bundle, save_bundle
+from signflow.config import parse_params
 from signflow.evaluate import evaluate
+from signflow.extract import extract_dataset
 from signflow.register import TEST_SET_TAG, Candidate, register_model
 from signflow.split import split_dataset
-from signflow.train import train_model
-from tests.helpers import section
+from signflow.split_files import read_manifest, read_split_report
+from signflow.train import TrainingError, train_model
+from tests.helpers import section, tiny_params
 
 
 def test_train_model_writes_best_checkpoint_and_epoch_log(trained, tmp_path):
@@ -159,3 +164,53 @@ def test_the_champion_rescored_on_a_new_test_set_carries_the_alias_and_tags_neve
     assert (tags["2"][TEST_SET_TAG], float(tags["2"]["signflow.test_accuracy"])) == ("test set B", 0.75)
     later = _register(params, tmp_path, _variant(tmp_path, 1.0), 0.9, test_set="test set B")
     assert later.is_champion and "beats champion version 2 (0.7500) on the same test set" in later.champion_reason
+
+
+@pytest.fixture
+def without_validation(tmp_path, tiny_zip):
+    """The tiny dataset split with `split.valid: 0`: train and test only."""
+    raw_params = tiny_params(epochs=2)
+    raw_params["split"].update(train=0.75, valid=0.0, test=0.25)
+    params = parse_params(raw_params)
+    raw, split = tmp_path / "raw", tmp_path / "split"
+    extract_dataset(tiny_zip, raw, params.extract)
+    split_dataset(raw, split, params.split)
+    assert read_manifest(split, "valid").empty
+    return params, raw, split
+
+
+@pytest.mark.parametrize(("cache_frozen_features", "trainable_blocks"), [(False, "all"), (True, 1)])
+def test_without_a_validation_split_training_keeps_the_last_epoch_uncalibrated_and_evaluates(
+    without_validation, tmp_path, cache_frozen_features, trainable_blocks
+):
+    params, raw, split = without_validation
+    train = params.train.model_copy(
+        update={"cache_frozen_features": cache_frozen_features, "trainable_blocks": trainable_blocks}
+    )
+    result = train_model(train, raw, split, tmp_path / "model.pt", tmp_path / "train_log.csv")
+    assert result.best_epoch == result.epochs_run == 2
+    assert result.summary_line() == "last epoch 2 kept (no validation split)"
+    log = pd.read_csv(tmp_path / "train_log.csv")
+    assert list(log["epoch"]) == [1, 2] and log["valid_accuracy"].isna().all()
+    bundle = load_bundle(tmp_path / "model.pt")
+    assert bundle.temperature == 1.0 and "valid_nll" not in bundle.summary
+    evaluation = evaluate(section("evaluate"), tmp_path / "model.pt", raw, split, tmp_path / "reports")
+    assert evaluation.test_images == len(read_manifest(split, "test"))
+    report = (tmp_path / "reports" / "report.md").read_text()
+    assert "kept at epoch 2, the last (no validation split)" in report
+    assert "| softmax temperature | none fitted: probabilities are the plain softmax |" in report
+    assert not re.search(r"\bnan\b", report, re.IGNORECASE)
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    registration = {"model_name": "m", "version": "1", "data_version": "d", "data_source": "s", "git_commit": "g"}
+    card = render_model_card(bundle, metrics, params.model_dump(mode="json"), read_split_report(split), registration)
+    assert "the checkpoint kept is the last epoch" in card
+    assert "Probabilities are not calibrated" in card and "calibrated: the logits are divided" not in card
+    assert not re.search(r"\bnan\b", card, re.IGNORECASE)
+
+
+def test_without_a_validation_split_early_stopping_is_refused_before_training(without_validation, tmp_path):
+    params, raw, split = without_validation
+    train = params.train.model_copy(update={"early_stopping_patience": 2})
+    with pytest.raises(TrainingError, match=r"valid.csv has no images \(split.valid: 0\).*early_stopping_patience: 0"):
+        train_model(train, raw, split, tmp_path / "model.pt", tmp_path / "train_log.csv")
+    assert not (tmp_path / "model.pt").exists()

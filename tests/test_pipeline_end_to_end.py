@@ -132,7 +132,7 @@ def test_prefect_flow_runs_the_chain_and_leaves_dvc_up_to_date(tmp_path, tiny_zi
 
     tasks = asyncio.run(_task_runs(state.state_details.flow_run_id))
     by_id = {task.id: task.name.rsplit("-", 1)[0] for task in tasks}
-    chain = ["download", "split", "fine-tune", "evaluate", "export", "register"]
+    chain = ["extract", "split", "train", "evaluate", "export", "register"]
     assert sorted(by_id.values()) == sorted([*chain, "summary"]), "one task per step: no separate DVC tasks"
     upstream = {
         by_id[task.id]: {by_id[i.id] for inputs in task.task_inputs.values() for i in inputs if i.id in by_id}
@@ -144,7 +144,7 @@ def test_prefect_flow_runs_the_chain_and_leaves_dvc_up_to_date(tmp_path, tiny_zi
     served.stop()
     second = pipeline(project_dir=str(project))
     assert not any(outcome.ran for outcome in second.values()), "an unchanged pipeline skips every step"
-    assert "not reachable: using the data fetched before" in second["download"].summary_line()
+    assert "not reachable: using the data fetched before" in second["extract"].summary_line()
     assert (project / "data" / "source").is_file()
     assert len(_versions(project)) == 1
     with dvc_state.open_repo(project) as repo:

@@ -172,7 +172,7 @@ def test_served_deployment_has_its_schedule_runs_skips_unchanged_work_and_isolat
         assert first.state.type.value == "COMPLETED", log.read_text()[-4000:]
         tasks, artifacts = asyncio.run(_task_runs_and_artifacts(url, first.id))
         names = {t.name.rsplit("-", 1)[0] for t in tasks}
-        assert {"download", "split", "fine-tune", "evaluate", "export", "register"} <= names, names
+        assert {"extract", "split", "train", "evaluate", "export", "register"} <= names, names
         assert all(t.state.type.value == "COMPLETED" for t in tasks)
         keys = {a.key for a in artifacts}
         assert {"test-metrics", "evaluation-report", "registration", "pipeline-summary"} <= keys, keys

@@ -203,7 +203,7 @@ def test_an_override_run_works_in_its_own_workspace_and_a_failed_one_leaves_noth
 
 
 def _slow_source_project(tmp_path: Path, tiny_zip: Path) -> Path:
-    """A project whose source takes seconds to extract (the tiny dataset and 20,000 notes), with an
+    """A project whose source takes seconds to extract (the tiny dataset and 60,000 notes), with an
     `extract.timeout_s` of one second."""
     import zipfile
 
@@ -211,7 +211,7 @@ def _slow_source_project(tmp_path: Path, tiny_zip: Path) -> Path:
     with zipfile.ZipFile(tiny_zip) as small, zipfile.ZipFile(slow, "w") as big:
         for item in small.infolist():
             big.writestr(item, small.read(item))
-        for index in range(20000):
+        for index in range(60000):  # about 4 s to extract here: well past the 1 s deadline
             big.writestr(f"notes/note_{index:05d}.txt", "x")
     project = make_project(tmp_path, slow)
     params = yaml.safe_load((project / "params.yaml").read_text())

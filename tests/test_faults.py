@@ -191,6 +191,64 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_previous_model(prepared, tm
     assert sorted(p.name for p in fresh.iterdir()) == []
 
 
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """Every entry of `folder` (temporary files included) with the sha256 of its bytes."""
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+
+
+def test_full_disk_while_saving_the_model_keeps_the_previous_model_and_its_log(prepared, tmp_path, monkeypatch):
+    """The model and its epoch log change together: a write that fails leaves the previous pair, never
+    a new log beside the old model, and no temporary file."""
+    params, raw, split = prepared
+    out = tmp_path / "out"
+    out.mkdir()
+    _train(params, raw, split, out)
+    before = _files(out)
+    real_save = torch.save
+
+    def model_file_fails(obj, target, *args, **kwargs):
+        if isinstance(obj, dict) and "format_version" in obj:
+            _no_space()
+        return real_save(obj, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", model_file_fails)
+    shorter = params.train.model_copy(update={"epochs": 2, "resume": False})
+    with pytest.raises(OSError, match="No space left"):
+        train_model(shorter, raw, split, out / "model.pt", out / "log.csv")
+    assert _files(out) == before
+
+
+def test_full_disk_while_drawing_the_report_keeps_the_whole_previous_report(trained, tmp_path, monkeypatch):
+    """The disk fills while the last figure of another model's report is written: metrics, tables,
+    figures and report.md all stay those of the previous evaluation, and no temporary file is left."""
+    from matplotlib.figure import Figure
+
+    params, raw, split, _ = trained
+    reports = tmp_path / "reports"
+    evaluate(params.evaluate, tmp_path / "model.pt", raw, split, reports, tmp_path / "train_log.csv")
+    bundle = load_bundle(tmp_path / "model.pt")
+    bundle.state_dict = {k: v * 1.5 if v.is_floating_point() else v for k, v in bundle.state_dict.items()}
+    save_bundle(bundle, tmp_path / "other.pt")
+    before = _files(reports)
+    real_savefig, figures = Figure.savefig, []
+
+    def last_figure_fails(figure, *args, **kwargs):
+        figures.append(args[0])
+        if len(figures) == 4:
+            _no_space()
+        return real_savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", last_figure_fails)
+    with pytest.raises(OSError, match="No space left"):
+        evaluate(params.evaluate, tmp_path / "other.pt", raw, split, reports, tmp_path / "train_log.csv")
+    assert len(figures) == 4, "three figures were drawn before the disk filled"
+    assert _files(reports) == before
+
+
 def test_evaluate_refuses_a_model_whose_preprocessing_was_changed(trained, tmp_path):
     params, raw, split, _ = trained
     bundle = load_bundle(tmp_path / "model.pt")

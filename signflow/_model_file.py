@@ -82,6 +82,13 @@ class ModelBundle:
 
 
 def save_bundle(bundle: ModelBundle, path: str | Path) -> Path:
+    """Write the model file, replacing `path` in one rename."""
+    return write_atomic(path, lambda tmp: write_bundle(bundle, tmp))
+
+
+def write_bundle(bundle: ModelBundle, path: str | Path) -> None:
+    """Write the model file at `path` as it is (torch.save is not atomic): for a caller that stages it
+    with other files and renames them together."""
     payload = {
         "format_version": FORMAT_VERSION,
         "model_name": bundle.model_name,
@@ -92,7 +99,7 @@ def save_bundle(bundle: ModelBundle, path: str | Path) -> Path:
         "summary": bundle.summary,
         "temperature": float(bundle.temperature),
     }
-    return write_atomic(path, lambda tmp: torch.save(payload, tmp))
+    torch.save(payload, path)
 
 
 def load_bundle(path: str | Path) -> ModelBundle:

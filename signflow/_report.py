@@ -1,7 +1,8 @@
 """The evaluation report: plots and a markdown summary a person reads, from arrays already computed.
 
-Every function takes plain numbers (labels, probabilities, the epoch log) and writes one file
-atomically; nothing here runs a model.
+Every function takes plain numbers (labels, probabilities, the epoch log) and writes one file at the
+path it is given, as it is: the evaluate step gives temporary paths and renames the whole report into
+place once every file is written (`signflow.fileio.atomic_paths`). Nothing here runs a model.
 """
 
 from __future__ import annotations
@@ -24,9 +25,15 @@ def new_figure(rows: int = 1, columns: int = 1, *, figsize: tuple[float, float],
     return figure, figure.subplots(rows, columns, squeeze=squeeze)
 
 
-def save_figure(figure: Figure, path: Path) -> None:
+def write_png(figure: Figure, path: Path) -> None:
+    """The figure as a PNG at `path`, written in place: the caller makes it atomic."""
     figure.tight_layout()
-    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    figure.savefig(path, format="png", dpi=100)
+
+
+def save_figure(figure: Figure, path: Path) -> None:
+    """The figure as a PNG replacing `path` in one rename, for a figure that changes on its own."""
+    write_atomic(path, lambda tmp: write_png(figure, tmp))
 
 
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> None:
@@ -56,7 +63,7 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -
         for (row, col), value in np.ndenumerate(values):
             if value:
                 ax.text(col, row, fmt(value), ha="center", va="center", color="white" if value > threshold else "black")
-    save_figure(figure, path)
+    write_png(figure, path)
 
 
 def plot_learning_curves(history: pd.DataFrame, path: Path) -> None:
@@ -76,7 +83,7 @@ def plot_learning_curves(history: pd.DataFrame, path: Path) -> None:
         acc_ax.axvline(best["epoch"], color="grey", linestyle="--", linewidth=1)
         label = f"kept: epoch {int(best['epoch'])} "
         acc_ax.annotate(label, (best["epoch"], acc_ax.get_ylim()[0]), fontsize=8, ha="right")
-    save_figure(figure, path)
+    write_png(figure, path)
 
 
 def plot_reliability(
@@ -109,7 +116,7 @@ def plot_reliability(
         title=f"Reliability (ECE {ece:.4f}; numbers = images)",
     )
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=8, frameon=False)  # below: no data hidden
-    save_figure(figure, path)
+    write_png(figure, path)
 
 
 SURE_MISTAKE = 0.99
@@ -144,7 +151,7 @@ def plot_mistakes(mistakes: pd.DataFrame, raw_dir: Path, total: int, path: Path)
         figure, ax = new_figure(figsize=(5, 1.5))
         ax.axis("off")
         ax.text(0.5, 0.5, f"No mistakes on the {total} test images", ha="center", va="center", fontsize=12)
-        save_figure(figure, path)
+        write_png(figure, path)
         return
     columns = min(4, len(mistakes))
     rows = -(-len(mistakes) // columns)
@@ -161,7 +168,7 @@ def plot_mistakes(mistakes: pd.DataFrame, raw_dir: Path, total: int, path: Path)
             fontsize=9,
         )
     figure.suptitle(f"Most confident mistakes ({len(mistakes)} shown, of {total} test images)")
-    save_figure(figure, path)
+    write_png(figure, path)
 
 
 def split_section(split: str, metrics: dict) -> list[str]:

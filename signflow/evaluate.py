@@ -27,7 +27,7 @@ from signflow._model import resolve_device
 from signflow._model_file import ModelBundle, load_bundle
 from signflow._preprocessing import decode_chunks
 from signflow.config import EvaluateConfig
-from signflow.fileio import write_atomic, write_json_atomic, write_text_atomic
+from signflow.fileio import atomic_paths, json_text
 from signflow.split_files import read_class_names, read_manifest, read_split_report, test_split_description
 
 __all__ = ["EvaluationResult", "evaluate"]
@@ -195,29 +195,51 @@ def write_report(
     train_log: str | Path | None,
     split: str,
 ) -> None:
-    """Every report file, each written atomically; `split` says how the test split was made."""
+    """Every report file, `split` saying how the test split was made. The files change together or
+    not at all: each is written to a temporary file beside it, and all are renamed into place only
+    once every one is written, so a failure (a full disk, a figure that cannot be drawn) leaves the
+    previous report whole, never new metrics beside old figures."""
     figures = {title: reports_dir / name for title, name in layout.FIGURES.items()}
-    mistakes = report.worst_mistakes(scores.predictions, cfg.gallery_size)
     tables = dict(zip(layout.TABLES, (scores.per_class, scores.predictions, scores.calibration), strict=True))
     tables["calibration.csv"] = scores.calibration[scores.calibration["images"] > 0]
-    write_json_atomic(reports_dir / layout.METRICS, scores.metrics)
-    for name, table in tables.items():
-        floats = "%.6f" if name == "per_class.csv" else None
-        write_atomic(reports_dir / name, lambda tmp, t=table, f=floats: t.to_csv(tmp, index=False, float_format=f))
-    report.plot_confusion(scores.confusion, bundle.class_names, figures["confusion matrix"])
-    report.plot_learning_curves(_read_history(train_log), figures["learning curves"])
-    report.plot_mistakes(mistakes, raw_dir, scores.metrics["test_images"], figures["most confident mistakes"])
+    metrics_path, markdown_path = reports_dir / layout.METRICS, reports_dir / layout.REPORT_MARKDOWN
+    targets = [metrics_path, *(reports_dir / name for name in tables), *figures.values(), markdown_path]
+    with atomic_paths(*targets) as staged_paths:
+        staged = dict(zip(targets, staged_paths, strict=True))
+        staged[metrics_path].write_text(json_text(scores.metrics), encoding="utf-8")
+        for name, table in tables.items():
+            floats = "%.6f" if name == "per_class.csv" else None
+            table.to_csv(staged[reports_dir / name], index=False, float_format=floats)
+        staged_figures = {title: staged[path] for title, path in figures.items()}
+        mistakes = draw_figures(scores, bundle, cfg, raw_dir, train_log, staged_figures)
+        summary = {"model_name": bundle.model_name, **bundle.summary}
+        markdown = report.markdown_report(scores.metrics, scores.per_class, mistakes, summary, layout.FIGURES, split)
+        staged[markdown_path].write_text(markdown, encoding="utf-8")
+
+
+def draw_figures(
+    scores: Scores,
+    bundle: ModelBundle,
+    cfg: EvaluateConfig,
+    raw_dir: Path,
+    train_log: str | Path | None,
+    paths: dict[str, Path],
+) -> pd.DataFrame:
+    """The report's figures, each to its path in `paths` (by title, as in layout.FIGURES); returns the
+    mistakes the gallery shows."""
     metrics = scores.metrics
+    mistakes = report.worst_mistakes(scores.predictions, cfg.gallery_size)
+    report.plot_confusion(scores.confusion, bundle.class_names, paths["confusion matrix"])
+    report.plot_learning_curves(_read_history(train_log), paths["learning curves"])
+    report.plot_mistakes(mistakes, raw_dir, metrics["test_images"], paths["most confident mistakes"])
     report.plot_reliability(
         scores.calibration,
         metrics["ece"],
-        figures["reliability diagram"],
+        paths["reliability diagram"],
         scores.uncalibrated,
         metrics["ece_uncalibrated"],
     )
-    summary = {"model_name": bundle.model_name, **bundle.summary}
-    markdown = report.markdown_report(scores.metrics, scores.per_class, mistakes, summary, layout.FIGURES, split)
-    write_text_atomic(reports_dir / layout.REPORT_MARKDOWN, markdown)
+    return mistakes
 
 
 def _read_history(train_log: str | Path | None) -> pd.DataFrame:

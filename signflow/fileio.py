@@ -24,7 +24,9 @@ __all__ = [
     "FOREIGN_SCRATCH_AGE_S",
     "LockBusyError",
     "atomic_path",
+    "atomic_paths",
     "held_lock",
+    "json_text",
     "remove_stale_scratch",
     "remove_stale_scratch_in",
     "replace_dir_atomic",
@@ -185,20 +187,46 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     `target` removes it. The file gets `target`'s mode if it exists, else the umask's, as a plain
     write would.
     """
-    target = Path(target)
+    with atomic_paths(target) as (tmp,):
+        yield tmp
+
+
+@contextmanager
+def atomic_paths(*targets: str | Path) -> Iterator[list[Path]]:
+    """Yield a temporary path beside each of `targets` (in their order); on success each replaces its
+    target, all at the end: a step whose outputs must change together writes them all here first.
+
+    Everything that can fail for want of space (the writes, the syncs to the disk) happens before the
+    first rename, so an error leaves every target as it was and removes the temporary files; the renames
+    need no space. Only a crash between the renames (a few system calls) can leave some targets
+    replaced and the others not. Otherwise as `atomic_path`, target by target.
+    """
+    paths = [Path(target) for target in targets]
+    staged: list[Path] = []
+    try:
+        for target in paths:
+            staged.append(_scratch_file(target))
+        yield list(staged)
+        for tmp in staged:
+            fsync_file(tmp)
+        for tmp, target in zip(staged, paths, strict=True):
+            os.replace(tmp, target)
+        for folder in dict.fromkeys(target.parent for target in paths):
+            fsync_dir(folder)
+    finally:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
+
+
+def _scratch_file(target: Path) -> Path:
+    """An empty scratch file beside `target`, with the mode a plain write would give `target`; the
+    scratch a killed writer left for `target` is removed first."""
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_scratch(target)
     fd, tmp_name = tempfile.mkstemp(prefix=_scratch_prefix(target), suffix=".tmp", dir=target.parent)
     os.fchmod(fd, _plain_mode(target, directory=False))
     os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        fsync_file(tmp)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return Path(tmp_name)
 
 
 def write_atomic(target: str | Path, writer: Callable[[Path], None]) -> Path:
@@ -211,8 +239,13 @@ def write_text_atomic(target: str | Path, text: str) -> Path:
     return write_atomic(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def json_text(payload: Any) -> str:
+    """`payload` as the JSON files signflow writes: indented, keys sorted, UTF-8 left readable."""
+    return json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
 def write_json_atomic(target: str | Path, payload: Any) -> Path:
-    return write_text_atomic(target, json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    return write_text_atomic(target, json_text(payload))
 
 
 def replace_dir_atomic(staged: Path, target: Path) -> None:

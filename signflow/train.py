@@ -4,8 +4,10 @@
 epoch checkpoint if there is one, run the epochs, write the epoch log and the best model. The
 model with the best validation accuracy (ties: lower validation loss) is written to `model_path`
 with its class list, preprocessing and the softmax temperature fitted on its validation logits
-(signflow._calibration); per-epoch metrics go to `log_path` (CSV). Without validation images
-(split.valid: 0) the last epoch is kept, no temperature is fitted (1.0) and early stopping is refused.
+(signflow._calibration); per-epoch metrics go to `log_path` (CSV). The two are replaced together,
+once both are written: a failed run leaves the previous model with its own log. Without validation
+images (split.valid: 0) the last epoch is kept, no temperature is fitted (1.0) and early stopping is
+refused.
 """
 
 from __future__ import annotations
@@ -33,14 +35,14 @@ from signflow._model import (
     preprocessing_for,
     resolve_device,
 )
-from signflow._model_file import ModelBundle, save_bundle
+from signflow._model_file import ModelBundle, write_bundle
 from signflow._preprocessing import Preprocessing
 from signflow._progress import progress
 from signflow._runners import PlainRunner, TrainingError, create_runner, memory_format_for
 from signflow._training_data import SplitFiles, TrainingData
 from signflow._training_state import TrainingState, restore_checkpoint, resume_key, resume_path, save_checkpoint
 from signflow.config import TrainConfig
-from signflow.fileio import write_atomic
+from signflow.fileio import atomic_paths
 from signflow.split_files import read_class_names, read_manifest, read_max_pixels
 
 __all__ = ["TrainResult", "TrainingError", "train_model"]
@@ -95,7 +97,8 @@ def train_model(
     folder removed afterwards. After each epoch the full training state goes to
     `<model_path>.resume`; a rerun with the same params and data continues from there (see
     signflow._training_state) and removes it when done. If the loss becomes NaN or infinite,
-    training stops with a TrainingError and `model_path` keeps whatever it held before.
+    training stops with a TrainingError and `model_path` and `log_path` keep whatever they held
+    before; so do they when writing them fails (a full disk).
     """
     with ExitStack() as cleanup:
         if cache_dir is None:
@@ -117,9 +120,7 @@ def train_and_save(
     except TrainingError as error:
         checkpoint.unlink(missing_ok=True)  # resuming would only meet the same NaN again
         raise TrainingError(f"{error}. Nothing was saved: {model_path} keeps what it held before this run") from None
-    write_atomic(log_path, lambda tmp: pd.DataFrame(state.history).to_csv(tmp, index=False))
-    calibration = calibrate(run, state)
-    save_model(run, state, model_path, calibration)
+    save_model_and_log(run, state, model_path, log_path, calibrate(run, state))
     checkpoint.unlink(missing_ok=True)
     trainable, total = count_parameters(run.model)
     return TrainResult(
@@ -290,9 +291,19 @@ def calibrate(run: TrainingRun, state: TrainingState) -> dict:
     return {"temperature": temperature, "valid_nll_uncalibrated": before, "valid_nll": after}
 
 
-def save_model(run: TrainingRun, state: TrainingState, model_path: str | Path, calibration: dict) -> Path:
-    """The best epoch's weights with the class list, preprocessing, temperature and train params, atomically."""
-    bundle = ModelBundle(
+def save_model_and_log(
+    run: TrainingRun, state: TrainingState, model_path: str | Path, log_path: str | Path, calibration: dict
+) -> None:
+    """The model and the epoch log, which change together or not at all: both are written beside their
+    targets and renamed into place only once both are written (a full disk leaves the previous pair)."""
+    with atomic_paths(model_path, log_path) as (model_tmp, log_tmp):
+        pd.DataFrame(state.history).to_csv(log_tmp, index=False)
+        write_bundle(model_bundle(run, state, calibration), model_tmp)
+
+
+def model_bundle(run: TrainingRun, state: TrainingState, calibration: dict) -> ModelBundle:
+    """The best epoch's weights with the class list, preprocessing, temperature and train params."""
+    return ModelBundle(
         model_name=run.cfg.model,
         class_names=run.class_names,
         preprocessing=run.prep,
@@ -309,4 +320,3 @@ def save_model(run: TrainingRun, state: TrainingState, model_path: str | Path, c
         },
         temperature=calibration["temperature"],
     )
-    return save_bundle(bundle, model_path)

@@ -183,6 +183,25 @@ def test_dvc_yaml_paths_are_the_layouts():
     )
 
 
+def test_every_dvc_out_persists():
+    """`dvc repro` deletes an out that does not persist before the stage's command runs: a failed step,
+    or one stopped at another run's lock, would lose the last good output (the step itself replaces its
+    outputs only once they are all written)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    outs = {
+        f"{name}: {next(iter(entry)) if isinstance(entry, dict) else entry}": entry
+        for name, stage in stages.items()
+        for kind in ("outs", "metrics", "plots")
+        for entry in stage.get(kind, [])
+    }
+    assert "train: models/model.pt" in outs and "evaluate: reports/metrics.json" in outs
+    assert [out for out, entry in outs.items() if not (isinstance(entry, dict) and _flags(entry).get("persist"))] == []
+
+
+def _flags(entry: dict) -> dict:
+    return next(iter(entry.values())) or {}
+
+
 PLUMBING = {"config", "errors", "layout", "cli", "__init__", "__main__"}
 """Shared plumbing no stage lists: validation (its values are params deps), paths, errors, the CLI."""
 

@@ -1,5 +1,5 @@
 """Faults leave the last good state intact: killed and interrupted runs, full disks, NaN losses,
-concurrent registrations."""
+concurrent registrations, and `dvc repro` stages that fail or stop at another run's lock."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from filelock import FileLock
 
 from signflow._model_file import CheckpointError, load_bundle, save_bundle
 from signflow._runners import PlainRunner
@@ -24,10 +25,10 @@ from signflow._training_state import resume_path
 from signflow.config import parse_params
 from signflow.evaluate import evaluate
 from signflow.extract import extract_dataset
-from signflow.fileio import remove_stale_scratch, remove_stale_scratch_in
+from signflow.fileio import remove_stale_scratch, remove_stale_scratch_in, sha256_file
 from signflow.split import split_dataset
 from signflow.train import TrainingError, train_model
-from tests.helpers import CodeRunningPickle, section, tiny_params
+from tests.helpers import CodeRunningPickle, make_project, section, tiny_params
 
 
 @pytest.fixture
@@ -188,6 +189,64 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_previous_model(prepared, tm
     with pytest.raises(TrainingError, match="epoch 1: loss became nan.*Nothing was saved"):
         _train(params, raw, split, fresh)
     assert sorted(p.name for p in fresh.iterdir()) == []
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """Every entry of `folder` (temporary files included) with the sha256 of its bytes."""
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+
+
+def test_full_disk_while_saving_the_model_keeps_the_previous_model_and_its_log(prepared, tmp_path, monkeypatch):
+    """The model and its epoch log change together: a write that fails leaves the previous pair, never
+    a new log beside the old model, and no temporary file."""
+    params, raw, split = prepared
+    out = tmp_path / "out"
+    out.mkdir()
+    _train(params, raw, split, out)
+    before = _files(out)
+    real_save = torch.save
+
+    def model_file_fails(obj, target, *args, **kwargs):
+        if isinstance(obj, dict) and "format_version" in obj:
+            _no_space()
+        return real_save(obj, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", model_file_fails)
+    shorter = params.train.model_copy(update={"epochs": 2, "resume": False})
+    with pytest.raises(OSError, match="No space left"):
+        train_model(shorter, raw, split, out / "model.pt", out / "log.csv")
+    assert _files(out) == before
+
+
+def test_full_disk_while_drawing_the_report_keeps_the_whole_previous_report(trained, tmp_path, monkeypatch):
+    """The disk fills while the last figure of another model's report is written: metrics, tables,
+    figures and report.md all stay those of the previous evaluation, and no temporary file is left."""
+    from matplotlib.figure import Figure
+
+    params, raw, split, _ = trained
+    reports = tmp_path / "reports"
+    evaluate(params.evaluate, tmp_path / "model.pt", raw, split, reports, tmp_path / "train_log.csv")
+    bundle = load_bundle(tmp_path / "model.pt")
+    bundle.state_dict = {k: v * 1.5 if v.is_floating_point() else v for k, v in bundle.state_dict.items()}
+    save_bundle(bundle, tmp_path / "other.pt")
+    before = _files(reports)
+    real_savefig, figures = Figure.savefig, []
+
+    def last_figure_fails(figure, *args, **kwargs):
+        figures.append(args[0])
+        if len(figures) == 4:
+            _no_space()
+        return real_savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", last_figure_fails)
+    with pytest.raises(OSError, match="No space left"):
+        evaluate(params.evaluate, tmp_path / "other.pt", raw, split, reports, tmp_path / "train_log.csv")
+    assert len(figures) == 4, "three figures were drawn before the disk filled"
+    assert _files(reports) == before
 
 
 def test_evaluate_refuses_a_model_whose_preprocessing_was_changed(trained, tmp_path):
@@ -462,3 +521,74 @@ def test_image_size_the_model_cannot_take_is_a_config_error(prepared, tmp_path):
     cfg = params.train.model_copy(update={"model": "vit_tiny_patch16_224", "image_size": 100})
     with pytest.raises(ConfigError, match="train.image_size: 100 px is not supported by vit_tiny_patch16_224"):
         train_model(cfg, raw, split, tmp_path / "model.pt", tmp_path / "log.csv")
+
+
+def _dvc(project: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", *args], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _set_param(project: Path, section_name: str, key: str, value) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params[section_name][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _contents(project: Path, *outputs: str) -> dict[str, str]:
+    """Every file of the given outputs (files or folders), by path, with the sha256 of its bytes."""
+    files = {}
+    for output in outputs:
+        path = project / output
+        for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+            files[file.relative_to(project).as_posix()] = sha256_file(file)
+    return files
+
+
+@pytest.mark.slow
+def test_a_train_failing_under_dvc_repro_keeps_the_previous_model_and_log(tmp_path, tiny_zip, venv_env):
+    """DVC removes a stage's outputs before its command unless they persist: a train that fails (here a
+    missing weights file) must leave the last model and its epoch log (not cached: no `dvc checkout`
+    could bring it back), and dvc.lock still describes them once the param is set back."""
+    project = make_project(tmp_path, tiny_zip, epochs=1)
+    first = _dvc(project, venv_env, "repro", "train")
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = _contents(project, "models/model.pt", "reports/train_log.csv")
+    _set_param(project, "train", "weights_file", "no-such-weights.safetensors")
+    failed = _dvc(project, venv_env, "repro", "train")
+    assert failed.returncode != 0 and "no-such-weights.safetensors does not exist" in failed.stdout + failed.stderr
+    assert _contents(project, "models/model.pt", "reports/train_log.csv") == before
+    _set_param(project, "train", "weights_file", None)
+    status = _dvc(project, venv_env, "status", "train", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
+
+
+def test_an_extract_failing_under_dvc_repro_keeps_the_previous_dataset(tmp_path, tiny_zip, venv_env):
+    project = make_project(tmp_path, tiny_zip)
+    first = _dvc(project, venv_env, "repro", "extract")
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = _contents(project, "data/raw")
+    _set_param(project, "extract", "sha256", "0" * 64)
+    failed = _dvc(project, venv_env, "repro", "extract")
+    assert failed.returncode != 0 and "extract.sha256 expects 0000" in failed.stdout + failed.stderr
+    assert before and _contents(project, "data/raw") == before
+
+
+def test_dvc_repro_stopped_by_another_run_leaves_that_runs_outputs_alone(tmp_path, tiny_zip, venv_env):
+    """While a flow run or a sweep holds the run lock, `dvc repro split` stops at the lock, and must not
+    have removed data/split first; run again once the lock is free, it splits and records the split."""
+    project = make_project(tmp_path, tiny_zip)
+    first = _dvc(project, venv_env, "repro", "split")
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = _contents(project, "data/split")
+    _set_param(project, "split", "seed", 7)
+    lock = FileLock(str(project / ".signflow-run.lock"))
+    lock.acquire(timeout=0)
+    try:
+        stopped = _dvc(project, venv_env, "repro", "split")
+    finally:
+        lock.release()
+    assert stopped.returncode != 0 and "`dvc repro` stops at this stage" in stopped.stdout + stopped.stderr
+    assert before and _contents(project, "data/split") == before
+    again = _dvc(project, venv_env, "repro", "split")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert _contents(project, "data/split") != before
+    assert json.loads(_dvc(project, venv_env, "status", "split", "--json").stdout) == {}

@@ -80,7 +80,7 @@ def _retried_by_the_extract_task(error: BaseException) -> bool:
     return _network_failure(None, None, State())
 
 
-def test_the_download_task_retries_only_network_errors():
+def test_the_extract_task_retries_only_network_errors():
     assert _retried_by_the_extract_task(NetworkError("down"))
     assert not _retried_by_the_extract_task(SourceError("disk full"))
     assert not _retried_by_the_extract_task(TimeoutError("the task's deadline"))
@@ -170,7 +170,7 @@ def test_a_source_the_server_says_is_missing_is_not_retried(tmp_path, tiny_zip):
     assert not _retried_by_the_extract_task(raised.value)
 
 
-def test_the_download_task_has_the_deadline_from_params():
+def test_the_extract_task_has_the_deadline_from_params():
     from tasks.pipeline import extract_with_deadline
 
     assert extract_with_deadline(section("extract", timeout_s=7)).timeout_seconds == 7

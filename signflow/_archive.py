@@ -12,19 +12,45 @@ import errno
 import lzma
 import stat
 import tarfile
+import time
 import unicodedata
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
 from signflow.config import ExtractConfig
 from signflow.errors import ExtractError
 
-__all__ = ["DATA_FILTER", "extract_archive", "write_error"]
+__all__ = ["DATA_FILTER", "NO_DEADLINE", "Deadline", "extract_archive", "write_error"]
 
 DATA_FILTER = getattr(tarfile, "data_filter", None)
 """tarfile's own safety filter (Python 3.11.4+, 3.12+), applied on top of the checks here."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a flow run's extract must be done (`extract.timeout_s`), checked between files. A timer
+    that injects an exception is not enough: its TimeoutError is an OSError, and landing inside an
+    `except OSError` (pathlib's `is_file`, `os.walk`) it would be swallowed and a file silently left out."""
+
+    at: float | None
+    timeout_s: float = 0
+
+    @classmethod
+    def after(cls, timeout_s: float) -> Deadline:
+        return cls(time.monotonic() + timeout_s, timeout_s)
+
+    def check(self) -> None:
+        if self.at is not None and time.monotonic() > self.at:
+            raise ExtractError(
+                f"the extract step did not finish within extract.timeout_s ({self.timeout_s:.0f} s); nothing "
+                "was changed. Raise extract.timeout_s in params.yaml for a source this large"
+            )
+
+
+NO_DEADLINE = Deadline(None)
 
 MIB = 2**20
 COPY_CHUNK = MIB
@@ -146,7 +172,7 @@ def _check_zip_member(member: zipfile.ZipInfo, archive: Path) -> PurePosixPath:
     return path
 
 
-def _extract_zip(archive: Path, dest: Path, cfg: ExtractConfig) -> None:
+def _extract_zip(archive: Path, dest: Path, cfg: ExtractConfig, deadline: Deadline) -> None:
     try:
         with zipfile.ZipFile(archive) as bundle:
             members = bundle.infolist()
@@ -154,6 +180,7 @@ def _extract_zip(archive: Path, dest: Path, cfg: ExtractConfig) -> None:
             paths = [_check_zip_member(member, archive) for member in members]
             _check_declared(archive, [(m.filename, m.file_size, m.compress_size) for m in members], cfg)
             for member, path in zip(members, paths, strict=True):
+                deadline.check()
                 _extract_zip_member(bundle, member, dest / path, archive)
     except (zipfile.BadZipFile, EOFError, zlib.error) as error:
         raise ExtractError(f"{archive}: damaged or truncated zip archive ({error}); download it again") from None
@@ -198,12 +225,13 @@ def _tar_members(bundle: tarfile.TarFile, archive: Path, dest: Path, cfg: Extrac
     return members
 
 
-def _extract_tar(archive: Path, dest: Path, cfg: ExtractConfig) -> None:
+def _extract_tar(archive: Path, dest: Path, cfg: ExtractConfig, deadline: Deadline) -> None:
     try:
         with tarfile.open(archive) as bundle:
             members = _tar_members(bundle, archive, dest, cfg)
             _check_declared(archive, [(m.name, m.size, None) for m, _ in members if m.isfile()], cfg)
             for member, path in members:
+                deadline.check()
                 if member.isdir():
                     _make_dir(dest / path, member.name, archive)
                     continue
@@ -213,7 +241,7 @@ def _extract_tar(archive: Path, dest: Path, cfg: ExtractConfig) -> None:
         raise ExtractError(f"{archive}: damaged or truncated tar archive ({error}); download it again") from None
 
 
-def extract_archive(archive: Path, dest: Path, cfg: ExtractConfig) -> None:
+def extract_archive(archive: Path, dest: Path, cfg: ExtractConfig, deadline: Deadline = NO_DEADLINE) -> None:
     """Extract a zip or tar archive into `dest`, refusing entries that escape it or are links, and
     archives over the extract.max_* caps (checked on the declared sizes before anything is written,
     and again on the bytes as they are written)."""
@@ -221,9 +249,9 @@ def extract_archive(archive: Path, dest: Path, cfg: ExtractConfig) -> None:
     if size > cfg.max_source_bytes:
         raise _cap_error(archive, f"the source file is {size:,} bytes", "max_source_bytes", cfg.max_source_bytes)
     if zipfile.is_zipfile(archive):
-        _extract_zip(archive, dest, cfg)
+        _extract_zip(archive, dest, cfg, deadline)
     elif _is_tar(archive):
-        _extract_tar(archive, dest, cfg)
+        _extract_tar(archive, dest, cfg, deadline)
     else:
         raise ExtractError(
             f"{archive}: not a zip or tar archive (or truncated); the source in data.dvc must be an archive "

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 
-from signflow._archive import extract_archive, write_error
+from signflow._archive import NO_DEADLINE, Deadline, extract_archive, write_error
 from signflow._images import is_image_name, is_junk, split_folder_name
 from signflow._redact import redact_url
 from signflow.config import ExtractConfig
@@ -158,8 +158,8 @@ class _SourceBounds:
     Anything else is left out: a link to /etc/passwd, or into another project's cache, must not
     become training data."""
 
-    def __init__(self, root: Path, project_dir: Path | None = None):
-        self.root, self.project_dir = root.resolve(), project_dir
+    def __init__(self, root: Path, project_dir: Path | None = None, deadline: Deadline = NO_DEADLINE):
+        self.root, self.project_dir, self.deadline = root.resolve(), project_dir, deadline
 
     def outside(self, path: Path) -> bool:
         target = path.resolve()
@@ -269,6 +269,7 @@ def _copy_classes(class_root: Path, dest: Path, bounds: _SourceBounds) -> tuple[
             skipped.append(f"{name}/: class folder without images, left out")
             continue
         for file in files:
+            bounds.deadline.check()
             relative = PurePosixPath(*file.relative_to(class_root).parts[1:]).as_posix()
             _copy_file(file, dest / name / unicodedata.normalize("NFC", relative), class_root)
         counts[name] = counts.get(name, 0) + len(files)
@@ -291,7 +292,7 @@ def _copy_dataset(roots: dict[str, Path], dest: Path, bounds: _SourceBounds) -> 
     return counts, skipped
 
 
-def _materialise_source(source: Path, cfg: ExtractConfig, scratch: Path) -> tuple[Path, str | None]:
+def _materialise_source(source: Path, cfg: ExtractConfig, scratch: Path, deadline: Deadline) -> tuple[Path, str | None]:
     """Return a local folder tree holding the source's files, and the archive's sha256 (if archive)."""
     if source.exists() and not (source.is_dir() or source.is_file()):
         raise ExtractError(f"{source}: not a regular file or folder (a FIFO, socket or device); refusing to read it")
@@ -314,7 +315,7 @@ def _materialise_source(source: Path, cfg: ExtractConfig, scratch: Path) -> tupl
         )
     tree = scratch / "tree"
     tree.mkdir()
-    extract_archive(source, tree, cfg)
+    extract_archive(source, tree, cfg, deadline)
     return tree, digest
 
 
@@ -326,14 +327,19 @@ def _recorded_source(source: Path, project_dir: Path) -> str:
 
 
 def extract_dataset(
-    source: str | Path, dest: str | Path, cfg: ExtractConfig, project_dir: str | Path = "."
+    source: str | Path,
+    dest: str | Path,
+    cfg: ExtractConfig,
+    project_dir: str | Path = ".",
+    deadline: Deadline = NO_DEADLINE,
 ) -> DatasetInfo:
     """Turn `source` (an archive or a folder) into `dest` as `<class>/<files>`; `dest` changes only if
-    every step succeeds. SOURCE.json names `source` relative to `project_dir` when inside it, so
-    data/raw's DVC hash does not depend on where the project is cloned."""
+    every step succeeds, before `deadline` (a flow run's `extract.timeout_s`). SOURCE.json names
+    `source` relative to `project_dir` when inside it, so data/raw's DVC hash does not depend on where
+    the project is cloned."""
     source, dest = Path(source), Path(dest)
     with staging_dir(dest) as scratch:
-        tree, digest = _materialise_source(source, cfg, scratch)
+        tree, digest = _materialise_source(source, cfg, scratch, deadline)
         if cfg.class_root:
             if not (tree / cfg.class_root).is_dir():
                 raise ExtractError(f"extract.class_root: {cfg.class_root!r} is not a folder in the source")
@@ -341,7 +347,7 @@ def extract_dataset(
         else:
             roots = find_class_roots(tree)
         staged = scratch / "dataset"
-        counts, skipped = _copy_dataset(roots, staged, _SourceBounds(tree, Path(project_dir)))
+        counts, skipped = _copy_dataset(roots, staged, _SourceBounds(tree, Path(project_dir), deadline))
         common = Path(os.path.commonpath(list(roots.values())))
         info = DatasetInfo(
             source=_recorded_source(source, Path(project_dir)),

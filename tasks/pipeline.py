@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from signflow import dvc_state
+from signflow._archive import Deadline
 from signflow.config import EvaluateConfig, ExportConfig, ExtractConfig, Params, SplitConfig, TrainConfig
 from signflow.evaluate import EvaluationResult, evaluate
 from signflow.export import export_onnx
@@ -129,26 +130,32 @@ def _network_failure(task, task_run, state) -> bool:
 def extract_task(cfg: ExtractConfig, workspace: Workspace, dvc: DvcRecorder | None, project: Path) -> StepOutcome:
     """Fetch the source data.dvc names if it changed (a HEAD request when it did not), then extract it
     into the raw dataset. DVC's lock is held throughout, so no `dvc repro` fetches at the same time.
-    An override run (no recorder) extracts the source the project has fetched, fetching nothing."""
-    source = Workspace(project).source
+    An override run (no recorder) extracts the source the project has fetched, fetching nothing.
+    Extraction checks the deadline `extract.timeout_s` itself, between files (see _archive.Deadline)."""
+    source, deadline = Workspace(project).source, Deadline.after(cfg.timeout_s)
     with dvc_state.open_repo(project) as repo:
         if dvc is None:
             require_fetched(repo, project)
-            return StepOutcome("extract", extract_dataset(source, workspace.raw, cfg, project))
+            return StepOutcome("extract", extract_dataset(source, workspace.raw, cfg, project, deadline))
         sync = sync_source(repo, project)
         get_run_logger().info(sync.note)
         expected, fresh = dvc.check(repo, "extract")
         if fresh:
             return StepOutcome("extract", ran=False, recorded=True, notes=(sync.note,))
-        result = extract_dataset(source, workspace.raw, cfg, project)
+        result = extract_dataset(source, workspace.raw, cfg, project, deadline)
         outcome = _recorded(repo, "extract", expected, result)
     return outcome.noted(sync.note)
+
+
+FETCH_GRACE_S = 60
+"""Prefect's own timeout on the extract task comes this long after `extract.timeout_s`: it stops a
+fetch that stalls, while extraction, which checks the deadline itself, stops first and cleanly."""
 
 
 def extract_with_deadline(cfg: ExtractConfig):
     """The extract task with `extract.timeout_s` as its deadline: a source that stalls fails the
     run instead of holding it (and the run lock) for ever. A timed-out task is not retried."""
-    return extract_task.with_options(timeout_seconds=cfg.timeout_s)
+    return extract_task.with_options(timeout_seconds=cfg.timeout_s + FETCH_GRACE_S)
 
 
 @task(name="split", cache_policy=NONE)

@@ -171,9 +171,22 @@ def test_a_source_the_server_says_is_missing_is_not_retried(tmp_path, tiny_zip):
 
 
 def test_the_extract_task_has_the_deadline_from_params():
-    from tasks.pipeline import extract_with_deadline
+    """Extraction checks `extract.timeout_s` itself; Prefect's timeout, a little later, stops a stalled fetch."""
+    from tasks.pipeline import FETCH_GRACE_S, extract_with_deadline
 
-    assert extract_with_deadline(section("extract", timeout_s=7)).timeout_seconds == 7
+    assert extract_with_deadline(section("extract", timeout_s=7)).timeout_seconds == 7 + FETCH_GRACE_S
+
+
+@pytest.mark.parametrize("source", ["tiny_zip", "class_folders"])
+def test_an_extract_past_its_deadline_stops_and_changes_nothing(source, request, tmp_path):
+    from signflow._archive import Deadline
+
+    extract_dataset(request.getfixturevalue(source), tmp_path / "raw", section("extract"))
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "raw").rglob("*"))
+    with pytest.raises(ExtractError, match=r"did not finish within extract.timeout_s \(5 s\)"):
+        extract_dataset(request.getfixturevalue(source), tmp_path / "raw", section("extract"), ".", Deadline(0, 5))
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "raw").rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from filelock import FileLock
 from mlflow import MlflowClient
 
 from signflow.cli import COMMANDS, main
+from signflow.errors import ExtractError
 from signflow.fileio import LockBusyError, _host_tag
 from signflow.split import split_dataset
 from tests.helpers import make_project, section, tiny_params
@@ -229,7 +230,7 @@ def test_the_pipeline_and_the_sweep_stop_an_extract_past_its_deadline(tmp_path, 
     for flow in (pipeline, sweep_flow):
         state = flow(project_dir=str(project), return_state=True)
         assert state.is_failed(), flow.name
-        with pytest.raises(TimeoutError):
+        with pytest.raises(ExtractError, match=r"did not finish within extract.timeout_s \(1 s\); nothing was changed"):
             state.result()
         assert not (project / "data" / "raw").exists(), f"{flow.name}: the extract was stopped"
 

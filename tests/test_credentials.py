@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 
 import pytest
@@ -134,23 +135,59 @@ def test_an_https_login_comes_from_netrc_and_stays_out_of_data_dvc(tmp_path, cla
     assert _clean((project / "data.dvc").read_text())
 
 
-def test_the_receipt_and_mlflow_output_never_show_the_tracking_uri_login(trained, tmp_path, monkeypatch, capfd):
-    """A team server's URI may carry a login; the receipt (committed) and MLflow's "View run ... at"
-    line never show it. (The registry here is SQLite: only the URI signflow resolved carries the login.)"""
-    from mlflow import MlflowClient
+@pytest.mark.slow
+def test_the_receipt_and_mlflow_output_never_show_the_tracking_uri_login(trained, tmp_path):
+    """A team server's URI may carry a login. Registering to a real `mlflow server` (on 127.0.0.1, with
+    the login in MLFLOW_TRACKING_URI) in a process of its own: its output never shows the password
+    (MLflow's "View run ... at URI" line is off) and the receipt stores the URI redacted."""
+    import subprocess
+    import sys
 
-    import signflow.register as register
-    from signflow.register import TEST_SET_TAG, Candidate, register_model
+    from tests.helpers import venv_path
+    from tests.test_serving import free_port, start_server, stop_server
 
     params, *_ = trained
-    database = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setattr(register, "resolve_tracking_uri", lambda cfg: "http://alice:Pa55w0rd@127.0.0.1:5077")
-    monkeypatch.setattr(register, "mlflow_client", lambda uri: MlflowClient(database, database))
     (tmp_path / "metrics.json").write_text(json.dumps({"accuracy": 0.9, "macro_f1": 0.9, "test_images": 9}))
-    candidate = Candidate.from_files(
-        tmp_path / "model.pt", tmp_path / "metrics.json", params.model_dump(mode="json"), {TEST_SET_TAG: "a"}
+    port = free_port()
+    env = {**os.environ, "PATH": venv_path()}
+    server = start_server(
+        [
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "art"),
+        ],
+        env,
+        tmp_path / "server.log",
+        f"http://127.0.0.1:{port}/health",
     )
-    register_model(params.register, candidate, tmp_path / "rec.json")
+    register = (
+        "import sys; from pathlib import Path; from signflow.config import parse_params;"
+        "from signflow.register import TEST_SET_TAG, Candidate, register_model; import json;"
+        "d = Path(sys.argv[1]); params = parse_params(json.loads(sys.argv[2]));"
+        "tags = {TEST_SET_TAG: 'a'};"
+        "c = Candidate.from_files(d / 'model.pt', d / 'metrics.json', params.model_dump(mode='json'), tags);"
+        "register_model(params.register, c, d / 'rec.json')"
+    )
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", register, str(tmp_path), json.dumps(params.model_dump(mode="json"))],
+            env={**env, "MLFLOW_TRACKING_URI": f"http://alice:Pa55w0rd@127.0.0.1:{port}"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        stop_server(server)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Pa55w0rd" not in run.stdout + run.stderr
     receipt = json.loads((tmp_path / "rec.json").read_text())
-    assert receipt["tracking_uri"] == "http://***@127.0.0.1:5077"
-    assert "Pa55w0rd" not in json.dumps(receipt) + "".join(capfd.readouterr())
+    assert receipt["tracking_uri"] == f"http://***@127.0.0.1:{port}" and receipt["version"] == "1"

@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_parser(commands)
     add_serve_parser(commands)
     add_source_parser(commands)
+    add_ci_parser(commands)
     return parser
 
 
@@ -275,6 +276,61 @@ def run_source(args: argparse.Namespace) -> int:
     return 1 if state == source.UNREACHABLE else 0
 
 
+def add_ci_parser(commands) -> None:
+    help_text = "reproduce a change as CI does, compare it with its base revision and say whether it may merge"
+    sub = commands.add_parser(
+        "ci",
+        help=help_text,
+        description=help_text + ". Runs `dvc repro --pull` (what the DVC remote holds is pulled, only the stages "
+        "whose inputs changed run), then writes one Markdown report: the params, data and code that changed, "
+        "what each stage did, `dvc metrics diff` and the confusion matrix and learning curves of both revisions, "
+        "the model card. Exit status: 0 passed; 1 a gate of the base revision's ci: params failed (accuracy "
+        "fell too far, or test images have near-duplicates in train); 2 bad params; 3 the pipeline failed; 4 "
+        "the DVC remote or the base revision's files could not be read. The last line says why.",
+    )
+    sub.add_argument(
+        "--base",
+        metavar="REV",
+        help="the revision to compare with (default: the merge-base of HEAD with origin/HEAD, origin/main, "
+        "origin/master, main or master, the first that exists)",
+    )
+    sub.add_argument(
+        "--report",
+        type=Path,
+        default=Path("ci-report/report.md"),
+        help="the report to write; the figures go into REPORT_files/ beside it, and a copy without images "
+        "into REPORT_summary.md (appended to $GITHUB_STEP_SUMMARY too when that is set) (default: ci-report/report.md)",
+    )
+    sub.add_argument("--project-dir", type=Path, default=Path("."), help="project root (default: .)")
+
+
+def run_ci_command(args: argparse.Namespace) -> int:
+    import os
+
+    from signflow._ci_report import render_report
+    from signflow.ci import EXIT_NOT_COMPARED, run_ci
+    from signflow.fileio import write_text_atomic
+
+    report = args.report.resolve()
+    files = report.parent / f"{report.stem}_files"
+    try:
+        result = run_ci(args.project_dir, args.base, files)
+    except ConfigError:
+        raise
+    except SignflowError as error:  # an unknown base revision, not a git repository: nothing to compare with
+        print(f"signflow ci: failed: could not compare: {error}", flush=True)
+        return EXIT_NOT_COMPARED
+    summary = render_report(result, files.name, images=False)
+    write_text_atomic(report, render_report(result, files.name, images=True))
+    write_text_atomic(report.parent / f"{report.stem}_summary.md", summary)
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as job_summary:
+            job_summary.write(summary)
+    print(f"report: {report}", file=sys.stderr, flush=True)
+    print(result.verdict, flush=True)
+    return result.exit_code
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from signflow.predict import choose_predictor, model_files, predict_images, write_predictions_csv
 
@@ -313,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "source":
             return run_source(args)
+        if args.command == "ci":
+            return run_ci_command(args)
         with hold_run_lock(Path(args.params).parent):
             params = load_params(args.params)  # read once the lock is ours: the previous holder may have changed it
             result = COMMANDS[args.command][0](params, args)

@@ -23,6 +23,7 @@ from signflow.errors import SignflowError
 
 __all__ = [
     "AugmentConfig",
+    "CiConfig",
     "ConfigError",
     "EvaluateConfig",
     "ExportConfig",
@@ -307,6 +308,20 @@ class SweepConfig(_Section):
         return grid
 
 
+class CiConfig(_Section):
+    """The gates `signflow ci` holds a change to (not a hyperparameter: no DVC stage reads this section).
+    The base revision's values apply, so a change cannot loosen its own gates."""
+
+    max_accuracy_drop: float = Field(ge=0, le=1)
+    """The change fails when its test accuracy is more than this below the base revision's, both
+    scored on the same test images."""
+    max_test_near_duplicate_fraction: float = Field(ge=0, le=1)
+    """The change fails when a larger share of its test images have a near-duplicate in train (or when
+    the split did not look for them)."""
+
+    _coerce = field_validator("max_accuracy_drop", "max_test_near_duplicate_fraction", mode="before")(_float_from_yaml)
+
+
 # BaseModel inherits ABC's `register` method; the params section of that name is meant to shadow it.
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)
@@ -321,6 +336,7 @@ with warnings.catch_warnings():
         register: RegisterConfig = Field()
         schedule: ScheduleConfig
         sweep: SweepConfig
+        ci: CiConfig
 
 
 RENAMED_SECTIONS = {"download": "extract"}

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -36,6 +36,16 @@ def build_class_folders(root: Path, per_class: int = PER_CLASS) -> Path:
     for index, (name, colour) in enumerate(CLASS_COLOURS.items()):
         for i in range(per_class):
             make_image(root / name / f"IMG_{i:03d}.JPG", colour, seed=index * 1000 + i)
+    return root
+
+
+def add_near_duplicates(root: Path, per_class: int) -> Path:
+    """Beside the first `per_class` images of each class folder, a brighter re-encoded copy: a different file,
+    the same photo to the split's perceptual hash (each pair is one near-duplicate cluster)."""
+    for folder in sorted(path for path in root.iterdir() if path.is_dir()):
+        for original in sorted(folder.glob("IMG_*.JPG"))[:per_class]:
+            copy = ImageEnhance.Brightness(Image.open(original).convert("RGB")).enhance(1.08)
+            copy.save(original.with_name(f"{original.stem}_copy.JPG"), "JPEG", quality=70)
     return root
 
 

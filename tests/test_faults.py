@@ -70,6 +70,7 @@ def test_interrupted_training_resumes_from_its_checkpoint_to_the_same_model(prep
     assert not resume_path(out / "model.pt").exists(), "the checkpoint is removed once training is done"
 
 
+@pytest.mark.slow
 def test_killed_training_process_resumes_to_the_same_model(prepared, tmp_path, venv_env):
     """SIGKILL the real `signflow train` as soon as its first epoch checkpoint exists, then rerun it."""
     params, raw, split = prepared
@@ -351,6 +352,7 @@ def _race_two_machines(tmp_path, params, models: dict[str, Path], dawdle_in: str
         return dict(zip(["slow", "fast"], pool.map(_register_on_another_machine, jobs), strict=True))
 
 
+@pytest.mark.slow
 def test_machines_sharing_a_registry_move_the_champion_one_at_a_time(trained, tmp_path):
     params, *_ = trained
     bundle = load_bundle(tmp_path / "model.pt")
@@ -368,6 +370,7 @@ def test_machines_sharing_a_registry_move_the_champion_one_at_a_time(trained, tm
     assert names == [params.register.model_name], "the champion lock is gone once both finished"
 
 
+@pytest.mark.slow
 def test_machines_registering_the_same_weights_at_once_make_one_version(trained, tmp_path):
     params, *_ = trained
     models = {"slow": tmp_path / "model.pt", "fast": tmp_path / "model.pt"}

@@ -234,6 +234,7 @@ def test_a_fifo_recorded_in_data_dvc_is_refused_by_a_run(tmp_path, tiny_zip, fif
 
 
 @pytest.mark.timeout(300)  # a hang guard: DVC's default, 60 s per attempt over several attempts, would trip it
+@pytest.mark.slow
 def test_a_server_that_never_answers_fails_within_the_request_timeout(tmp_path, tiny_zip):
     """DVC's per-request timeouts (60 s by default) can be set in data.dvc's `fs_config`; the run then
     stops saying the source is not reachable, a NetworkError the extract task retries."""

@@ -158,6 +158,7 @@ def _digests(project: Path) -> dict[str, str]:
     return {str(f.relative_to(project)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()}
 
 
+@pytest.mark.slow
 def test_an_override_run_works_in_its_own_workspace_and_a_failed_one_leaves_nothing(
     tmp_path, tiny_zip, prefect_server, monkeypatch, venv_env
 ):

@@ -122,19 +122,18 @@ def register_model(
     tracking_uri = resolve_tracking_uri(cfg)
     with registry_lock(tracking_uri):
         client = mlflow_client(tracking_uri)
-        # Held from the duplicate check to the alias: two machines registering the same weights at
-        # once make one version, and the alias is compared and moved by one machine at a time.
+        # The files go up first, outside the registry-wide lock (a large model takes minutes, longer
+        # than the lock's lease); the lock is held from the duplicate check to the alias, so two
+        # machines registering the same weights at once make one version, and the alias is compared
+        # and moved by one machine at a time.
+        found = _find_version(client, cfg.model_name, candidate)
+        run = None if found is not None else _log_candidate_run(client, cfg, tracking_uri, candidate)
         with champion_lock(client, cfg.model_name):
-            existing = _find_version(client, cfg.model_name, candidate)
-            if existing is None:
-                version = _create_version(client, cfg, tracking_uri, candidate)
-            else:
-                version = existing
-                log.info("model already registered as %s version %s; no new version", cfg.model_name, version.version)
+            version, created = _version_for(client, cfg, candidate, run)
             champion, decision = move_champion(client, cfg, version.version, candidate)
             if write_card is not None:
                 card = write_card(candidate.bundle, candidate.metrics, str(version.version))
-                if existing is None:
+                if created:
                     client.log_artifact(version.run_id, str(card), artifact_path="model")
                     client.update_model_version(cfg.model_name, version.version, description=card.read_text("utf-8"))
     result = Registration(
@@ -145,7 +144,7 @@ def register_model(
         test_accuracy=candidate.accuracy,
         is_champion=champion is not None and champion.version == version.version,
         champion_version=str(champion.version) if champion else None,
-        newly_created=existing is None,
+        newly_created=created,
         tracking_uri=redact_url(tracking_uri),
         champion_reason=decision.reason,
         test_split=candidate.tags.get("signflow.split", "unknown"),
@@ -297,9 +296,8 @@ def _log_mlflow_model(client, run_id: str, candidate: Candidate) -> None:
     log_mlflow_model(client, run_id, candidate.onnx_file, candidate.bundle.preprocessing.image_size, "model")
 
 
-def _create_version(client, cfg: RegisterConfig, tracking_uri: str, candidate: Candidate):
-    """A finished MLflow run holding the candidate's files, params and metrics, and a new model
-    version of `cfg.model_name` pointing at its `model/` folder."""
+def _log_candidate_run(client, cfg: RegisterConfig, tracking_uri: str, candidate: Candidate):
+    """A finished MLflow run holding the candidate's files, params and metrics."""
     tags = {**candidate.tags, FINGERPRINT_TAG: candidate.fingerprint}
     experiment_id = _experiment_id(client, cfg.experiment, tracking_uri)
     run = client.create_run(experiment_id, tags=tags, run_name=f"register-{candidate.fingerprint[:12]}")
@@ -309,11 +307,28 @@ def _create_version(client, cfg: RegisterConfig, tracking_uri: str, candidate: C
     except Exception:
         client.set_terminated(run.info.run_id, "FAILED")
         raise
+    return run
+
+
+def _version_for(client, cfg: RegisterConfig, candidate: Candidate, run) -> tuple[Any, bool]:
+    """(the version of these weights on this test set, whether it is new): the one registered
+    meanwhile by another machine (`run`, uploaded in vain, is deleted), or a new one pointing at
+    `run`'s `model/` folder. The caller holds the champion lock."""
+    existing = _find_version(client, cfg.model_name, candidate)
+    if existing is not None:
+        if run is not None:
+            client.delete_run(run.info.run_id)
+        log.info("model already registered as %s version %s; no new version", cfg.model_name, existing.version)
+        return existing, False
+    if run is None:
+        raise RegistryError(
+            f"{cfg.model_name}: the version of these weights was deleted while registering; run register again"
+        )
     if not client.search_registered_models(f"name = '{cfg.model_name}'"):
         client.create_registered_model(cfg.model_name, description="signflow image classifier")
-    version_tags = {**tags, ACCURACY_TAG: repr(candidate.accuracy)}
+    version_tags = {**candidate.tags, FINGERPRINT_TAG: candidate.fingerprint, ACCURACY_TAG: repr(candidate.accuracy)}
     source = f"{run.info.artifact_uri}/model"
-    return client.create_model_version(cfg.model_name, source, run_id=run.info.run_id, tags=version_tags)
+    return client.create_model_version(cfg.model_name, source, run_id=run.info.run_id, tags=version_tags), True
 
 
 @dataclass(frozen=True)

@@ -301,12 +301,12 @@ def test_two_registrations_at_the_same_moment_make_two_versions_and_the_better_c
 
 
 def _register_on_another_machine(args):
-    """Register from a process with its own temp folder, as on another machine sharing the registry;
-    "slow" dawdles 4 s the first time it calls `register.<dawdle_in>` (between reading the champion and
-    moving the alias, or between the duplicate check and creating the version), and "fast" starts its
-    registration only once "slow" is dawdling. Without a lock shared through the registry, "fast" reads
-    the old champion (or finds no version of the same weights) and the two interleave."""
-    role, scratch, tracking, params_raw, model, accuracy, dawdle_in = args
+    """Register from a process with its own temp folder, as on another machine sharing the registry.
+    "slow" stops right after its `dawdle_call`-th call of `register.<dawdle_in>` (after reading the
+    champion, before moving the alias; after the duplicate check, before creating the version) until
+    "fast", which starts only then, has begun its own registration, and 3 s more. Without a lock shared through the registry,
+    "fast" reads the old champion (or finds no version of the same weights) and the two interleave."""
+    role, scratch, tracking, params_raw, model, accuracy, (dawdle_in, dawdle_call) = args
     import tempfile
 
     os.environ["TMPDIR"] = str(Path(scratch) / role)
@@ -314,19 +314,19 @@ def _register_on_another_machine(args):
     tempfile.tempdir = None
     import signflow.register as register
 
-    marker, real, calls = Path(scratch) / "slow-is-dawdling", getattr(register, dawdle_in), []
+    slow_waits, fast_started = Path(scratch) / "slow-is-dawdling", Path(scratch) / "fast-started"
+    real, calls = getattr(register, dawdle_in), []
     if role == "fast":
-        deadline = time.monotonic() + 120
-        while not marker.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), "the slow registration never reached the dawdle: no race tested"
+        _wait_for(slow_waits, "the slow registration never reached the dawdle: no race tested")
 
     def dawdling(*call_args, **kwargs):
         calls.append(dawdle_in)
-        if role == "slow" and len(calls) == 1:
-            marker.touch()
-            time.sleep(4)
-        return real(*call_args, **kwargs)
+        answer = real(*call_args, **kwargs)
+        if role == "slow" and len(calls) == dawdle_call:
+            slow_waits.touch()
+            _wait_for(fast_started, "the fast registration never started: no race tested")
+            time.sleep(3)
+        return answer
 
     setattr(register, dawdle_in, dawdling)
     params = parse_params({**params_raw, "register": {**params_raw["register"], "tracking_uri": tracking}})
@@ -334,19 +334,28 @@ def _register_on_another_machine(args):
     metrics.write_text(json.dumps({"accuracy": accuracy, "macro_f1": accuracy, "test_images": 9}))
     tags = {register.TEST_SET_TAG: "same images"}
     candidate = register.Candidate.from_files(model, metrics, params.model_dump(mode="json"), tags)
+    if role == "fast":
+        fast_started.touch()
     result = register.register_model(params.register, candidate, Path(scratch) / f"rec-{role}.json")
     return result.version
 
 
-def _race_two_machines(tmp_path, params, models: dict[str, Path], dawdle_in: str) -> dict[str, str]:
+def _wait_for(marker: Path, failure: str) -> None:
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), failure
+
+
+def _race_two_machines(tmp_path, params, models: dict[str, Path], dawdle: tuple[str, int]) -> dict[str, str]:
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     from mlflow import MlflowClient
 
     MlflowClient(tracking).search_registered_models()  # the database exists before the two "machines" start
     raw = params.model_dump(mode="json")
     jobs = [
-        ("slow", str(tmp_path), tracking, raw, str(models["slow"]), 0.7, dawdle_in),
-        ("fast", str(tmp_path), tracking, raw, str(models["fast"]), 0.9, dawdle_in),
+        ("slow", str(tmp_path), tracking, raw, str(models["slow"]), 0.7, dawdle),
+        ("fast", str(tmp_path), tracking, raw, str(models["fast"]), 0.9, dawdle),
     ]
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         return dict(zip(["slow", "fast"], pool.map(_register_on_another_machine, jobs), strict=True))
@@ -360,7 +369,7 @@ def test_machines_sharing_a_registry_move_the_champion_one_at_a_time(trained, tm
     bundle.state_dict = {k: v + 1 if v.is_floating_point() else v for k, v in bundle.state_dict.items()}
     save_bundle(bundle, tmp_path / "fast.pt")
     models = {"slow": tmp_path / "slow.pt", "fast": tmp_path / "fast.pt"}
-    versions = _race_two_machines(tmp_path, params, models, "_champion")
+    versions = _race_two_machines(tmp_path, params, models, ("_champion", 1))
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -374,12 +383,14 @@ def test_machines_sharing_a_registry_move_the_champion_one_at_a_time(trained, tm
 def test_machines_registering_the_same_weights_at_once_make_one_version(trained, tmp_path):
     params, *_ = trained
     models = {"slow": tmp_path / "model.pt", "fast": tmp_path / "model.pt"}
-    versions = _race_two_machines(tmp_path, params, models, "_create_version")
+    versions = _race_two_machines(tmp_path, params, models, ("_find_version", 2))  # the check under the lock
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert versions == {"slow": "1", "fast": "1"}
     assert len(client.search_model_versions(f"name = '{params.register.model_name}'")) == 1
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, "the run uploaded in vain is deleted"
 
 
 def test_a_champion_lock_left_by_a_dead_registration_expires(trained, tmp_path, monkeypatch):

@@ -304,8 +304,9 @@ def _register_on_another_machine(args):
     """Register from a process with its own temp folder, as on another machine sharing the registry.
     "slow" stops right after its `dawdle_call`-th call of `register.<dawdle_in>` (after reading the
     champion, before moving the alias; after the duplicate check, before creating the version) until
-    "fast", which starts only then, has begun its own registration, and 3 s more. Without a lock shared through the registry,
-    "fast" reads the old champion (or finds no version of the same weights) and the two interleave."""
+    "fast", which starts only then, has begun its own registration, and 3 s more. Without a lock
+    shared through the registry, "fast" reads the old champion (or finds no version of the same
+    weights) and the two interleave."""
     role, scratch, tracking, params_raw, model, accuracy, (dawdle_in, dawdle_call) = args
     import tempfile
 

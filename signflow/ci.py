@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,10 +185,11 @@ def run_ci(project_dir: str | Path, base_rev: str | None, files_dir: str | Path)
     _snapshot_workspace(project, head.files, (str(layout.PARAMS), layout.DATA_DVC))
     gates, gates_from = choose_gates(base, head_params)
     result = CiResult(base, head, gates, gates_from)
-    result.params_diff, result.code_changes = _params_diff(project, base_sha), _code_changes(project, base_sha)
+    result.code_changes = _code_changes(project, base_sha)
     result.notes += stale_results(base)
     try:
-        result.notes += filter(None, [_check_remote(project)])
+        result.params_diff = _params_diff(project, base_sha)
+        result.notes += filter(None, [_check_remote(project, base)])
         _reproduce(project, result)
         _snapshot_workspace(project, head.files)
         if result.reproduced:
@@ -331,7 +334,7 @@ def _params_diff(project: Path, base_sha: str) -> dict[str, dict[str, Any]]:
     """`dvc params diff BASE`: per params file, each changed key's old and new value."""
     from dvc.repo import Repo
 
-    with Repo(str(project)) as repo:
+    with Repo(str(project)) as repo, _dvc_errors("dvc params diff"):
         return repo.params.diff(a_rev=base_sha).get("diff", {})
 
 
@@ -339,8 +342,19 @@ def _metrics_diff(project: Path, base_sha: str) -> dict[str, dict[str, Any]]:
     """`dvc metrics diff BASE --all`: per metrics file, every metric's old, new and difference."""
     from dvc.repo import Repo
 
-    with Repo(str(project)) as repo:
+    with Repo(str(project)) as repo, _dvc_errors("dvc metrics diff"):
         return repo.metrics.diff(a_rev=base_sha, all=True).get("diff", {})
+
+
+@contextmanager
+def _dvc_errors(what: str) -> Iterator[None]:
+    """DVC's own errors (unparseable params or metrics at a revision, ...) as one line, not a traceback."""
+    from dvc.exceptions import DvcException
+
+    try:
+        yield
+    except DvcException as error:
+        raise CannotCompare(f"{what}: {redact_url(str(error).strip().splitlines()[0])}") from None
 
 
 def _code_changes(project: Path, base_sha: str) -> list[str]:
@@ -352,10 +366,12 @@ def _code_changes(project: Path, base_sha: str) -> list[str]:
 # The remote and the reproduction.
 
 
-def _check_remote(project: Path) -> str | None:
-    """Raise CannotCompare when the default DVC remote gives none of the files dvc.lock records that are
-    not here (`dvc status --cloud`): it cannot be reached, or nothing was pushed to it, and reproducing
-    would rebuild every stage from scratch. Returns a note when there is no remote to pull from."""
+def _check_remote(project: Path, base: Revision) -> str | None:
+    """Raise CannotCompare when the default DVC remote gives none of the outputs the base revision
+    recorded, this change kept and this machine lacks (`dvc status --cloud`): it cannot be reached, or
+    nothing was pushed to it, and reproducing would rebuild every stage from scratch. Outputs this
+    change made anew (a dvc.lock committed without `dvc push`) are simply rebuilt. Returns a note when
+    there is no remote to pull from."""
     from dvc.repo import Repo
 
     with Repo(str(project)) as repo:
@@ -368,13 +384,30 @@ def _check_remote(project: Path) -> str | None:
         except Exception as error:  # every storage client raises its own errors
             detail = redact_url(f"{type(error).__name__}: {error}".strip().splitlines()[0])
             raise CannotCompare(f"{remote} cannot be reached ({detail}); {NOT_REBUILT}") from None
-    missing = [path for path, state in status.items() if state == "missing"]
+    kept = _kept_outputs(base, project)
+    missing = [path for path, state in status.items() if state == "missing" and _under(path, kept)]
     if missing and "deleted" not in status.values():
         raise CannotCompare(
             f"{remote} cannot be reached, or was never pushed to (`dvc push` on the base branch): it holds none of "
-            f"the {len(missing)} outputs dvc.lock records that are missing here; {NOT_REBUILT}"
+            f"the {len(missing)} outputs the base revision recorded that are missing here; {NOT_REBUILT}"
         )
     return None
+
+
+def _recorded_outputs(lock: dict[str, Any]) -> set[tuple[str, str | None]]:
+    """(path, md5) of every stage output a dvc.lock records."""
+    stages = (lock.get("stages") or {}).values()
+    return {(out.get("path"), out.get("md5")) for stage in stages for out in stage.get("outs") or []}
+
+
+def _kept_outputs(base: Revision, project: Path) -> set[str]:
+    """The outputs the base revision's dvc.lock records with the same content as this change's."""
+    here = yaml.safe_load((project / LOCK).read_text(encoding="utf-8")) if (project / LOCK).is_file() else {}
+    return {path for path, _ in _recorded_outputs(base.lock()) & _recorded_outputs(here or {}) if path}
+
+
+def _under(path: str, outputs: set[str]) -> bool:
+    return any(path == out or path.startswith(f"{out}/") for out in outputs)
 
 
 NOT_REBUILT = (
@@ -400,7 +433,7 @@ def _reproduce(project: Path, result: CiResult) -> None:
     tail: deque[str] = deque(maxlen=40)
     outcomes: dict[str, str] = {}
     started = time.monotonic()
-    command = ["dvc", "repro", "--pull"]
+    command = [sys.executable, "-m", "dvc", "repro", "--pull"]  # this environment's DVC, activated or not
     with subprocess.Popen(
         command, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
     ) as process:

@@ -68,11 +68,17 @@ def team_repo(tmp_path_factory):
         _run(["git", "checkout", "-qb", branch, "main"], project, env)
         _edit_params(project, section, key, value)
         _run(["git", "commit", "-qam", f"{section}.{key}: {value}"], project, env)
-    _run(["git", "checkout", "-q", "main"], project, env)
+    # A pull request reproduced and committed with its dvc.lock and results, but never pushed.
+    _run(["git", "checkout", "-qb", "pr-unpushed", "main"], project, env)
+    _edit_params(project, "train", "epochs", 12)
+    _run(["dvc", "repro"], project, env)
+    _run(["git", "add", "-A"], project, env)
+    _run(["git", "commit", "-qm", "train.epochs: 12, reproduced, not pushed"], project, env)
+    _run(["git", "checkout", "-q", "-f", "main"], project, env)
     return project
 
 
-def _ci(team_repo, branch: str, tmp_path, remote_url: str | None = None):
+def _ci(team_repo, branch: str, tmp_path, remote_url: str | None = None, pulled: tuple[str, ...] = ()):
     """Clone `branch` as CI does and run `signflow ci` there (base: the default, the merge-base with
     origin/HEAD, i.e. main); returns the clone and the finished process."""
     env = {**os.environ, "PATH": venv_path(), "GITHUB_STEP_SUMMARY": str(tmp_path / "job-summary.md")}
@@ -80,6 +86,8 @@ def _ci(team_repo, branch: str, tmp_path, remote_url: str | None = None):
     _run(["git", "clone", "-q", "--branch", branch, str(team_repo), str(clone)], tmp_path, env)
     if remote_url:
         _run(["dvc", "remote", "modify", "--local", "store", "url", remote_url], clone, env)
+    if pulled:  # what a CI cache kept from earlier runs: the base's outputs are here already
+        _run(["dvc", "pull", *pulled], clone, env)
     done = subprocess.run(["signflow", "ci"], cwd=clone, env=env, capture_output=True, text=True)
     return clone, done
 
@@ -226,3 +234,13 @@ def test_an_unknown_base_revision_is_exit_4_with_what_to_do(tmp_path, capsys):
     last = capsys.readouterr().out.rstrip().splitlines()[-1]
     assert last.startswith("signflow ci: failed: could not compare: base revision 'nope' is not a commit of")
     assert "fetch-depth: 0" in last
+
+
+@pytest.mark.slow
+def test_a_change_committed_without_dvc_push_is_rebuilt_not_called_unreachable(team_repo, tmp_path):
+    """The base's outputs are here (a CI cache) and in the remote; the change's own are in neither: the
+    remote is fine, and the stages whose outputs it lacks are rebuilt."""
+    clone, done = _ci(team_repo, "pr-unpushed", tmp_path, pulled=("data.dvc", "extract", "split"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert set(re.findall(r"Running stage '(\w+)'", done.stdout)) == {"train", "evaluate", "export", "register"}
+    assert "cannot be reached" not in done.stdout

@@ -16,7 +16,7 @@ float16, 12.8 KB per image and view), filled with random bytes, in a temporary f
   page cache, and evicted from it first (posix_fadvise DONTNEED: the check then reads the disk,
   warming the page cache the epochs read from anyway).
 
-Prints seconds per entry and in all, and as a % of the 105 s train step of README "Benchmark";
+Prints seconds per entry and in all, and as a % of the 105 s train step of docs/benchmark.md;
 first, the speed of the hashes that could do the check, on 64 MB in memory (why CRC-32).
 """
 

@@ -2,7 +2,7 @@
 
     python bench/split.py --archive ../shared/datasets/sign-language-digits.zip --montage bench/clusters.png
 
-Extracts the archive once (the download step), then times `split_dataset` with this repo's
+Extracts the archive once (the extract step), then times `split_dataset` with this repo's
 params.yaml three times: `split.near_duplicates` off, group (the default) and report. Prints, per
 mode, the split step's seconds, the pair search's seconds, the clusters found, the images in them,
 the largest cluster and how many test images have a near-duplicate in train. `--montage` draws the
@@ -114,7 +114,10 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{results['images']} images, split.near_duplicate_distance {params['split']['near_duplicate_distance']}")
-    print("| near_duplicates | split s | search s | clusters | images in clusters | largest | test twins in train |")
+    print(
+        "| near_duplicates | split s | search s | clusters | images in clusters | largest "
+        "| test images with a near-duplicate in train |"
+    )
     print("|---|---|---|---|---|---|---|")
     for run in results["runs"]:
         print(

@@ -14,8 +14,8 @@ Stop it with Ctrl-C (its schedule is paused until it is served again). A run's o
 
 `flow.serve` is used rather than `flow.deploy`: the runs need this folder (the DVC workspace,
 its data and models), which is exactly where a served flow runs, with no work pool, image or code
-storage to set up. To run on other machines, deploy the same flow to a work pool instead (README,
-"Scale-out").
+storage to set up. To run on other machines, deploy the same flow to a work pool instead
+(docs/prefect.md, "Scale-out: work pools").
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def build_deployment(schedule: ScheduleConfig, parameters: dict[str, Any]):
         ),
         description="signflow: extract → split → train → evaluate → export → register, skipping what is up to date",
         tags=["signflow"],
-        # The module path works from any folder where signflow is installed.
+        # The module path resolves from the project root, where this process runs (flows/ is not installed).
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
 
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_project_arguments(
         parser,
         "params override for every run of this deployment (repeatable; each such run works in its own "
-        "runs/<flow run id>/, see README)",
+        "runs/<flow run id>/, see docs/prefect.md)",
     )
     timing = parser.add_mutually_exclusive_group()
     timing.add_argument("--cron", help="cron schedule, overriding schedule.cron (e.g. '0 3 * * *')")

@@ -233,12 +233,12 @@ class FeatureCache:
     """The frozen-feature entries of one run: the train split's `views` augmented views and the
     valid split's plain view, keyed by everything the features depend on (see `_key_fields`)."""
 
-    def __init__(self, split: CutModel, data: TrainingData, cfg: TrainConfig, device: torch.device, generator):
-        self.split, self.data, self.cfg, self.device, self.generator = split, data, cfg, device, generator
+    def __init__(self, cut: CutModel, data: TrainingData, cfg: TrainConfig, device: torch.device, generator):
+        self.cut, self.data, self.cfg, self.device, self.generator = cut, data, cfg, device, generator
         self.memory_format = memory_format(cfg.channels_last)
         example = normalize(data.example(1).to(device), data.prep).contiguous(memory_format=self.memory_format)
         with torch.inference_mode():
-            shape = tuple(split.prefix(example).shape[1:])
+            shape = tuple(cut.prefix(example).shape[1:])
         self.layout = FeatureLayout(shape, cfg.channels_last, cfg.cache_dtype)
         self.views = cached_view_count(cfg)
         self.runtime = wanted_runtime(cfg, device)
@@ -257,8 +257,8 @@ class FeatureCache:
         return {
             "kind": "features",
             "model": cfg.model,
-            "prefix_weights": prefix_fingerprint(self.split.prefix),
-            "cut": self.split.cut_name,
+            "prefix_weights": prefix_fingerprint(self.cut.prefix),
+            "cut": self.cut.cut_name,
             "runtime": self.runtime,
             "device": self.device.type,
             "amp": cfg.amp and self.device.type == "cuda",
@@ -328,14 +328,14 @@ class FeatureCache:
         """What computes the features: built on first use only (a run that finds its features cached
         never exports the prefix)."""
         if self._prefix is None:
-            self._prefix = self.split.prefix
+            self._prefix = self.cut.prefix
             if self.runtime == "onnxruntime":
                 example = normalize(self.data.example(2).float(), self.data.prep)
-                self._prefix = onnx_prefix(self.split.prefix, example, torch.get_num_threads()) or self.split.prefix
+                self._prefix = onnx_prefix(self.cut.prefix, example, torch.get_num_threads()) or self.cut.prefix
         return self._prefix
 
     def prefix_runtime(self) -> str:
-        return "torch" if self.prefix() is self.split.prefix else "onnxruntime"
+        return "torch" if self.prefix() is self.cut.prefix else "onnxruntime"
 
 
 def wanted_runtime(cfg: TrainConfig, device: torch.device) -> str:

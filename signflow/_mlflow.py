@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from signflow._redact import redact_url
 from signflow.config import ConfigError, RegisterConfig, load_params
 from signflow.errors import SignflowError
 
@@ -76,8 +77,8 @@ def find_version(client, model_name: str, spec: str, tracking_uri: str):
         return version or client.get_model_version_by_alias(model_name, spec)
     except MlflowException as error:
         raise VersionNotFound(
-            f"{model_name!r} has no version or alias {spec!r} in the registry at {tracking_uri} "
-            f"({error.message.splitlines()[0]}); run the pipeline first, or give a model file path"
+            f"{model_name!r} has no version or alias {spec!r} in the registry at {redact_url(tracking_uri)} "
+            f"({redact_url(error.message.splitlines()[0])}); run the pipeline first, or give a model file path"
         ) from None
 
 

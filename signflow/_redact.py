@@ -20,7 +20,10 @@ def url_credentials(url: str) -> list[str]:
         parts = urlsplit(url)
     except ValueError:
         return []
-    found = ["a user name and password (user:password@)"] if "@" in parts.netloc else []
+    userinfo = parts.netloc.rpartition("@")[0] if "@" in parts.netloc else None
+    # A password, or over http(s) a bare user name (tokens are sent that way); ssh://git@host is a login name.
+    secret = userinfo is not None and (":" in userinfo or parts.scheme in ("http", "https"))
+    found = ["a user name or password (user:password@)"] if secret else []
     names = [pair.split("=", 1)[0] for pair in re.split("[&;]", parts.query) if "=" in pair]
     found += [f"the query parameter {name!r}" for name in names if _SECRET_NAME.search(name)]
     return found

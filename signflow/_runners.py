@@ -141,10 +141,10 @@ class CachedRunner(PlainRunner):
     generator afterwards, trains on exactly the views of the uninterrupted one.
     """
 
-    def __init__(self, split: CutModel, model, data: TrainingData, prep, cfg: TrainConfig, device, generator):
+    def __init__(self, cut: CutModel, model, data: TrainingData, prep, cfg: TrainConfig, device, generator):
         super().__init__(model, data, prep, cfg, device)
-        self.split = split
-        cache = FeatureCache(split, data, cfg, device, generator)
+        self.cut = cut
+        cache = FeatureCache(cut, data, cfg, device, generator)
         ensure_space(data.folder, cache.needed_entries(), advice=space_advice(cfg, features=True))
         self.train_features: CachedFeatures = cache.open("train")
         self.valid_features: CachedFeatures = cache.open("valid")
@@ -152,7 +152,7 @@ class CachedRunner(PlainRunner):
         self.prefix_runtime = self.train_features.runtime
         log.info(
             "frozen features before %s (%s, %s): %d view(s) of %d images, in %s",
-            split.cut_name,
+            cut.cut_name,
             self.prefix_runtime,
             cfg.cache_dtype,
             self.views,
@@ -161,7 +161,7 @@ class CachedRunner(PlainRunner):
         )
 
     def trained_module(self) -> nn.Module:
-        return self.split.tail
+        return self.cut.tail
 
     def train_rows(self) -> DiskArray:
         return self.train_features.array
@@ -180,13 +180,13 @@ class CachedRunner(PlainRunner):
 
     @torch.inference_mode()
     def valid_logits(self) -> torch.Tensor:
-        self.split.tail.eval()
+        self.cut.tail.eval()
         features = self.valid_features
         logits = []
         for rows in read_chunks(features.array, self.cfg.inference_batch_size):
             batch = features.layout.to_tensor(rows.to(self.device, non_blocking=True).float())
             with autocast_for(self.device, self.cfg.amp):
-                logits.append(self.split.tail(batch).float().cpu())
+                logits.append(self.cut.tail(batch).float().cpu())
         return torch.cat(logits) if logits else torch.empty((0, 0))
 
 
@@ -206,8 +206,8 @@ def create_runner(
     """The cached runner when enabled and exact for this model and freeze depth, else the plain one."""
     if cfg.cache_frozen_features:
         example = normalize(data.example(2).to(device), prep)
-        split = cut_model(model, example.contiguous(memory_format=memory_format_for(cfg)))
-        if split is not None:
-            return CachedRunner(split, model, data, prep, cfg, device, generator)
+        cut = cut_model(model, example.contiguous(memory_format=memory_format_for(cfg)))
+        if cut is not None:
+            return CachedRunner(cut, model, data, prep, cfg, device, generator)
     ensure_space(data.folder, list(data.entries.values()), advice=space_advice(cfg, features=False))
     return PlainRunner(model, data, prep, cfg, device)

@@ -190,7 +190,7 @@ class TrainConfig(_Section):
     """0 to 2**32 - 1: np.random.seed takes no other."""
     augment: AugmentConfig
     cache_frozen_features: bool
-    """Run the frozen layers once per image view and train only the trainable tail (see README)."""
+    """Run the frozen layers once per image view and train only the trainable tail (docs/pipeline.md)."""
     inference_batch_size: int = Field(ge=1, le=4096)
     """Images per forward pass where no gradients are needed: frozen-feature caching and validation."""
     cached_views: int = Field(ge=1, le=64)

@@ -30,6 +30,7 @@ from signflow.errors import ExtractError
 from signflow.fileio import replace_dir_atomic, sha256_file, staging_dir, write_json_atomic
 
 __all__ = [
+    "Deadline",
     "DatasetInfo",
     "ExtractError",
     "extract_dataset",

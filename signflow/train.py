@@ -1,4 +1,4 @@
-"""Fine-tune step: a timm model with a new head, trained on the train split, selected on valid.
+"""Train step: a timm model with a new head, trained on the train split, selected on valid.
 
 `train_model` reads as the list of steps it takes: seed, build the model and data, resume from an
 epoch checkpoint if there is one, run the epochs, write the epoch log and the best model. The

@@ -185,7 +185,7 @@ def test_accuracies_on_different_test_images_are_not_gated():
 
 
 @pytest.mark.parametrize(("near", "fails"), [(0, False), (15, False), (16, True)])
-def test_the_near_duplicate_gate_counts_test_images_with_a_twin_in_train(near, fails):
+def test_the_near_duplicate_gate_counts_test_images_with_a_near_duplicate_in_train(near, fails):
     failures = check_gates(GATE, None, {"test_images": 310, "test_near_duplicates_in_train": near})
     assert bool(failures) == fails, failures
     if fails:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from signflow import dvc_state
-from signflow._redact import redact_url
+from signflow._redact import redact_url, url_credentials
 from signflow.cli import main
 from signflow.layout import ModelOutputs
 from signflow.source import CHANGED, SourceError, render_data_dvc, set_source, sync_source
@@ -114,6 +114,8 @@ def test_source_set_refuses_a_url_with_credentials_and_says_where_they_go(tmp_pa
         assert (project / "data.dvc").read_text() == before
     with pytest.raises(SourceError, match="the query parameter 'sig'"):
         set_source(project, "https://example.blob.core.windows.net/c/d.zip?sv=2024&sig=T0KEN", fetch=False)
+    assert url_credentials("ssh://git@example.org/data/d.zip") == [], "a login name is not a secret"
+    assert url_credentials("https://T0KEN@example.org/d.zip") != [], "over https a bare user is a token"
 
 
 def test_an_https_login_comes_from_netrc_and_stays_out_of_data_dvc(tmp_path, class_folders, monkeypatch):

@@ -49,8 +49,8 @@ def _train_one_epoch(runner_cls, config, splits, cache):
     data = TrainingData(cache, prep, *splits)
     generator = torch.Generator().manual_seed(5)
     if runner_cls is CachedRunner:
-        split = cut_model(model, torch.randn(2, 3, 32, 32))
-        runner = CachedRunner(split, model, data, prep, config, CPU, generator)
+        cut = cut_model(model, torch.randn(2, 3, 32, 32))
+        runner = CachedRunner(cut, model, data, prep, config, CPU, generator)
     else:
         runner = PlainRunner(model, data, prep, config, CPU)
     optimizer = create_optimizer(config, model)
@@ -97,9 +97,7 @@ def test_disk_cached_features_are_the_in_memory_ones_and_a_rerun_reuses_them(spl
     chunks = lambda: images.split(config.inference_batch_size)  # noqa: E731
     expected = [
         torch.cat(
-            list(
-                compute_features(runner.split.prefix, chunks(), prep, CPU, runner.memory_format, config.augment, drawn)
-            )
+            list(compute_features(runner.cut.prefix, chunks(), prep, CPU, runner.memory_format, config.augment, drawn))
         )
         for _ in range(2)
     ]
@@ -135,8 +133,8 @@ def test_a_changed_input_makes_a_new_cache_entry(splits, tmp_path):
     def keys(config, image_splits=splits, weights_seed=0, generator_seed=3):
         model, prep = model_and_prep(config, weights_seed)
         data = TrainingData(tmp_path / "cache", prep, *image_splits)
-        split = cut_model(model, torch.randn(2, 3, config.image_size, config.image_size))
-        cache = FeatureCache(split, data, config, CPU, torch.Generator().manual_seed(generator_seed))
+        cut = cut_model(model, torch.randn(2, 3, config.image_size, config.image_size))
+        cache = FeatureCache(cut, data, config, CPU, torch.Generator().manual_seed(generator_seed))
         return {"images": data.entries["train"].key, **{n: e.key for n, e in cache.entries.items()}}
 
     reference = keys(base)
@@ -178,9 +176,9 @@ def test_the_cut_is_refused_for_full_fine_tune_and_used_when_frozen():
     apply_freeze_policy(model, "all")
     assert cut_model(model, torch.randn(2, 3, 32, 32)) is None
     apply_freeze_policy(model, 2)
-    split = cut_model(model, torch.randn(2, 3, 32, 32))
-    assert split is not None and split.cut_name.startswith("blocks.")
-    assert not any(p.requires_grad for p in split.prefix.parameters())
+    cut = cut_model(model, torch.randn(2, 3, 32, 32))
+    assert cut is not None and cut.cut_name.startswith("blocks.")
+    assert not any(p.requires_grad for p in cut.prefix.parameters())
 
 
 def test_create_runner_falls_back_when_caching_is_off_or_impossible(splits, tmp_path):
@@ -293,7 +291,7 @@ def test_other_families_cache_through_onnx_runtime_and_train(name, splits, tmp_p
     torch_view = torch.cat(
         list(
             compute_features(
-                runner.split.prefix, chunks, prep, CPU, torch.contiguous_format, config.augment, torch.Generator()
+                runner.cut.prefix, chunks, prep, CPU, torch.contiguous_format, config.augment, torch.Generator()
             )
         )
     )

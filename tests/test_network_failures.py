@@ -179,7 +179,7 @@ def test_the_extract_task_has_the_deadline_from_params():
 
 @pytest.mark.parametrize("source", ["tiny_zip", "class_folders"])
 def test_an_extract_past_its_deadline_stops_and_changes_nothing(source, request, tmp_path):
-    from signflow._archive import Deadline
+    from signflow.extract import Deadline
 
     extract_dataset(request.getfixturevalue(source), tmp_path / "raw", section("extract"))
     before = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "raw").rglob("*"))

@@ -135,7 +135,7 @@ def test_a_class_in_too_few_groups_is_refused_naming_it():
 
 def test_groups_reach_every_split_in_proportion_not_only_train():
     """Like a random split, a group lands in test about as often as test's share: the large groups do
-    not all fill train first (which would leave the test split without any image that has a twin)."""
+    not all fill train first (which would leave the test split without any image that has a near-duplicate)."""
     rows = [(f"c{c}", f"c{c}-pair{k}") for c in range(3) for k in range(20) for _ in range(2)]
     rows += [(f"c{c}", f"c{c}-single{k}") for c in range(3) for k in range(40)]
     frame = pd.DataFrame(rows, columns=["label", "group"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from signflow import layout
 from signflow._provenance import data_source, data_version
 from signflow.ci import FIGURES, METRICS, CiResult, Revision
 
@@ -23,8 +24,8 @@ HEADLINE = (
     "mistakes",
 )
 """Metrics listed first; the others follow in DVC's order."""
-CARD = "models/model_card.md"
-RECEIPT = "models/registered.json"
+CARD = layout.Workspace().outputs.model_card.as_posix()
+RECEIPT = layout.Workspace().outputs.receipt.as_posix()
 
 
 def render_report(result: CiResult, files_link: str, images: bool) -> str:

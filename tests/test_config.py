@@ -265,3 +265,11 @@ def test_signflow_modules_import_each_other_without_cycles():
 
     for module in sorted(graph):
         visit(module, ())
+
+
+def test_a_params_file_with_the_old_section_name_is_told_the_new_one(tmp_path):
+    raw = tiny_params()
+    raw["download"] = raw.pop("extract")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="download: this section is now called 'extract': rename it"):
+        load_params(tmp_path / "params.yaml")

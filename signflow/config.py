@@ -31,9 +31,11 @@ __all__ = [
     "NOT_OVERRIDABLE",
     "OVERRIDABLE_SECTIONS",
     "Params",
+    "PruningConfig",
     "RENAMED_SECTIONS",
     "RegisterConfig",
     "ScheduleConfig",
+    "SearchRange",
     "SplitConfig",
     "SweepConfig",
     "TrainConfig",
@@ -282,30 +284,95 @@ class ScheduleConfig(_Section):
         return self
 
 
-class SweepConfig(_Section):
-    """`signflow sweep` / `python -m flows.sweep`: the train params to try, and the budget."""
+class SearchRange(_Section):
+    """A numeric range for `sweep.space`: whole numbers when `low` and `high` both are, else floats."""
 
+    low: float | int
+    high: float | int
+    log: bool
+    """Sample on a log scale (learning rates): needs `low` above 0."""
+
+    _coerce = field_validator("low", "high", mode="before")(_float_from_yaml)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchRange:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low above 0 (got {self.low})")
+        return self
+
+    @property
+    def integer(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int)
+
+
+class PruningConfig(_Section):
+    """Optuna's MedianPruner on each epoch's validation accuracy: a trial below the median of the
+    earlier trials at the same epoch stops there."""
+
+    startup_trials: int = Field(ge=0)
+    """Trials that are never pruned, so the median has something to stand on."""
+    warmup_epochs: int = Field(ge=0)
+    """Epochs of every trial that are never pruned (the first epochs are noisy)."""
+
+
+def _train_keys_only(values: dict[str, Any]) -> dict[str, Any]:
+    if not values:
+        raise ValueError("name at least one train.* key and its values")
+    for key, choices in values.items():
+        if not key.startswith("train.") or key == "train.":
+            raise ValueError(f"{key!r}: a sweep varies train.* keys only (all trials share one split)")
+        if isinstance(choices, list) and not choices:
+            raise ValueError(f"{key!r}: give at least one value")
+    return values
+
+
+class SweepConfig(_Section):
+    """`signflow sweep` / `python -m flows.sweep`: the train params to try, how, and the budget."""
+
+    method: Literal["grid", "optuna"]
+    """grid: every combination of `grid`, in order. optuna: `max_trials` trials drawn from `space` by
+    Optuna's TPE sampler (seeded by `seed`), hopeless ones pruned after an epoch (`pruning`)."""
     grid: dict[str, list[Any]]
     """Dotted `train.*` keys and the values to try; every combination is a trial, in order."""
+    space: dict[str, SearchRange | list[Any]]
+    """Dotted `train.*` keys and their search range ({low, high, log}) or list of choices (optuna)."""
+    seed: int
+    """Seeds the TPE sampler: the same seed, space and split draw the same trials (one worker)."""
+    random_trials: int = Field(ge=1)
+    """optuna: trials drawn at random before TPE starts to model the results."""
+    pruning: PruningConfig
     max_trials: int = Field(ge=1, le=1000)
     max_minutes: float = Field(gt=0)
     """No trial starts after this many minutes (the first always runs); running ones finish."""
     workers: int = Field(ge=1, le=64)
-    """Trials at once in the Prefect flow's task runner (each uses train.num_threads threads)."""
+    """Trials at once in the Prefect flow: above 1, a local Dask cluster of this many single-threaded
+    worker processes (torch threads per trial: cores / workers)."""
+    dask_address: str | None
+    """An existing Dask scheduler (`tcp://host:8786`) whose workers run the flow's trials; the
+    SIGNFLOW_DASK_ADDRESS environment variable wins over it. No credentials here: params.yaml is committed."""
 
     _coerce = field_validator("max_minutes", mode="before")(_float_from_yaml)
 
     @field_validator("grid")
     @classmethod
-    def _train_keys_only(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        if not grid:
-            raise ValueError("name at least one train.* key and its values")
-        for key, values in grid.items():
-            if not key.startswith("train.") or key == "train.":
-                raise ValueError(f"{key!r}: a sweep varies train.* keys only (all trials share one split)")
-            if not values:
-                raise ValueError(f"{key!r}: give at least one value")
-        return grid
+    def _grid_train_keys_only(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return _train_keys_only(grid)
+
+    @field_validator("space")
+    @classmethod
+    def _space_train_keys_only(cls, space: dict[str, Any]) -> dict[str, Any]:
+        return _train_keys_only(space)
+
+    @field_validator("dask_address")
+    @classmethod
+    def _no_credentials(cls, address: str | None) -> str | None:
+        from signflow._redact import url_credentials
+
+        if address and url_credentials(address):
+            raise ValueError("holds credentials; params.yaml is committed: set SIGNFLOW_DASK_ADDRESS instead")
+        return address
 
 
 class CiConfig(_Section):

@@ -1,11 +1,15 @@
-"""Sweep: train every combination of the `sweep.grid` values on one split, pick the winner on the
-validation split, and leave a comparison a person can read.
+"""Sweep: train every combination of the `sweep.grid` values (`sweep.method: grid`), or the trials
+an Optuna study draws from `sweep.space` (`optuna`, see signflow._study), on one split, pick the
+winner on the validation split, and leave a comparison a person can read.
 
 Each trial is the train step with some `train.*` keys overridden, written to
 `<sweep dir>/trials/<name>/` (model, epoch log, `result.json`). `result.json` is written last and
 records the trial's exact train params: a rerun skips every trial whose result exists for the same
 params, so an interrupted sweep continues where it stopped. The winner has the best validation
 accuracy; ties go to the cheaper trial (less training time). Only the winner sees the test split.
+With optuna, a trial whose validation accuracy falls below the median of the earlier trials at the
+same epoch is pruned (stopped, recorded as pruned), and a rerun resumes the study: its finished
+trials count against `max_trials` and are not trained again.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import re
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -39,7 +45,20 @@ from signflow.fileio import write_atomic, write_json_atomic, write_text_atomic
 from signflow.layout import ModelOutputs, winner_outputs
 from signflow.split_files import read_manifest
 
-__all__ = ["SweepError", "SweepResult", "Trial", "WinnerSteps", "plan_trials", "publish_winner", "run_trials", "sweep"]
+__all__ = [
+    "StopTrial",
+    "SweepError",
+    "SweepResult",
+    "Trial",
+    "WinnerSteps",
+    "plan_trials",
+    "publish_winner",
+    "run_search",
+    "run_trials",
+    "search_worker",
+    "sweep",
+    "trial_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +67,14 @@ RESULT_FILE = "result.json"
 
 class SweepError(SignflowError, RuntimeError):
     """The sweep cannot run or produced no usable trial."""
+
+
+class StopTrial(Exception):  # noqa: N818 - not an error: the pruner stopped the trial
+    """Raised by a trial's `on_epoch` to stop training there (the trial is pruned)."""
+
+    def __init__(self, epoch: int, valid_accuracy: float) -> None:
+        super().__init__(f"pruned after epoch {epoch} (validation accuracy {valid_accuracy:.4f})")
+        self.epoch, self.valid_accuracy = epoch, valid_accuracy
 
 
 @dataclass(frozen=True)
@@ -75,15 +102,27 @@ def plan_trials(raw_params: dict[str, Any], cfg: SweepConfig, base_dir: str | Pa
     """Every combination of the grid, in order, up to `max_trials`; each checked by the typed config
     (relative paths in params resolve against `base_dir`, the params file's folder)."""
     keys = list(cfg.grid)
-    trials = []
-    for values in itertools.islice(itertools.product(*cfg.grid.values()), cfg.max_trials):
-        overrides = dict(zip(keys, values, strict=True))
-        params = parse_params(apply_overrides(raw_params, overrides), source=f"sweep trial {overrides}")
-        params = resolve_relative_paths(params, Path(base_dir))
-        digest = hashlib.sha256(params.train.model_dump_json().encode()).hexdigest()[:10]
-        label = "-".join(f"{key.split('.')[-1]}={value}" for key, value in overrides.items())
-        trials.append(Trial(f"{safe_name(label)}-{digest}", overrides, params))
-    return trials
+    combinations = itertools.islice(itertools.product(*cfg.grid.values()), cfg.max_trials)
+    return [trial_for(raw_params, dict(zip(keys, values, strict=True)), base_dir) for values in combinations]
+
+
+def trial_for(
+    raw_params: dict[str, Any], overrides: dict[str, Any], base_dir: str | Path = ".", drawn: bool = False
+) -> Trial:
+    """The trial that is `raw_params` with `overrides` (dotted train.* keys), checked by the typed
+    config; named by its values (floats a search `drawn` to 4 significant digits) and a digest of its
+    exact train params."""
+    params = parse_params(apply_overrides(raw_params, overrides), source=f"sweep trial {overrides}")
+    params = resolve_relative_paths(params, Path(base_dir))
+    digest = hashlib.sha256(params.train.model_dump_json().encode()).hexdigest()[:10]
+    shown = {key: _short(value) if drawn else value for key, value in overrides.items()}
+    label = "-".join(f"{key.split('.')[-1]}={value}" for key, value in shown.items())
+    return Trial(f"{safe_name(label)}-{digest}", overrides, params)
+
+
+def _short(value: Any) -> Any:
+    """A float a search drew (0.0012345678) as 4 significant digits."""
+    return f"{value:.4g}" if isinstance(value, float) else value
 
 
 def safe_name(label: str, limit: int = 80) -> str:
@@ -101,12 +140,16 @@ def trial_dir(sweep_dir: str | Path, trial: Trial) -> Path:
     return folder
 
 
-def finished_result(sweep_dir: str | Path, trial: Trial) -> dict[str, Any] | None:
+def finished_result(sweep_dir: str | Path, trial: Trial, pruned_counts: bool = False) -> dict[str, Any] | None:
+    """The trial's earlier result for the same train params; a pruned one only if `pruned_counts`
+    (in a search with the same pruner; a grid trains it in full)."""
     path = trial_dir(sweep_dir, trial) / RESULT_FILE
     if not path.is_file():
         return None
     result = json.loads(path.read_text(encoding="utf-8"))
-    return result if result.get("train") == trial.train.model_dump(mode="json") else None
+    if result.get("train") != trial.train.model_dump(mode="json"):
+        return None
+    return result if pruned_counts or "pruned_at_epoch" not in result else None
 
 
 def run_trial(
@@ -116,23 +159,30 @@ def run_trial(
     sweep_dir: str | Path,
     deadline: float | None = None,
     cache_dir: str | Path | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
     """Train one trial (or return its earlier result); a trial past `deadline` (epoch seconds) is not run.
     Trials share `cache_dir`: those with the same image size decode the images once, and those that
-    differ only past the frozen prefix (e.g. in the learning rate) share its cached features."""
+    differ only past the frozen prefix (e.g. in the learning rate) share its cached features.
+    `on_epoch` is the train loop's hook; a StopTrial it raises records the trial as pruned."""
     from signflow.train import train_model
 
-    done = finished_result(sweep_dir, trial)
+    done = finished_result(sweep_dir, trial, pruned_counts=on_epoch is not None)
     if done is not None:
         log.info("trial %s: already finished, skipped", trial.name)
-        return {**done, "status": "done earlier"}
+        return {**done, "status": "pruned" if "pruned_at_epoch" in done else "done earlier"}
     if deadline is not None and time.time() > deadline:
         log.info("trial %s: not run, sweep.max_minutes is used up", trial.name)
         return {"trial": trial.name, "overrides": trial.overrides, "status": "not run (budget)"}
     folder = trial_dir(sweep_dir, trial)
     folder.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    result = train_model(trial.train, raw_dir, split_dir, folder / "model.pt", folder / "train_log.csv", cache_dir)
+    started, started_at = time.perf_counter(), time.time()
+    try:
+        result = train_model(
+            trial.train, raw_dir, split_dir, folder / "model.pt", folder / "train_log.csv", cache_dir, on_epoch
+        )
+    except StopTrial as stop:
+        return record_pruned(trial, folder, stop, time.perf_counter() - started, started_at)
     record = {
         "trial": trial.name,
         "overrides": trial.overrides,
@@ -144,9 +194,36 @@ def run_trial(
         "model_path": str(folder / "model.pt"),
         "reproduce": trial.dvc_command(),
         "train": trial.train.model_dump(mode="json"),
+        **where_and_when(started_at),
     }
     write_json_atomic(folder / RESULT_FILE, record)
     return {**record, "status": "ran"}
+
+
+def where_and_when(started_at: float) -> dict[str, Any]:
+    """Which machine and process ran a trial, and when (epoch seconds): trials spread over workers."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started_at": started_at, "finished_at": time.time()}
+
+
+def record_pruned(trial: Trial, folder: Path, stop: StopTrial, seconds: float, started_at: float) -> dict[str, Any]:
+    """A pruned trial's result.json: where it stopped, its accuracy then, and its exact train params;
+    its epoch checkpoint is removed (a pruned trial is not resumed)."""
+    from signflow._training_state import resume_path
+
+    resume_path(folder / "model.pt").unlink(missing_ok=True)
+    record = {
+        "trial": trial.name,
+        "overrides": trial.overrides,
+        "pruned_at_epoch": stop.epoch,
+        "valid_accuracy_at_prune": stop.valid_accuracy,
+        "train_seconds": round(seconds, 1),
+        "reproduce": trial.dvc_command(),
+        "train": trial.train.model_dump(mode="json"),
+        **where_and_when(started_at),
+    }
+    write_json_atomic(folder / RESULT_FILE, record)
+    log.info("trial %s: %s", trial.name, stop)
+    return {**record, "status": "pruned"}
 
 
 def pick_winner(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -158,14 +235,18 @@ def pick_winner(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 
 def comparison_table(results: list[dict[str, Any]], winner: dict[str, Any]) -> pd.DataFrame:
+    """One row per trial; a search's tables also say each trial's Optuna number and where a pruned
+    trial stopped."""
+    searched = [c for c in ("optuna_trial", "pruned_at_epoch") if any(c in r for r in results)]
     rows = []
     for r in results:
         rows.append(
             {
                 "trial": r["trial"],
+                **{column: r.get(column) for column in searched},
                 **{key: json.dumps(value) for key, value in r["overrides"].items()},
                 "status": r["status"],
-                "valid_accuracy": r.get("valid_accuracy"),
+                "valid_accuracy": r.get("valid_accuracy", r.get("valid_accuracy_at_prune")),
                 "best_epoch": r.get("best_epoch"),
                 "train_seconds": r.get("train_seconds"),
                 "trainable_parameters": r.get("trainable_parameters"),
@@ -183,7 +264,7 @@ def write_comparison(table: pd.DataFrame, sweep_dir: str | Path) -> dict[str, Pa
     paths = {"csv": sweep_dir / "results.csv", "markdown": sweep_dir / "results.md", "plot": sweep_dir / "trials.png"}
     write_atomic(paths["csv"], lambda tmp: table.to_csv(tmp, index=False))
     write_text_atomic(paths["markdown"], markdown_table(table.drop(columns=["reproduce"])) + "\n")
-    ran = table[table["valid_accuracy"].notna()]
+    ran = table[table["valid_accuracy"].notna() & (table["status"] != "pruned")]
     figure, axes = new_figure(1, 2, figsize=(11, 4.2))
     for ax, column, label in (
         (axes[0], "trainable_parameters", "trainable parameters"),
@@ -224,12 +305,113 @@ def run_trials(
     return results
 
 
+def search_worker(
+    spec: Any,
+    raw_params: dict[str, Any],
+    base_dir: str | Path,
+    raw_dir: str | Path,
+    split_dir: str | Path,
+    sweep_dir: str | Path,
+    n_trials: int,
+    deadline: float | None,
+    cache_dir: str | Path | None = None,
+    threads: int | None = None,
+    worker: int = 0,
+) -> list[dict[str, Any]]:
+    """One worker of a search: up to `n_trials` trials asked from the study `spec` (a
+    signflow._study.StudySpec), each trained with pruning and told back; returns their records.
+    Workers on other machines join the same study through SIGNFLOW_OPTUNA_STORAGE. `threads` sets
+    torch's threads for trials whose train.num_threads is 0 (several workers share the cores);
+    `worker` (0, 1, ...) keeps workers that start together from drawing the same trial."""
+    from signflow import _study
+    from signflow.train import TrainingError
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    study_dir = study_folder(sweep_dir, spec.name)
+
+    def run_one(overrides: dict[str, Any], on_epoch: Callable[[dict], None]) -> dict[str, Any]:
+        trial = trial_for(raw_params, overrides, base_dir, drawn=True)
+        try:
+            return run_trial(trial, raw_dir, split_dir, study_dir, None, cache_dir, on_epoch)
+        except TrainingError as error:  # a learning rate the search drew made the loss diverge
+            log.warning("trial %s failed: %s", trial.name, error)
+            return {"trial": trial.name, "overrides": overrides, "status": "failed", "error": str(error)}
+
+    return _study.search(spec, run_one, n_trials, deadline, worker)
+
+
+def study_folder(sweep_dir: str | Path, study_name: str) -> Path:
+    """Where a study's trials go (`<sweep dir>/studies/<study>/trials/<trial>/`): a trial's result is
+    reused only within its study, whose name covers the split as well as the params."""
+    return Path(sweep_dir) / "studies" / study_name
+
+
+def worker_shares(trials: int, workers: int) -> list[int]:
+    """`trials` split as evenly as it goes over at most `workers` workers."""
+    return [share for index in range(workers) if (share := trials // workers + (index < trials % workers))]
+
+
+def run_search(
+    raw_params: dict[str, Any],
+    cfg: SweepConfig,
+    base_dir: str | Path,
+    raw_dir: str | Path,
+    split_dir: str | Path,
+    sweep_dir: str | Path,
+    cache_dir: str | Path | None = None,
+    runner: Callable[[Any, list[int], float], Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The optuna sweep: open (or resume) the study, run the trials it still lacks in one worker here
+    or through `runner(spec, shares, deadline)` (e.g. one Prefect task per share), and return every
+    finished trial's record, those of earlier runs with status "done earlier" (or "pruned")."""
+    from signflow import _study
+
+    require_validation(split_dir)
+    name = _study.study_name(raw_params, cfg, split_dir)
+    spec = _study.StudySpec(name, str(Path(sweep_dir).resolve() / _study.JOURNAL_FILE), cfg)
+    study = _study.open_study(spec)
+    _study.fail_interrupted_trials(study)
+    earlier = {record["optuna_trial"] for record in _study.finished_records(study)}
+    remaining = max(0, cfg.max_trials - _study.taken(study))
+    log.info(
+        "optuna study %s in %s: %d trials finished earlier, %d to run",
+        name,
+        _study.storage_description(spec),
+        len(earlier),
+        remaining,
+    )
+    deadline = time.time() + cfg.max_minutes * 60
+    if remaining and runner is not None:
+        runner(spec, worker_shares(remaining, cfg.workers), deadline)
+    elif remaining:
+        search_worker(spec, raw_params, base_dir, raw_dir, split_dir, sweep_dir, remaining, deadline, cache_dir)
+    return [
+        {**r, "status": "done earlier"}
+        if r["optuna_trial"] in earlier and r["status"] in ("ran", "done earlier")
+        else r
+        for r in _study.finished_records(study)
+    ]
+
+
 def winner_train_log(winner: dict[str, Any]) -> Path:
     return Path(winner["model_path"]).with_name("train_log.csv")
 
 
 def winner_params(trials: list[Trial], winner: dict[str, Any]) -> Params:
     return next(t.params for t in trials if t.name == winner["trial"])
+
+
+def winner_trials(
+    raw_params: dict[str, Any], cfg: SweepConfig, base_dir: str | Path, winner: dict[str, Any]
+) -> list[Trial]:
+    """The trials `publish_winner` looks the winner up in: the grid's, or the searched winner's own."""
+    if cfg.method == "grid":
+        return plan_trials(raw_params, cfg, base_dir)
+    return [trial_for(raw_params, winner["overrides"], base_dir, drawn=True)]
 
 
 @dataclass(frozen=True)
@@ -295,8 +477,9 @@ def sweep(
     project_dir: str | Path,
     cache_dir: str | Path | None = None,
 ) -> SweepResult:
-    """The whole sweep, one trial after another: trials, comparison, then the winner evaluated on
-    the test split, exported and registered exactly as the pipeline's own steps do."""
+    """The whole sweep, one trial after another (`sweep.workers` is the flow's): trials, comparison,
+    then the winner evaluated on the test split, exported and registered exactly as the pipeline's
+    own steps do."""
     from signflow.evaluate import evaluate
     from signflow.export import export_onnx
     from signflow.register import register_run
@@ -305,12 +488,16 @@ def sweep(
     params_path, sweep_dir = Path(params_path), Path(sweep_dir)
     raw_params = read_params_file(params_path)
     cfg = parse_params(raw_params, str(params_path)).sweep
-    trials = plan_trials(raw_params, cfg, params_path.parent)
-    results = run_trials(trials, raw_dir, split_dir, sweep_dir, cfg.max_minutes, cache_dir=cache_dir)
+    if cfg.method == "grid":
+        trials = plan_trials(raw_params, cfg, params_path.parent)
+        results = run_trials(trials, raw_dir, split_dir, sweep_dir, cfg.max_minutes, cache_dir=cache_dir)
+    else:
+        results = run_search(raw_params, cfg, params_path.parent, raw_dir, split_dir, sweep_dir, cache_dir)
     winner = pick_winner(results)
     table = comparison_table(results, winner)
     paths = write_comparison(table, sweep_dir)
     steps = WinnerSteps(evaluate, export_onnx, register_run)
+    trials = winner_trials(raw_params, cfg, params_path.parent, winner)
     evaluation, registration, _ = publish_winner(trials, winner, raw_dir, split_dir, sweep_dir, project_dir, steps)
     log.info(
         "sweep winner %s: valid %.4f, %s, registered as version %s; test split: %s",
@@ -321,7 +508,7 @@ def sweep(
         evaluation.split,
     )
     return SweepResult(
-        trials=len(trials),
+        trials=len(results),
         ran=sum(r["status"] == "ran" for r in results),
         winner=winner["trial"],
         winner_valid_accuracy=winner["valid_accuracy"],

@@ -17,6 +17,7 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -89,6 +90,7 @@ def train_model(
     model_path: str | Path,
     log_path: str | Path,
     cache_dir: str | Path | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train as `cfg` says and write the best model to `model_path`, the epoch log to `log_path`.
 
@@ -99,24 +101,33 @@ def train_model(
     signflow._training_state) and removes it when done. If the loss becomes NaN or infinite,
     training stops with a TrainingError and `model_path` and `log_path` keep whatever they held
     before; so do they when writing them fails (a full disk).
+
+    `on_epoch`, when given, is called with each epoch's row of the train log (`epoch`,
+    `valid_accuracy`, ...) once the epoch is recorded; an exception it raises stops training there and
+    propagates, with nothing saved (a sweep prunes a hopeless trial this way).
     """
     with ExitStack() as cleanup:
         if cache_dir is None:
             cache_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="signflow-cache-"))
         run = prepare_training(cfg, Path(raw_dir), Path(split_dir), Path(cache_dir))
         cleanup.callback(run.runner.close)
-        return train_and_save(run, cfg, split_dir, model_path, log_path)
+        return train_and_save(run, cfg, split_dir, model_path, log_path, on_epoch)
 
 
 def train_and_save(
-    run: TrainingRun, cfg: TrainConfig, split_dir: str | Path, model_path: str | Path, log_path: str | Path
+    run: TrainingRun,
+    cfg: TrainConfig,
+    split_dir: str | Path,
+    model_path: str | Path,
+    log_path: str | Path,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Resume or start, run the epochs, write the epoch log and the best model (see `train_model`)."""
     checkpoint, key = resume_path(model_path), resume_key(cfg, split_dir, run.class_names)
     state = resume_or_start(run, checkpoint, key)
     started = time.perf_counter()
     try:
-        run_epochs(run, state, checkpoint, key)
+        run_epochs(run, state, checkpoint, key, on_epoch)
     except TrainingError as error:
         checkpoint.unlink(missing_ok=True)  # resuming would only meet the same NaN again
         raise TrainingError(f"{error}. Nothing was saved: {model_path} keeps what it held before this run") from None
@@ -228,7 +239,9 @@ def resume_or_start(run: TrainingRun, checkpoint: Path, key: str) -> TrainingSta
     return state
 
 
-def run_epochs(run: TrainingRun, state: TrainingState, checkpoint: Path, key: str) -> None:
+def run_epochs(
+    run: TrainingRun, state: TrainingState, checkpoint: Path, key: str, on_epoch: Callable[[dict], None] | None = None
+) -> None:
     """The remaining epochs: train, validate, keep the best weights, checkpoint, maybe stop early.
 
     No checkpoint is written after the last epoch or an early stop: a rerun then has nothing to
@@ -243,6 +256,8 @@ def run_epochs(run: TrainingRun, state: TrainingState, checkpoint: Path, key: st
             "epoch %d: train loss %.4f acc %.4f | valid loss %.4f acc %.4f",
             *(row[k] for k in ("epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy")),
         )
+        if on_epoch is not None:
+            on_epoch(row)
         stops = state.stops_early(cfg.early_stopping_patience)
         if cfg.resume and epoch < cfg.epochs and not stops:
             save_checkpoint(checkpoint, key, run.class_names, state, run)

@@ -162,7 +162,7 @@ def test_sweep_flow_runs_trials_through_the_task_runner_and_registers_the_winner
 
     project = make_project(tmp_path, tiny_zip)
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["sweep"] = {"grid": {"train.lr": [3e-3, 1e-3]}, "max_trials": 2, "max_minutes": 30, "workers": 2}
+    params["sweep"].update(grid={"train.lr": [3e-3, 1e-3]}, max_trials=2, max_minutes=30, workers=2)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     winner = sweep_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=2))(project_dir=str(project))
     assert winner["registered_version"] == "1"

@@ -21,7 +21,7 @@ GRID = {"train.trainable_blocks": [1, "all"], "train.lr": [3e-3, 1e-3]}
 @pytest.fixture
 def project(tmp_path, tiny_zip, monkeypatch):
     raw = tiny_params(epochs=2)
-    raw["sweep"] = {"grid": GRID, "max_trials": 3, "max_minutes": 30, "workers": 1}
+    raw["sweep"].update(grid=GRID, max_trials=3, max_minutes=30, workers=1)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     from signflow.config import load_params
 

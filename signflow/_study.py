@@ -26,8 +26,14 @@ from optuna.trial import TrialState
 
 from signflow._redact import redact_url
 from signflow.config import SearchRange, SweepConfig
+from signflow.errors import SignflowError
 
 log = logging.getLogger(__name__)
+
+
+class StudyError(SignflowError, RuntimeError):
+    """The study's storage cannot be opened."""
+
 
 STORAGE_ENV = "SIGNFLOW_OPTUNA_STORAGE"
 JOURNAL_FILE = "optuna-journal.log"
@@ -87,9 +93,7 @@ def open_study(spec: StudySpec, worker: int = 0) -> optuna.Study:
         )
         existing = len(study.get_trials(deepcopy=False))
     except Exception as error:  # a driver's error may quote the URL
-        from signflow.sweep import SweepError
-
-        raise SweepError(
+        raise StudyError(
             f"cannot open the Optuna study in {storage_description(spec)}: {redact_url(str(error))}"
         ) from None
     seed = int(np.random.SeedSequence([cfg.seed, worker, existing]).generate_state(1)[0])
@@ -117,19 +121,6 @@ def suggest(trial: optuna.Trial, space: dict[str, SearchRange | list[Any]]) -> d
     return overrides
 
 
-def pruning_reporter(trial: optuna.Trial) -> Callable[[dict], None]:
-    """The train loop's `on_epoch`: report the epoch's validation accuracy, stop if the pruner says so."""
-
-    from signflow.sweep import StopTrial  # sweep imports this module only when it runs a search
-
-    def report(row: dict) -> None:
-        trial.report(float(row["valid_accuracy"]), int(row["epoch"]))
-        if trial.should_prune():
-            raise StopTrial(int(row["epoch"]), float(row["valid_accuracy"]))
-
-    return report
-
-
 def taken(study: optuna.Study) -> int:
     """Trials finished or running: what counts against `max_trials` (not those an interrupted
     sweep left, marked failed without a record: their trials are drawn again)."""
@@ -139,15 +130,15 @@ def taken(study: optuna.Study) -> int:
 
 def search(
     spec: StudySpec,
-    run_one: Callable[[dict[str, Any], Callable[[dict], None]], dict[str, Any]],
+    run_one: Callable[[dict[str, Any], optuna.Trial], dict[str, Any]],
     n_trials: int,
     deadline: float | None,
     worker: int = 0,
 ) -> list[dict[str, Any]]:
     """Up to `n_trials` trials of the study, while it has fewer than `max_trials` and the deadline is
-    not past (a study without a finished trial always starts one). `run_one(overrides, on_epoch)`
-    trains a trial and returns its record (`status` "pruned" or one with `valid_accuracy`); a
-    record's status "failed" is told as a failure."""
+    not past (a study without a finished trial always starts one). `run_one(overrides, trial)`
+    trains a trial, reporting its epochs to `trial`, and returns its record: status "pruned",
+    "failed" (told as a failure), or one with `valid_accuracy`."""
     study = open_study(spec, worker)
     records = []
     for _ in range(n_trials):
@@ -158,7 +149,7 @@ def search(
             break
         trial = study.ask()
         overrides = suggest(trial, spec.cfg.space)
-        record = {**run_one(overrides, pruning_reporter(trial)), "optuna_trial": trial.number}
+        record = {**run_one(overrides, trial), "optuna_trial": trial.number}
         trial.set_user_attr(RECORD_ATTR, record)
         if record["status"] == "pruned":
             study.tell(trial, state=TrialState.PRUNED)

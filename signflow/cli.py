@@ -132,8 +132,9 @@ COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
     ),
     "sweep": (
         cmd_sweep,
-        "train every combination of sweep.grid on the split, compare them, and evaluate and register the "
-        "winner (best validation accuracy); finished trials are skipped on a rerun",
+        "train every combination of sweep.grid (or, with sweep.method: optuna, the trials an Optuna search "
+        "draws from sweep.space) on the split, compare them, and evaluate and register the winner (best "
+        "validation accuracy); finished trials are skipped on a rerun",
         ("raw", "split", "sweep_dir", "project_dir", "cache"),
     ),
 }

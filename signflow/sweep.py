@@ -333,15 +333,27 @@ def search_worker(
 
     study_dir = study_folder(sweep_dir, spec.name)
 
-    def run_one(overrides: dict[str, Any], on_epoch: Callable[[dict], None]) -> dict[str, Any]:
+    def run_one(overrides: dict[str, Any], asked: Any) -> dict[str, Any]:
         trial = trial_for(raw_params, overrides, base_dir, drawn=True)
         try:
-            return run_trial(trial, raw_dir, split_dir, study_dir, None, cache_dir, on_epoch)
+            return run_trial(trial, raw_dir, split_dir, study_dir, None, cache_dir, pruning_reporter(asked))
         except TrainingError as error:  # a learning rate the search drew made the loss diverge
             log.warning("trial %s failed: %s", trial.name, error)
             return {"trial": trial.name, "overrides": overrides, "status": "failed", "error": str(error)}
 
     return _study.search(spec, run_one, n_trials, deadline, worker)
+
+
+def pruning_reporter(asked: Any) -> Callable[[dict], None]:
+    """The train loop's `on_epoch` for an Optuna trial: report the epoch's validation accuracy, and
+    stop (StopTrial) when the study's pruner says so."""
+
+    def report(row: dict) -> None:
+        asked.report(float(row["valid_accuracy"]), int(row["epoch"]))
+        if asked.should_prune():
+            raise StopTrial(int(row["epoch"]), float(row["valid_accuracy"]))
+
+    return report
 
 
 def study_folder(sweep_dir: str | Path, study_name: str) -> Path:

@@ -276,3 +276,80 @@ def test_two_local_dask_workers_run_two_trials_at_once(tmp_path, tiny_zip, prefe
     assert os.getpid() not in {r["pid"] for r in records}
     first, second = sorted(records, key=lambda r: r["started_at"])
     assert started < first["started_at"] and second["started_at"] < first["finished_at"], "the two ran at once"
+
+
+def test_bad_search_settings_are_refused_with_the_key_named():
+    from tests.helpers import section
+
+    with pytest.raises(ValueError, match="train.\\* keys only"):
+        section("sweep", space={"split.seed": [1, 2]})
+    with pytest.raises(ValueError, match=r"low \(0.01\) must be below high \(0.001\)"):
+        section("sweep", space={"train.lr": {"low": 1e-2, "high": 1e-3, "log": False}})
+    with pytest.raises(ValueError, match="log: true needs low above 0"):
+        section("sweep", space={"train.lr": {"low": 0, "high": 1e-3, "log": True}})
+    with pytest.raises(ValueError, match="holds credentials.*SIGNFLOW_DASK_ADDRESS"):
+        section("sweep", dask_address="tls://worker:s3cret@10.0.0.5:8786")
+
+
+def _start(command: list[str], log: Path, **env: str) -> subprocess.Popen:
+    from tests.helpers import ROOT, venv_path
+
+    with log.open("w") as out:
+        return subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, "PATH": venv_path(), "PYTHONPATH": str(ROOT), **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _stop(process: subprocess.Popen) -> None:
+    import signal
+
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.mark.slow
+def test_the_workers_of_a_running_dask_cluster_run_the_trials(tmp_path, tiny_zip, prefect_server, monkeypatch):
+    """`dask scheduler` and `dask worker` started apart from the flow (as on other machines), named by
+    SIGNFLOW_DASK_ADDRESS: their processes train the trials."""
+    from distributed import Client
+
+    from flows.sweep import create_task_runner, sweep_flow
+
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = _start(
+        ["dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0"],
+        tmp_path / "scheduler.log",
+    )
+    worker = _start(
+        ["dask", "worker", address, "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1"],
+        tmp_path / "worker.log",
+        DASK_DISTRIBUTED__WORKER__DAEMON="False",
+    )
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+            worker_pids = set(client.run(os.getpid).values())
+        monkeypatch.setenv("SIGNFLOW_DASK_ADDRESS", address)
+        monkeypatch.delenv("SIGNFLOW_OPTUNA_STORAGE", raising=False)
+        project = make_project(tmp_path, tiny_zip)
+        _write_sweep(project, grid={"train.lr": [3e-3, 1e-3]}, max_trials=2, workers=1)
+        cfg = load_params(project / "params.yaml").sweep
+        runner, threads = create_task_runner(cfg, cfg.workers)
+        assert type(runner).__name__ == "DaskTaskRunner" and threads is None
+        winner = sweep_flow.with_options(task_runner=runner)(project_dir=str(project))
+        assert winner["registered_version"] == "1"
+        records = [json.loads(p.read_text()) for p in (project / "sweep" / "trials").glob("*/result.json")]
+        assert len(records) == 2 and {r["pid"] for r in records} <= worker_pids
+    finally:
+        _stop(worker)
+        _stop(scheduler)

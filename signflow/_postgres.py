@@ -27,7 +27,7 @@ def server_bin() -> Path:
     chosen = os.environ.get("SIGNFLOW_PG_BIN")
     if chosen:
         if not ((Path(chosen) / "initdb").is_file() and (Path(chosen) / "pg_ctl").is_file()):
-            raise ServiceError(f"SIGNFLOW_PG_BIN={chosen} holds no initdb and pg_ctl: point it at PostgreSQL's bin folder")
+            raise ServiceError(f"SIGNFLOW_PG_BIN={chosen} has no initdb/pg_ctl: point it at PostgreSQL's bin folder")
         return Path(chosen)
     candidates = []
     on_path = shutil.which("pg_ctl")

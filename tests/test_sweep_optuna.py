@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pandas as pd
 import pytest
@@ -167,71 +166,31 @@ def test_another_split_starts_another_study(project):
 
 # --- PostgreSQL (SIGNFLOW_OPTUNA_STORAGE) ---------------------------------------------------------
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _as_postgres(command: list[str]) -> list[str]:
-    """Run as the `postgres` user when root (PostgreSQL refuses to run as root)."""
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
-
-
-@pytest.fixture
-def postgres_url():
-    """A real PostgreSQL 15 on a free 127.0.0.1 port with a password-protected database, stopped
-    afterwards; yields its postgresql:// URL. (The team stack's `team_stack` fixture can replace it.)"""
-    if not (PG_BIN / "initdb").is_file() or (os.geteuid() == 0 and shutil.which("runuser") is None):
-        pytest.skip(f"PostgreSQL 15 binaries not found in {PG_BIN}")
-    psycopg2 = pytest.importorskip("psycopg2")
-    root = Path(tempfile.mkdtemp(prefix="signflow-pg-"))  # not under pytest's 0700 tmp: postgres must enter it
-    root.chmod(0o755)
-    data, password = root / "data", "s3cret-pg-password"
-    (root / "pw").write_text(password)
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        shutil.chown(root / "pw", "postgres")
-    port = _free_port()
-    init = [str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--pwfile", str(root / "pw")]
-    subprocess.run(_as_postgres([*init, "--auth", "scram-sha-256"]), check=True, capture_output=True)
-    options = f"-h 127.0.0.1 -p {port} -k {root}"
-    start = [str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"]
-    subprocess.run(_as_postgres(start), check=True, capture_output=True)
-    try:
-        admin = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", password=password, dbname="postgres")
-        admin.autocommit = True
-        with admin.cursor() as cursor:
-            cursor.execute(f"CREATE ROLE signflow LOGIN PASSWORD '{password}'")
-            cursor.execute("CREATE DATABASE signflow OWNER signflow")
-        admin.close()
-        yield f"postgresql://signflow:{password}@127.0.0.1:{port}/signflow"
-    finally:
-        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]))
-        shutil.rmtree(root, ignore_errors=True)
-
 
 @pytest.mark.team
-def test_a_postgresql_storage_holds_the_study_and_its_password_shows_nowhere(
-    project, postgres_url, monkeypatch, caplog
-):
+def test_a_postgresql_storage_holds_the_study_and_its_password_shows_nowhere(project, team_stack, monkeypatch, caplog):
     import optuna
 
+    from signflow._study import study_name
+
+    """Team mode: the study in the stack's PostgreSQL, the winner in its MLflow, no SQLite file anywhere."""
+    postgres_url = team_stack["SIGNFLOW_DATABASE_URL"]
+    assert postgres_url.startswith("postgresql://")
+    for key, value in team_stack.items():
+        monkeypatch.setenv(key, value)
     monkeypatch.setenv("SIGNFLOW_OPTUNA_STORAGE", postgres_url)
     _write_sweep(project, max_trials=2)
     caplog.set_level("INFO")
     _sweep(project)
-    summaries = optuna.get_all_study_summaries(storage=postgres_url)
-    assert len(summaries) == 1 and summaries[0].n_trials == 2
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    name = study_name(raw, load_params(project / "params.yaml").sweep, project / "data" / "split")
+    assert len(optuna.load_study(study_name=name, storage=postgres_url).trials) == 2
     assert not (project / "sweep" / "optuna-journal.log").exists(), "no journal file beside a database"
-    password = postgres_url.split(":")[2].split("@")[0]
+    password = urlsplit(postgres_url).password
     shown = caplog.text + "".join(p.read_text() for p in (project / "sweep").glob("results.*"))
-    assert "optuna study signflow-sweep-" in caplog.text and "postgresql://***@127.0.0.1" in caplog.text
-    assert password not in shown
-    assert not [p for p in project.rglob("*") if p.suffix in (".sqlite", ".sqlite3") or p.name == "optuna.db"]
+    assert f"optuna study {name} in postgresql://***@127.0.0.1" in caplog.text
+    assert password and password not in shown
+    assert not [p for p in project.rglob("*") if p.suffix in (".db", ".sqlite", ".sqlite3")]
     calls = []
     monkeypatch.setattr(signflow.train, "train_model", lambda *a, **k: calls.append(a))
     _sweep(project)
@@ -289,6 +248,12 @@ def test_bad_search_settings_are_refused_with_the_key_named():
         section("sweep", space={"train.lr": {"low": 0, "high": 1e-3, "log": True}})
     with pytest.raises(ValueError, match="holds credentials.*SIGNFLOW_DASK_ADDRESS"):
         section("sweep", dask_address="tls://worker:s3cret@10.0.0.5:8786")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _start(command: list[str], log: Path, **env: str) -> subprocess.Popen:

@@ -252,3 +252,29 @@ def test_a_flow_run_with_a_wrong_s3_key_fails_in_one_line_naming_the_remote(team
         f"flows.pipeline: error: dvc push to remote 'team' (s3://signflow/dvc at {team_stack['AWS_ENDPOINT_URL']}) "
         "failed: the store refused the keys (check access_key_id and secret_access_key: dvc remote modify --local)"
     )
+
+
+@pytest.mark.parametrize("service", ["postgres", "s3"])
+def test_a_stopped_database_or_store_fails_register_in_one_line_and_a_retry_succeeds(team_stack, team_project, service):
+    """PostgreSQL restarting or the S3 store refusing: the MLflow server answers errors; register says
+    so in one line, moves no alias, changes nothing local; once the server is back, a retry succeeds."""
+    from signflow._processes import Started, stop
+
+    env = _env(team_stack, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    fingerprint = _train_new_weights(team_project, {"postgres": 21, "s3": 23}[service], env)
+    before, champion_before = _snapshot(team_project), _champion(team_stack)
+    pids = json.loads((Path(team_stack["SIGNFLOW_STACK_DIR"]) / "pids.json").read_text())
+    assert stop(Started(**pids[service]))
+    try:
+        failed = _run(["signflow", "register"], team_project, env)
+    finally:
+        stack.stack_up(team_stack["SIGNFLOW_STACK_DIR"], progress=lambda _: None)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().count("\n") == 0, failed.stderr
+    registry = team_stack["MLFLOW_TRACKING_URI"]
+    assert failed.stderr.startswith(f"signflow register: error: the MLflow registry at {registry}")
+    assert _champion(team_stack) == champion_before
+    assert _snapshot(team_project) == before
+
+    _ok(_run(["signflow", "register"], team_project, env))
+    assert len(_versions_of(team_stack, fingerprint)) == 1

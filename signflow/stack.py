@@ -200,7 +200,8 @@ def _command(service: str, config: StackConfig, stack_dir: Path) -> list[str]:
         ]  # fmt: skip
     if service == "mlflow":
         mlflow = _executable("mlflow", "pip install mlflow")
-        return [mlflow, "server", "--host", host, "--port", str(ports["mlflow"]), "--workers", "2"]
+        # One worker: a team's registrations are few and short; each more holds ~280 MB.
+        return [mlflow, "server", "--host", host, "--port", str(ports["mlflow"]), "--workers", "1"]
     prefect = _executable("prefect", "pip install prefect")
     return [prefect, "server", "start", "--host", host, "--port", str(ports["prefect"])]
 

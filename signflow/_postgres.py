@@ -120,6 +120,14 @@ def start(cluster: Path, host: str, port: int) -> Started:
     return Started("postgres", pid, ticks)
 
 
+def remove_cluster(cluster: Path) -> None:
+    """Delete a stopped cluster's folder (as root, as the user that owns it)."""
+    if as_root():
+        _run(["rm", "-rf", "--", str(cluster)], f"rm {cluster}")
+    else:
+        shutil.rmtree(cluster, ignore_errors=True)
+
+
 def is_initialised(cluster: Path) -> bool:
     if as_root():
         check = ["runuser", "-u", POSTGRES_USER, "--", "test", "-f", str(cluster / "data" / "PG_VERSION")]

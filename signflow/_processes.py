@@ -39,7 +39,11 @@ def start_ticks(pid: int) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rpartition(")")[2].split()[19])
+    fields = stat.rpartition(")")[2].split()
+    if fields[0] in ("Z", "X"):  # exited; a child of this process stays a zombie until reaped
+        _reap(pid)
+        return None
+    return int(fields[19])
 
 
 def is_running(started: Started) -> bool:

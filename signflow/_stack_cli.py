@@ -27,7 +27,8 @@ def add_stack_parser(commands) -> None:
                     help="first of 8 consecutive ports, fixed at the first up (default 17400: Prefect 17400, "
                     "MLflow 17401, Postgres 17402, S3 17403, SeaweedFS internals 17404-17407 and +10000)")  # fmt: skip
     up.add_argument("--host", default="127.0.0.1", help="address to bind, fixed at the first up (default 127.0.0.1)")
-    actions.add_parser("down", parents=[folder], help="stop the servers `up` started (data and credentials stay)")
+    down = actions.add_parser("down", parents=[folder], help="stop the servers `up` started (data, credentials stay)")
+    down.add_argument("--purge", action="store_true", help="also delete the stack's data, logs and credentials")
     actions.add_parser("status", parents=[folder], help="each server: PID, running, answering, address")
     actions.add_parser("env", parents=[folder],
                        help="print export lines for a client shell (prints secrets)")  # fmt: skip
@@ -47,7 +48,7 @@ def run_stack(args: argparse.Namespace) -> int:
             print(f"{state.name:9} {state.address:45} pid {state.pid:<8} {took}")
         return 0
     if args.action == "down":
-        stopped = stack.stack_down(args.dir)
+        stopped = stack.stack_down(args.dir, purge=args.purge)
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
         return 0
     if args.action == "status":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -242,6 +243,10 @@ def registry_errors(tracking_uri: str) -> Iterator[None]:
 def server_problem(error: Exception) -> str:
     """What went wrong with a tracking server, in a few words rather than MLflow's retry trace."""
     text = str(error)
+    status = re.search(r"too many (\d{3}) error responses|error code (\d{3})", text)
+    if status:
+        code = status.group(1) or status.group(2)
+        return f"it answered HTTP {code} (a server error: is its database or artifact store down? see its log)"
     if "Connection refused" in text or "NewConnectionError" in text or "Max retries exceeded" in text:
         return "it cannot be reached (connection refused or lost)"
     if "timed out" in text.lower():

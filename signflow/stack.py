@@ -200,7 +200,8 @@ def _command(service: str, config: StackConfig, stack_dir: Path) -> list[str]:
         ]  # fmt: skip
     if service == "mlflow":
         mlflow = _executable("mlflow", "pip install mlflow")
-        return [mlflow, "server", "--host", host, "--port", str(ports["mlflow"]), "--workers", "2"]
+        # One worker: a team's registrations are few and short; each more holds ~280 MB.
+        return [mlflow, "server", "--host", host, "--port", str(ports["mlflow"]), "--workers", "1"]
     prefect = _executable("prefect", "pip install prefect")
     return [prefect, "server", "start", "--host", host, "--port", str(ports["prefect"])]
 
@@ -343,8 +344,9 @@ def stack_up(stack_dir: str | Path | None = None, host: str = "127.0.0.1", port_
     return [ServiceState(s, started[s].pid, True, True, _address(s, config), timings.get(s)) for s in SERVICES]
 
 
-def stack_down(stack_dir: str | Path | None = None, progress=print) -> list[str]:
-    """Stop the servers `up` started (data and credentials stay); the names of those it stopped."""
+def stack_down(stack_dir: str | Path | None = None, progress=print, purge: bool = False) -> list[str]:
+    """Stop the servers `up` started; the names of those it stopped. Data and credentials stay,
+    unless `purge`: then the stack folder and PostgreSQL's cluster are deleted too."""
     stack_dir = Path(stack_dir or default_stack_dir()).expanduser().resolve()
     started = _load_pids(stack_dir)
     stopped = []
@@ -353,6 +355,10 @@ def stack_down(stack_dir: str | Path | None = None, progress=print) -> list[str]
             progress(f"stopped {service} (pid {started[service].pid})")
             stopped.append(service)
     (stack_dir / _PIDS).unlink(missing_ok=True)
+    if purge and (stack_dir / _CONFIG).is_file():  # only a folder `up` made
+        _postgres.remove_cluster(_postgres.data_dir(stack_dir))
+        shutil.rmtree(stack_dir)
+        progress(f"deleted {stack_dir} and its PostgreSQL data")
     return stopped
 
 

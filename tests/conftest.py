@@ -131,4 +131,4 @@ def team_stack(tmp_path_factory) -> dict[str, str]:
         stack.stack_up(folder, port_base=_free_port_base(), progress=lambda _: None)
         yield {**stack.read_stack_env(folder), "SIGNFLOW_STACK_DIR": str(folder)}
     finally:
-        stack.stack_down(folder, progress=lambda _: None)
+        stack.stack_down(folder, progress=lambda _: None, purge=True)  # PostgreSQL's data may be outside tmp

@@ -43,6 +43,7 @@ def _stack_processes(folder: Path):
         yield from parent.children(recursive=True)
 
 
+@pytest.mark.slow
 def test_servers_listen_on_loopback_only_and_credentials_stay_out_of_logs_and_command_lines(team_stack):
     folder = Path(team_stack["SIGNFLOW_STACK_DIR"])
     assert all(state.healthy for state in stack.stack_status(folder))
@@ -74,6 +75,7 @@ def _readable(process) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_the_store_refuses_anonymous_and_wrong_keys_and_prefect_asks_for_its_password(team_stack):
     import boto3
     from botocore import UNSIGNED
@@ -91,6 +93,7 @@ def test_the_store_refuses_anonymous_and_wrong_keys_and_prefect_asks_for_its_pas
     assert refused.value.code == 401
 
 
+@pytest.mark.slow
 def test_data_survives_a_restart_and_down_stops_every_process_it_started(team_stack):
     import mlflow
 
@@ -148,6 +151,7 @@ def test_down_never_signals_a_process_it_did_not_start(tmp_path):
         bystander.wait()
 
 
+@pytest.mark.slow
 def test_stack_env_prints_exports_a_shell_can_source(team_stack, capsys):
     assert signflow_main(["stack", "env", "--dir", team_stack["SIGNFLOW_STACK_DIR"]]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -76,14 +76,16 @@ class StackConfig:
 
     def client_env(self) -> dict[str, str]:
         """What a project, a worker or CI needs to use the stack (written to stack.env)."""
+        database = (
+            f"postgresql://{CLIENT_ROLE}:{self.secrets['postgres_client_password']}"
+            f"@{self.host}:{self.ports['postgres']}/{CLIENT_ROLE}"
+        )
         return {
             "PREFECT_API_URL": self.url("prefect") + "/api",
             "PREFECT_API_AUTH_STRING": f"signflow:{self.secrets['prefect_auth_password']}",
             "MLFLOW_TRACKING_URI": self.url("mlflow"),
-            "SIGNFLOW_DATABASE_URL": (
-                f"postgresql://{CLIENT_ROLE}:{self.secrets['postgres_client_password']}"
-                f"@{self.host}:{self.ports['postgres']}/{CLIENT_ROLE}"
-            ),
+            "SIGNFLOW_DATABASE_URL": database,
+            "SIGNFLOW_OPTUNA_STORAGE": database,  # the sweep's study, shared by every worker
             "AWS_ACCESS_KEY_ID": self.secrets["s3_access_key"],
             "AWS_SECRET_ACCESS_KEY": self.secrets["s3_secret_key"],
             "AWS_ENDPOINT_URL": self.url("s3"),

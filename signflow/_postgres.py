@@ -8,7 +8,6 @@ every client for a password (scram-sha-256)."""
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import pwd
 import shutil
@@ -51,8 +50,9 @@ def as_root() -> bool:
     return os.geteuid() == 0
 
 
-def data_dir(stack_dir: Path) -> Path:
-    """Where the cluster lives: under the stack folder, or, as root, in the postgres user's home."""
+def data_dir(stack_dir: Path, stack_id: str) -> Path:
+    """Where the cluster lives: under the stack folder, or, as root, in the postgres user's home
+    under the stack's random id."""
     if not as_root():
         return stack_dir / "postgres"
     try:
@@ -61,8 +61,7 @@ def data_dir(stack_dir: Path) -> Path:
         raise ServiceError(
             "running as root, PostgreSQL needs the 'postgres' system user: apt-get install postgresql"
         ) from None
-    digest = hashlib.sha256(str(stack_dir.resolve()).encode()).hexdigest()[:12]
-    return home / "signflow-stack" / digest
+    return home / "signflow-stack" / stack_id
 
 
 def _run(command: list[str], what: str, timeout_s: float = 120) -> str:

@@ -59,6 +59,9 @@ class StackConfig:
     host: str
     port_base: int
     secrets: dict[str, str]
+    stack_id: str
+    """Random, fixed at the first `up`: names the PostgreSQL cluster when it lives outside the folder
+    (as root), so a new folder at a deleted one's path never meets the old cluster and its password."""
 
     @property
     def ports(self) -> dict[str, int]:
@@ -98,7 +101,7 @@ def _new_config(host: str, port_base: int) -> StackConfig:
              "weed_admin_password"]  # fmt: skip
     generated = {name: secrets.token_urlsafe(24) for name in names}
     generated["s3_access_key"] = "SF" + secrets.token_hex(9).upper()
-    return StackConfig(host, port_base, generated)
+    return StackConfig(host, port_base, generated, secrets.token_hex(8))
 
 
 def _private_write(path: Path, text: str) -> None:
@@ -115,11 +118,16 @@ def _load_config(stack_dir: Path) -> StackConfig | None:
     if not path.is_file():
         return None
     raw = json.loads(path.read_text())
-    return StackConfig(raw["host"], raw["port_base"], raw["secrets"])
+    return StackConfig(raw["host"], raw["port_base"], raw["secrets"], raw["stack_id"])
 
 
 def _save_config(stack_dir: Path, config: StackConfig) -> None:
-    payload = {"host": config.host, "port_base": config.port_base, "secrets": config.secrets}
+    payload = {
+        "host": config.host,
+        "port_base": config.port_base,
+        "stack_id": config.stack_id,
+        "secrets": config.secrets,
+    }
     _private_write(stack_dir / _CONFIG, json.dumps(payload, indent=2) + "\n")
     lines = [f"{key}={value}" for key, value in config.client_env().items()]
     _private_write(stack_dir / _ENV, "# signflow team stack: `set -a; . this file; set +a` (secrets: keep it 0600)\n"
@@ -247,7 +255,7 @@ def _healthy(service: str, config: StackConfig) -> bool:
 
 
 def _start_postgres(config: StackConfig, stack_dir: Path) -> Started:
-    cluster = _postgres.data_dir(stack_dir)
+    cluster = _postgres.data_dir(stack_dir, config.stack_id)
     if not _postgres.is_initialised(cluster):
         _postgres.initialise(cluster, "signflow_admin", config.secrets["postgres_admin_password"])
     started = _postgres.start(cluster, config.host, config.ports["postgres"])
@@ -357,8 +365,9 @@ def stack_down(stack_dir: str | Path | None = None, progress=print, purge: bool 
             progress(f"stopped {service} (pid {started[service].pid})")
             stopped.append(service)
     (stack_dir / _PIDS).unlink(missing_ok=True)
-    if purge and (stack_dir / _CONFIG).is_file():  # only a folder `up` made
-        _postgres.remove_cluster(_postgres.data_dir(stack_dir))
+    config = _load_config(stack_dir)
+    if purge and config is not None:  # only a folder `up` made
+        _postgres.remove_cluster(_postgres.data_dir(stack_dir, config.stack_id))
         shutil.rmtree(stack_dir)
         progress(f"deleted {stack_dir} and its PostgreSQL data")
     return stopped

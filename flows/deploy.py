@@ -93,12 +93,11 @@ def ensure_crash_automation(deployment_id: UUID, deployment_name: str, heartbeat
     deployment that sent a heartbeat and then neither another one nor a final state within
     `MISSED_HEARTBEATS` beats is set to Crashed. Replaced on every deploy, so it follows heartbeat_s."""
     from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
-
-    from prefect.client.orchestration import get_client
 
     name = crash_automation_name(deployment_name)
     with get_client(sync_client=True) as client:
@@ -145,7 +144,9 @@ def deploy(schedule: ScheduleConfig, overrides: dict[str, Any]) -> tuple[UUID, l
 
 
 def build_parser(prog: str = "python -m flows.deploy") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_project_arguments(parser, "params override for every run of this deployment (repeatable)")
     add_schedule_arguments(parser)
     parser.add_argument("--pool", help="work pool name, overriding schedule.work_pool")

@@ -80,7 +80,9 @@ def run_worker(command: list[str], env: dict[str, str], cwd: Path) -> int:
 
 
 def build_parser(prog: str = "python -m flows.worker") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_project_arguments(parser, None)
     parser.add_argument("--pool", help="work pool name, overriding schedule.work_pool")
     parser.add_argument("--name", help="worker name, unique in the pool (default: HOST-FOLDER-HASH of this checkout)")

@@ -25,8 +25,6 @@ import yaml
 from tests.helpers import ROOT, make_project, venv_path
 from tests.test_prefect_server import FINAL, _client, _wait, prefect_server  # noqa: F401 - the server fixture
 
-pytestmark = [pytest.mark.slow, pytest.mark.team]
-
 HEARTBEAT_S = 30  # Prefect's smallest: a killed run is marked Crashed about 90 s after its last beat
 
 
@@ -215,6 +213,8 @@ def _check_killed_worker(env: dict[str, str], worker: Worker, deployment: str, l
         restarted.stop()
 
 
+@pytest.mark.slow
+@pytest.mark.team
 def test_two_workers_in_two_checkouts_share_the_pool_one_run_at_a_time_and_survive_a_killed_worker(
     team_env, tmp_path, tiny_zip
 ):
@@ -225,3 +225,37 @@ def test_two_workers_in_two_checkouts_share_the_pool_one_run_at_a_time_and_survi
     logs = tmp_path / "logs"
     logs.mkdir()
     check_work_pool(team_env, checkouts, logs, deployment, pool)
+
+
+@pytest.mark.parametrize("command", ["deploy", "worker"])
+def test_deploy_and_worker_say_in_one_line_when_the_prefect_server_is_unset_or_down(command, tmp_path):
+    from tests.test_prefect_server import _free_port
+
+    env = {**os.environ, "PATH": venv_path(), "PREFECT_HOME": str(tmp_path / "home")}
+    env.pop("PREFECT_API_URL", None)
+    for api_url, expected in [
+        (None, "PREFECT_API_URL is not set"),
+        (f"http://127.0.0.1:{_free_port()}/api", "does not answer"),
+    ]:
+        run_env = env if api_url is None else {**env, "PREFECT_API_URL": api_url}
+        result = subprocess.run(
+            [sys.executable, "-m", "signflow", command], cwd=ROOT, env=run_env, capture_output=True, text=True
+        )
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"signflow {command}: error: ") and expected in lines[0], lines
+
+
+def test_deploy_outside_a_checkout_says_where_it_looked(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "signflow", "deploy", "--project-dir", str(tmp_path)],
+        cwd=ROOT,
+        env={**os.environ, "PATH": venv_path()},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"signflow deploy: error: no flows/deploy.py in {tmp_path}: run it in a checkout of the project "
+        "(or give --project-dir)"
+    )

@@ -44,4 +44,28 @@ def run_reporting_errors(prog: str, call: Callable[[], Any]) -> int:
     except SignflowError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1
+    except Exception as error:
+        problem = prefect_server_problem(error)
+        if problem is None:
+            raise
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 1
     return 0
+
+
+def prefect_server_problem(error: BaseException) -> str | None:
+    """One line for a Prefect server that refuses the credentials or cannot be reached; None for
+    any other error (which keeps its traceback)."""
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value() or "(PREFECT_API_URL is not set)"
+    if isinstance(error, PrefectHTTPStatusError) and error.response.status_code in (401, 403):
+        return (
+            f"the Prefect server at {url} refused the credentials (HTTP {error.response.status_code}): set "
+            "PREFECT_API_AUTH_STRING to its user:password (the team stack's is in stack.env)"
+        )
+    text = str(error)
+    if "Failed to reach API" in text or "ConnectError" in type(error).__name__ or "Connection refused" in text:
+        return f"the Prefect server at {url} cannot be reached: is it running, and is PREFECT_API_URL right?"
+    return None

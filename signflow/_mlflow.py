@@ -131,11 +131,27 @@ def _remove_expired_lock(client, name: str) -> None:
 
     try:
         lock = client.get_registered_model(name)
-        if float(lock.tags.get("expires", "0")) < time.time():
-            log.warning("removing %s left by a registration that stopped (%s)", name, lock.tags.get("holder"))
+        holder = lock.tags.get("holder", "")
+        if float(lock.tags.get("expires", "0")) < time.time() or _holder_died_here(holder):
+            log.warning("removing %s left by a registration that stopped (%s)", name, holder)
             client.delete_registered_model(name)
     except MlflowException:
         pass  # released meanwhile
+
+
+def _holder_died_here(holder: str) -> bool:
+    """The lock's holder ran on this machine and its process is gone: no need to wait for the lease."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _release_lock(client, name: str, holder: str) -> None:

@@ -15,6 +15,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from signflow import layout
+from signflow._stack_cli import add_stack_parser, run_stack
 from signflow.config import ConfigError, Params, load_params
 from signflow.errors import SignflowError
 from signflow.project import hold_run_lock
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands)
     add_source_parser(commands)
     add_ci_parser(commands)
+    add_stack_parser(commands)
     add_work_pool_parsers(commands)
     return parser
 
@@ -410,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_source(args)
         if args.command == "ci":
             return run_ci_command(args)
+        if args.command == "stack":
+            return run_stack(args)
         with hold_run_lock(Path(args.params).parent):
             params = load_params(args.params)  # read once the lock is ours: the previous holder may have changed it
             result = COMMANDS[args.command][0](params, args)

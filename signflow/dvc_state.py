@@ -138,5 +138,35 @@ def default_remote(repo) -> str | None:
 
 
 def push(repo) -> int:
-    """Push every cached output of the workspace to the default remote; returns the files sent."""
-    return repo.push()
+    """Push every cached output of the workspace to the default remote; returns the files sent.
+    A remote that refuses or cannot be reached is one line naming it (nothing local changes)."""
+    try:
+        return repo.push()
+    except Exception as error:  # DVC and its filesystems raise anything from OSError to their own types
+        raise DvcError(f"dvc push to {_remote_label(repo)} failed: {_remote_problem(error)}") from None
+
+
+def _remote_label(repo) -> str:
+    from signflow._redact import redact_url
+
+    name = default_remote(repo)
+    settings = repo.config.get("remote", {}).get(name, {}) if name else {}
+    endpoint = settings.get("endpointurl")
+    where = " ".join(filter(None, [settings.get("url"), endpoint and f"at {endpoint}"]))
+    return redact_url(f"remote {name!r} ({where})" if where else f"remote {name!r}")
+
+
+def _remote_problem(error: BaseException) -> str:
+    chain, cause = [], error
+    while cause is not None and len(chain) < 8:  # DVC wraps the filesystem's error
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(f"{type(e).__name__}: {e}" for e in chain)
+    if any(isinstance(e, PermissionError) for e in chain) or "Forbidden" in text or "AccessDenied" in text:
+        return "the store refused the keys (check access_key_id and secret_access_key: dvc remote modify --local)"
+    if "SignatureDoesNotMatch" in text or "InvalidAccessKeyId" in text:
+        return "the store refused the keys (check access_key_id and secret_access_key: dvc remote modify --local)"
+    if "Could not connect" in text or "Connection refused" in text or "ConnectError" in text:
+        return "it cannot be reached (is the S3 store running?)"
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return first[:300]

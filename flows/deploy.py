@@ -43,9 +43,8 @@ MISSED_HEARTBEATS = 3
 
 def pool_job_template() -> dict[str, Any]:
     """The process pool's job template, with each run's working directory the checkout of the worker
-    that runs it (the `$SIGNFLOW_SERVED_PROJECT_DIR` its `signflow worker` sets), not a temporary one:
-    relative paths in params.yaml (`register.tracking_uri: sqlite:///mlflow.db`) mean the same there
-    as under `dvc repro`."""
+    that runs it (the `$SIGNFLOW_SERVED_PROJECT_DIR` its `signflow worker` sets) rather than Prefect's
+    temporary folder: a run's processes work where `dvc repro` or `flows.serve` started there would."""
     from prefect.workers.process import ProcessWorker
 
     template = ProcessWorker.get_default_base_job_template()

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tests.helpers import ROOT, make_project, venv_path
-from tests.test_prefect_server import FINAL, _client, _wait, prefect_server  # noqa: F401 - the server fixture
+from tests.test_prefect_server import FINAL, _wait, prefect_server  # noqa: F401 - the server fixture
 
 HEARTBEAT_S = 30  # Prefect's smallest: a killed run is marked Crashed about 90 s after its last beat
 
@@ -123,27 +123,34 @@ def _trigger(env: dict, deployment: str) -> str:
     return found.group(1)
 
 
-async def _read_run(url: str, run_id: str):
-    async with _client(url) as client:
+def _client(env: dict[str, str]):
+    """A client for these servers (with the team stack's basic auth), whatever the process-wide settings say."""
+    from prefect.client.orchestration import PrefectClient
+
+    return PrefectClient(api=env["PREFECT_API_URL"], auth_string=env.get("PREFECT_API_AUTH_STRING"))
+
+
+async def _read_run(env: dict[str, str], run_id: str):
+    async with _client(env) as client:
         return await client.read_flow_run(uuid.UUID(run_id))
 
 
-async def _read_deployment(url: str, name: str):
-    async with _client(url) as client:
+async def _read_deployment(env: dict[str, str], name: str):
+    async with _client(env) as client:
         return await client.read_deployment_by_name(name)
 
 
-async def _running_task_names(url: str, run_id: str) -> set[str]:
+async def _running_task_names(env: dict[str, str], run_id: str) -> set[str]:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    async with _client(url) as client:
+    async with _client(env) as client:
         tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(run_id)])))
     return {t.name.rsplit("-", 1)[0] for t in tasks if t.state and t.state.type.value == "RUNNING"}
 
 
-def _wait_final(url: str, run_id: str, timeout: float = 600):
+def _wait_final(env: dict[str, str], run_id: str, timeout: float = 600):
     def final():
-        run = asyncio.run(_read_run(url, run_id))
+        run = asyncio.run(_read_run(env, run_id))
         return run if run.state and run.state.type.value in FINAL else None
 
     return _wait(final, timeout, f"flow run {run_id} to end")
@@ -158,12 +165,12 @@ def check_work_pool(env: dict[str, str], checkouts: list[Path], logs: Path, depl
     """Deploy from the first checkout, start a worker in each of two, and check: both ran runs, never two at
     once; a worker killed mid-run leaves its checkout's outputs as they were, its run ends Crashed, and the
     next run completes. `env` has PREFECT_API_URL (and MLFLOW_TRACKING_URI for a shared registry)."""
-    url, full_name = env["PREFECT_API_URL"], f"signflow-pipeline/{deployment}"
+    full_name = f"signflow-pipeline/{deployment}"
     deployed = subprocess.run(
         [sys.executable, "-m", "signflow", "deploy"], cwd=checkouts[0], env=env, capture_output=True, text=True
     )
     assert deployed.returncode == 0, deployed.stderr[-3000:]
-    found = asyncio.run(_read_deployment(url, full_name))
+    found = asyncio.run(_read_deployment(env, full_name))
     assert found.work_pool_name == pool and found.entrypoint == "flows.pipeline.served_pipeline"
     assert found.pull_steps == [] and found.path is None, "no code storage: each worker runs its own checkout"
     assert found.global_concurrency_limit.limit == 1 and [s.schedule.cron for s in found.schedules] == ["0 3 * * *"]
@@ -172,7 +179,7 @@ def check_work_pool(env: dict[str, str], checkouts: list[Path], logs: Path, depl
     workers = [Worker(checkout, env, logs / f"worker-{checkout.name}.log") for checkout in checkouts[:2]]
     try:
         run_ids = [_trigger(env, full_name) for _ in range(4)]
-        runs = [_wait_final(url, run_id) for run_id in run_ids]
+        runs = [_wait_final(env, run_id) for run_id in run_ids]
         assert [r.state.type.value for r in runs] == ["COMPLETED"] * 4, [r.state for r in runs]
         ran_by = {run_id: [w.checkout.name for w in workers if w.ran(run_id)] for run_id in run_ids}
         assert all(len(names) == 1 for names in ran_by.values()), ran_by
@@ -194,7 +201,7 @@ def check_work_pool(env: dict[str, str], checkouts: list[Path], logs: Path, depl
 
 
 def _check_killed_worker(env: dict[str, str], worker: Worker, deployment: str, logs: Path) -> None:
-    url, checkout = env["PREFECT_API_URL"], worker.checkout
+    checkout = worker.checkout
     before = _outputs(checkout)
     params_file = checkout / "params.yaml"
     committed = params_file.read_text()
@@ -202,7 +209,7 @@ def _check_killed_worker(env: dict[str, str], worker: Worker, deployment: str, l
     params["train"]["epochs"] = 500  # long enough to be killed in
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     run_id = _trigger(env, deployment)
-    _wait(lambda: "train" in asyncio.run(_running_task_names(url, run_id)), 300, "the run to be training")
+    _wait(lambda: "train" in asyncio.run(_running_task_names(env, run_id)), 300, "the run to be training")
     assert worker.run_folders() == {checkout}, "the run works in its worker's checkout, not a temporary folder"
     killed_at = datetime.now().astimezone()
     worker.kill()
@@ -210,14 +217,14 @@ def _check_killed_worker(env: dict[str, str], worker: Worker, deployment: str, l
     after = _outputs(checkout)
     assert {p: after.get(p) for p in before} == before, "the killed run changed the checkout's previous outputs"
     assert {p.name for p in set(after) - set(before)} <= {"model.pt.resume"}, sorted(set(after) - set(before))
-    crashed = _wait_final(url, run_id, timeout=4 * HEARTBEAT_S + 120)
+    crashed = _wait_final(env, run_id, timeout=4 * HEARTBEAT_S + 120)
     assert crashed.state.type.value == "CRASHED", crashed.state
     assert crashed.state.timestamp >= killed_at
 
     params_file.write_text(committed)
     restarted = Worker(checkout, env, logs / f"worker-{checkout.name}-restarted.log")
     try:
-        next_run = _wait_final(url, _trigger(env, deployment))
+        next_run = _wait_final(env, _trigger(env, deployment))
         assert next_run.state.type.value == "COMPLETED", restarted.log.read_text()[-3000:]
         assert restarted.ran(str(next_run.id))
     finally:

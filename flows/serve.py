@@ -14,8 +14,9 @@ Stop it with Ctrl-C (its schedule is paused until it is served again). A run's o
 
 `flow.serve` is used rather than `flow.deploy`: the runs need this folder (the DVC workspace,
 its data and models), which is exactly where a served flow runs, with no work pool, image or code
-storage to set up. To run on other machines, deploy the same flow to a work pool instead
-(docs/prefect.md, "Scale-out: work pools").
+storage to set up. To run on other machines, deploy the same flow to a work pool instead:
+`signflow deploy`, and `signflow worker` in each checkout (flows/deploy.py, flows/worker.py,
+docs/prefect.md "Scale-out: work pools").
 """
 
 from __future__ import annotations
@@ -76,6 +77,27 @@ def build_deployment(schedule: ScheduleConfig, parameters: dict[str, Any]):
     )
 
 
+def prefect_server_problem() -> str | None:
+    """Why the Prefect server PREFECT_API_URL names cannot be used (unset, or not answering), in one
+    line; None when it answers. A schedule and a work pool need a server that outlives this process."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return (
+            "PREFECT_API_URL is not set. Start a server (`prefect server start`) and "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api`, or point it at your team's server: a schedule "
+            "needs a server that outlives this process."
+        )
+    with get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
+    if error is not None:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return f"the Prefect server at PREFECT_API_URL={url} does not answer ({reason}); is it running?"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m flows.serve",
@@ -87,11 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
         "params override for every run of this deployment (repeatable; each such run works in its own "
         "runs/<flow run id>/, see docs/prefect.md)",
     )
+    add_schedule_arguments(parser)
+    return parser
+
+
+def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cron / --interval / --name, which `schedule_from` applies to params.yaml's schedule."""
     timing = parser.add_mutually_exclusive_group()
     timing.add_argument("--cron", help="cron schedule, overriding schedule.cron (e.g. '0 3 * * *')")
     timing.add_argument("--interval", type=int, metavar="SECONDS", help="interval schedule, overriding schedule.cron")
     parser.add_argument("--name", help="deployment name, overriding schedule.deployment")
-    return parser
 
 
 def schedule_from(args: argparse.Namespace, schedule: ScheduleConfig) -> ScheduleConfig:
@@ -117,15 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as error:
         print(f"flows.serve: error: {error}", file=sys.stderr)
         return 2
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():
-        print(
-            "flows.serve: error: PREFECT_API_URL is not set. Start a server (`prefect server start`) and "
-            "`export PREFECT_API_URL=http://127.0.0.1:4200/api`, or point it at your team's server: a schedule "
-            "needs a server that outlives this process.",
-            file=sys.stderr,
-        )
+    problem = prefect_server_problem()
+    if problem:
+        print(f"flows.serve: error: {problem}", file=sys.stderr)
         return 2
     from prefect import serve
 

@@ -158,7 +158,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_source_parser(commands)
     add_ci_parser(commands)
     add_stack_parser(commands)
+    add_work_pool_parsers(commands)
     return parser
+
+
+WORK_POOL_COMMANDS = {
+    "deploy": "deploy the pipeline to the Prefect work pool schedule.work_pool with params.yaml's schedule "
+    "(flows/deploy.py; --help for its options)",
+    "worker": "run the work pool's pipeline runs in this checkout (flows/worker.py; --help for its options)",
+}
+
+
+def add_work_pool_parsers(commands) -> None:
+    """`signflow deploy` and `signflow worker` hand their arguments to flows/deploy.py and flows/worker.py,
+    which parse them (flows/ is not installed: it is imported from --project-dir, default .)."""
+    for name, help_text in WORK_POOL_COMMANDS.items():
+        commands.add_parser(name, help=help_text, description=help_text, add_help=False)
+
+
+def run_work_pool_command(command: str, argv: list[str]) -> int:
+    import importlib
+
+    project = Path(".")
+    for index, arg in enumerate(argv):
+        if arg == "--project-dir" and index + 1 < len(argv):
+            project = Path(argv[index + 1])
+        elif arg.startswith("--project-dir="):
+            project = Path(arg.split("=", 1)[1])
+    if not (project / "flows" / f"{command}.py").is_file():
+        print(
+            f"signflow {command}: error: no flows/{command}.py in {project.resolve()}: run it in a checkout of "
+            "the project (or give --project-dir)",
+            file=sys.stderr,
+        )
+        return 2
+    sys.path.insert(0, str(project.resolve()))
+    return importlib.import_module(f"flows.{command}").main(argv, prog=f"signflow {command}")
 
 
 def _add_model_arguments(sub: argparse.ArgumentParser, paths_help: str) -> None:
@@ -361,7 +396,11 @@ def _print_result(result: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if args.command in WORK_POOL_COMMANDS:
+        return run_work_pool_command(args.command, rest)
+    if rest:
+        build_parser().parse_args(argv)  # argparse's own message for the unrecognised arguments
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -255,8 +255,8 @@ class RegisterConfig(_Section):
 
 
 class ScheduleConfig(_Section):
-    """How `python -m flows.serve` schedules the pipeline on a Prefect server (not a hyperparameter:
-    no DVC stage reads this section)."""
+    """How `python -m flows.serve` and `signflow deploy` schedule the pipeline on a Prefect server (not a
+    hyperparameter: no DVC stage reads this section)."""
 
     deployment: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     """Deployment name; the UI shows it as `signflow-pipeline/<deployment>`."""
@@ -268,6 +268,11 @@ class ScheduleConfig(_Section):
     """Runs of the deployment at once; 1 keeps two runs from sharing the workspace."""
     collision_strategy: Literal["ENQUEUE", "CANCEL_NEW"]
     """What a run that would exceed the limit does: wait for the running one, or be cancelled."""
+    work_pool: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """The Prefect work pool `signflow deploy` deploys to and `signflow worker` takes runs from."""
+    heartbeat_s: int = Field(ge=30, le=3600)
+    """A run on a work pool reports every this many seconds; one silent for 3 beats (its worker died)
+    is marked Crashed."""
 
     @field_validator("cron")
     @classmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import re
 import shutil
@@ -28,7 +29,7 @@ from tests.test_prefect_server import FINAL, _wait, prefect_server  # noqa: F401
 HEARTBEAT_S = 30  # Prefect's smallest: a killed run is marked Crashed about 90 s after its last beat
 
 
-SERVERS = "prefect_server"  # the one line to switch: "team_stack" runs the same checks on the whole team stack
+SERVERS = "team_stack"  # "prefect_server": the same checks on a bare SQLite Prefect server
 
 
 @pytest.fixture
@@ -190,6 +191,9 @@ def check_work_pool(env: dict[str, str], checkouts: list[Path], logs: Path, depl
             assert (checkout / "models" / "registered.json").is_file(), "each run worked in its worker's checkout"
             if "MLFLOW_TRACKING_URI" not in env:
                 assert (checkout / "mlflow.db").is_file(), "register.tracking_uri resolved in the checkout"
+            else:  # the team stack: every worker registers into the one MLflow server, none into SQLite
+                receipt = json.loads((checkout / "models" / "registered.json").read_text())
+                assert receipt["tracking_uri"] == env["MLFLOW_TRACKING_URI"] and not (checkout / "mlflow.db").exists()
 
         stopped_in = workers[1].stop()
         assert stopped_in < 30, f"SIGTERM stopped the worker in {stopped_in:.1f} s"

@@ -45,7 +45,7 @@ def run_reporting_errors(prog: str, call: Callable[[], Any]) -> int:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1
     except Exception as error:
-        problem = prefect_server_problem(error)
+        problem = describe_prefect_failure(error)
         if problem is None:
             raise
         print(f"{prog}: error: {problem}", file=sys.stderr)
@@ -53,7 +53,7 @@ def run_reporting_errors(prog: str, call: Callable[[], Any]) -> int:
     return 0
 
 
-def prefect_server_problem(error: BaseException) -> str | None:
+def describe_prefect_failure(error: BaseException) -> str | None:
     """One line for a Prefect server that refuses the credentials or cannot be reached; None for
     any other error (which keeps its traceback)."""
     from prefect.exceptions import PrefectHTTPStatusError

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from flows._cli import add_project_arguments
+from flows._cli import add_project_arguments, describe_prefect_failure
 from flows.pipeline import SERVED_PROJECT_ENV
 from flows.serve import (
     add_schedule_arguments,
@@ -168,6 +168,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.deploy") ->
     except (ConfigError, ValueError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # the server answered the health check, then refused (401) or went away
+        problem = describe_prefect_failure(error)
+        if problem is None:
+            raise
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 1
     for line in done:
         print(line)
     print(f"start a worker in each checkout that should run it: `signflow worker` (pool {schedule.work_pool!r})")

@@ -38,11 +38,21 @@ class LiveModel:
         follow_alias: str | None,
         poll_s: float = DEFAULT_POLL_S,
         served: Any = None,
+        registry: tuple[str, str] | None = None,
+        wait_on: tuple[type[Exception], ...] = (),
     ):
+        """`registry` is (model name, tracking URI) of a followed alias. When opening the first model
+        raises one of `wait_on` (the alias names no version yet), nothing is served until it does."""
         self._opener, self.follows, self.poll_s = opener, follow_alias, poll_s
+        self.name, self.tracking_uri = registry or (getattr(served, "name", spec), None)
         self._stack = ExitStack()
-        self.current = served if served is not None else self._stack.enter_context(opener(spec))
         self.swap_error: str | None = None
+        try:
+            self.current = served if served is not None else self._stack.enter_context(opener(spec))
+        except wait_on as error:
+            if not follow_alias:
+                raise
+            self.current, self.swap_error = None, f"no model served yet: {error}"
         self._refused: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -69,10 +79,9 @@ class LiveModel:
         """Swap to the version the alias names if it changed and loads; True when it swapped."""
         from signflow._mlflow import find_version, mlflow_client
 
-        served = self.current
-        tracking_uri = served.tracking_uri
-        version = str(find_version(mlflow_client(tracking_uri), served.name, self.follows, tracking_uri).version)
-        if version in (served.version, self._refused):
+        served, tracking_uri = self.current, self.tracking_uri
+        version = str(find_version(mlflow_client(tracking_uri), self.name, self.follows, tracking_uri).version)
+        if version in (served and served.version, self._refused):
             return False
         stack = ExitStack()
         try:
@@ -82,11 +91,11 @@ class LiveModel:
             stack.close()
             self._refused = version
             self.swap_error = f"version {version} ({self.follows}) was not served: {error}"
-            log.warning("%s; still serving version %s", self.swap_error, served.version)
+            log.warning("%s; still serving version %s", self.swap_error, served and served.version)
             return False
         old, self._stack = self._stack, stack
         self.current, self.swap_error, self._refused = candidate, None, None
-        log.info("%s moved: now serving %s (was version %s)", self.follows, candidate.source, served.version)
+        log.info("%s moved: now serving %s (was version %s)", self.follows, candidate.source, served and served.version)
         old.close()  # its files only: requests still holding the old model keep it in memory
         return True
 

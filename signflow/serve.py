@@ -64,6 +64,10 @@ class ServeError(SignflowError, ValueError):
     """The model to serve cannot be found or loaded."""
 
 
+class NotRegisteredYet(ServeError):
+    """The registry has no version of that number or alias (yet)."""
+
+
 @dataclass(frozen=True)
 class ServedModel:
     """The pyfunc model and what the page shows about it."""
@@ -103,7 +107,7 @@ def open_served_model(spec: str, params_path: str | Path) -> Iterator[ServedMode
                 tags = _version_tags(name, version, tracking_uri)
                 yield ServedModel(served.model, name, version, served.class_names, served.source, tags, tracking_uri)
         except VersionNotFound as error:
-            raise ServeError(str(error)) from None
+            raise NotRegisteredYet(str(error)) from None
         return
     path = Path(spec)
     if (path / "MLmodel").is_file():
@@ -182,7 +186,7 @@ def create_app(
                 training.stop()
             live.close()
 
-    app = FastAPI(title=f"signflow: {live.current.name}", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app = FastAPI(title=f"signflow: {live.name}", docs_url=None, redoc_url=None, lifespan=lifespan)
     page = files("signflow").joinpath("_webcam.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse)
@@ -191,8 +195,14 @@ def create_app(
 
     @app.get("/info")
     def info() -> dict[str, Any]:
+        served = live.current
+        nothing = {"name": live.name, "version": None, "classes": [], "source": None, "test_accuracy": None}
         return {
-            **live.current.info(),
+            **(
+                served.info()
+                if served is not None
+                else {**nothing, "split": None, "test_near_duplicates_in_train": None}
+            ),
             "follows": live.follows,
             "swap_error": live.swap_error,
             "capture": capture is not None,
@@ -208,6 +218,8 @@ def create_app(
         if not body:
             raise HTTPException(400, "empty request: post the image file's bytes as the body")
         model = live.current  # read once: a swap meanwhile does not change the model of this request
+        if model is None:
+            raise HTTPException(503, "no model is served yet: capture bursts and train, or register a model")
         result = await anyio.to_thread.run_sync(top_classes, model, body, top_k, limiter=decode_slots)
         if result.pop("error"):
             raise HTTPException(422, "cannot read the image: send a JPEG, PNG or other image file")
@@ -265,10 +277,21 @@ def add_training_routes(app: FastAPI, training: PageTraining) -> None:
         return training.status()
 
 
-def open_live_model(spec: str, params_path: str | Path, poll_s: float = DEFAULT_POLL_S) -> LiveModel:
-    """The model `--model` names; an alias (not a version number or a path) is followed in the registry."""
+def open_live_model(
+    spec: str, params_path: str | Path, poll_s: float = DEFAULT_POLL_S, wait_for_first: bool = False
+) -> LiveModel:
+    """The model `--model` names; an alias (not a version number or a path) is followed in the registry.
+    With `wait_for_first` (capture mode), an alias that names no version yet serves nothing until it does."""
     follows = spec if is_registry_reference(spec) and not spec.isdigit() else None
-    return LiveModel(lambda version: open_served_model(version, params_path), spec, follows, poll_s)
+    registry = registry_settings(spec, params_path) if follows else None
+    return LiveModel(
+        lambda version: open_served_model(version, params_path),
+        spec,
+        follows,
+        poll_s,
+        registry=registry,
+        wait_on=(NotRegisteredYet,) if wait_for_first else (),
+    )
 
 
 def serve(
@@ -284,14 +307,17 @@ def serve(
     capture bursts into it and train the project of `params_path` on them."""
     import uvicorn
 
-    live = open_live_model(spec, params_path, poll_s)
-    served = live.current
+    live = open_live_model(spec, params_path, poll_s, wait_for_first=capture_dir is not None)
     capture = training = None
     if capture_dir is not None:
         capture = CaptureStore(capture_dir, capture_max_bytes)
         training = PageTraining(Path(params_path).resolve().parent, capture_dir)
         log.info("capture mode: bursts go to %s; Train runs `dvc repro` in %s", capture.root, training.workspace.root)
-    log.info("serving %s (%d classes) at http://%s:%d/", served.source, len(served.class_names), host, port)
+    if live.current is None:
+        log.warning("%s; serving the page at http://%s:%d/ to capture and train", live.swap_error, host, port)
+    else:
+        served = live.current
+        log.info("serving %s (%d classes) at http://%s:%d/", served.source, len(served.class_names), host, port)
     if live.follows:
         log.info("following the registry alias %r: a new version goes live without a restart", live.follows)
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -52,8 +52,11 @@ class LiveModel:
         except wait_on as error:
             if not follow_alias:
                 raise
-            self.current, self.swap_error = None, f"no model served yet: {error}"
+            log.warning("%s", error)
+            self.current = None
+            self.swap_error = f"no model served yet: the registry has no {follow_alias!r} version; capture and train"
         self._refused: str | None = None
+        self._last_warning: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -73,7 +76,11 @@ class LiveModel:
             try:
                 self.check()
             except Exception as error:  # noqa: BLE001 - a registry hiccup must not end the follower
-                log.warning("cannot follow %s: %s", self.follows, error)
+                if str(error) != self._last_warning:  # once, not every poll
+                    log.warning("cannot follow %s: %s", self.follows, error)
+                self._last_warning = str(error)
+            else:
+                self._last_warning = None
 
     def check(self) -> bool:
         """Swap to the version the alias names if it changed and loads; True when it swapped."""

@@ -134,7 +134,8 @@ class PageTraining:
         }
 
     def stop(self) -> None:
-        """End a run still going (its process group only), when the server stops."""
+        """End a run still going (its process group only) and remove its log, when the server stops."""
+        import shutil
         import signal
 
         if self._process is not None and self._process.poll() is None:
@@ -143,6 +144,7 @@ class PageTraining:
                 self._process.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(self._process.pid, signal.SIGKILL)
+        shutil.rmtree(self.log_path.parent, ignore_errors=True)
 
 
 def _tail(path: Path) -> str:

@@ -692,7 +692,9 @@ def test_capture_train_and_go_live_from_the_page_in_chromium(tmp_path):
     captures.mkdir()
     project = make_project(tmp_path, captures, epochs=8)
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["split"].update(strategy="group", group_pattern=BURST_PATTERN, near_duplicates="report")
+    params["split"].update(  # a burst must fit in a split's share: 5 bursts a class make 3/1/1
+        train=0.6, valid=0.2, test=0.2, strategy="group", group_pattern=BURST_PATTERN, near_duplicates="report"
+    )
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     videos = {
         name: write_y4m(tmp_path / f"{name}.y4m", sign_frames(shape, seed=i))
@@ -732,19 +734,25 @@ async def _capture_train_and_classify(url: str, videos: dict[str, Path], tmp_pat
         try:
             await browser.eval(
                 f"document.getElementById('class-name').value = {json.dumps(name)};"
-                "document.getElementById('burst-frames').value = 8; document.getElementById('burst-rate').value = 8;"
+                "document.getElementById('burst-frames').value = 6; document.getElementById('burst-rate').value = 8;"
             )
-            for count in (1, 2, 3):
+            for count in range(1, 6):
                 await browser.eval("document.getElementById('record').click()")
                 await browser.wait_for(
                     f"+(document.body.dataset.bursts || 0) >= {count} || "
                     "document.getElementById('capture-status').className === 'error'"
                 )
                 status = await browser.eval("document.getElementById('capture-status').textContent")
-                assert status.startswith("saved a burst of 8 frames"), status
+                assert status.startswith("saved a burst of 6 frames"), status
             if name == list(videos)[-1]:
+                await browser.send(
+                    "Emulation.setDeviceMetricsOverride", width=1000, height=1100, deviceScaleFactor=1, mobile=False
+                )
                 await browser.screenshot(tmp_path / "capture.png")
                 await browser.eval("document.getElementById('train').click()")
+                await browser.wait_for(
+                    "document.body.dataset.train !== 'idle' || document.getElementById('train-status').textContent"
+                )
                 steps = set()
                 while (state := await browser.eval("document.body.dataset.train")) in (None, "running"):
                     steps.add(await browser.eval("document.getElementById('train-status').textContent"))
@@ -756,6 +764,8 @@ async def _capture_train_and_classify(url: str, videos: dict[str, Path], tmp_pat
                 await browser.wait_for("document.body.dataset.version === '1'", timeout=30)
                 live = await browser.eval("document.getElementById('live').textContent")
                 assert "version 1" in live and "Test accuracy" in live and "Split:" in live, live
+                answered = int(await browser.eval("document.body.dataset.answered || 0"))
+                await browser.wait_for(f"+(document.body.dataset.answered || 0) > {answered}", timeout=15)
                 await browser.screenshot(tmp_path / "live.png")
         finally:
             await browser.close()

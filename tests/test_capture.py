@@ -285,19 +285,18 @@ def test_train_shows_step_and_epoch_refuses_a_second_run_and_says_why_it_failed(
     from signflow.source import read_source
 
     project, release = training_project(tmp_path), tmp_path / "release"
-    client = training_client(tmp_path, project, [sys.executable, "-c", FAKE_RUN, str(release)])
-    assert client.get("/train").json()["state"] == "idle"
-    assert client.post("/train").status_code == 200
-    status = wait_for(client, lambda s: s["epoch"] == 2)
-    assert status["state"] == "running" and status["step"] == "train" and status["epochs"] == 7
-    second = client.post("/train")
-    assert second.status_code == 409 and "a training run is going already (train)" in second.json()["detail"]
-    assert read_source(project).url == str(tmp_path / "captures"), "data.dvc points at the capture folder"
-    release.touch()
-    status = wait_for(client, lambda s: s["state"] != "running")
-    assert status["state"] == "failed" and status["error"] == "the disk is full (models/model.pt)"
-    assert client.post("/train").status_code == 200, "a new run once the last one ended"
-    release.touch()
+    with training_client(tmp_path, project, [sys.executable, "-c", FAKE_RUN, str(release)]) as client:
+        assert client.get("/train").json()["state"] == "idle"
+        assert client.post("/train").status_code == 200
+        status = wait_for(client, lambda s: s["epoch"] == 2)
+        assert status["state"] == "running" and status["step"] == "train" and status["epochs"] == 7
+        second = client.post("/train")
+        assert second.status_code == 409 and "a training run is going already (train)" in second.json()["detail"]
+        assert read_source(project).url == str(tmp_path / "captures"), "data.dvc points at the capture folder"
+        release.touch()
+        status = wait_for(client, lambda s: s["state"] != "running")
+        assert status["state"] == "failed" and status["error"] == "the disk is full (models/model.pt)"
+        assert client.post("/train").status_code == 200, "a new run once the last one ended"
 
 
 def test_train_is_refused_while_another_signflow_run_holds_the_project(tmp_path):
@@ -305,16 +304,16 @@ def test_train_is_refused_while_another_signflow_run_holds_the_project(tmp_path)
     from signflow.layout import Workspace
 
     project = training_project(tmp_path)
-    client = training_client(tmp_path, project, [sys.executable, "-c", "pass"])
-    with held_lock(Workspace(project).run_lock, 0, ""):
-        answer = client.post("/train")
-    assert answer.status_code == 409 and "another signflow run holds" in answer.json()["detail"]
-    assert client.get("/train").json()["state"] == "idle"
+    with training_client(tmp_path, project, [sys.executable, "-c", "pass"]) as client:
+        with held_lock(Workspace(project).run_lock, 0, ""):
+            answer = client.post("/train")
+        assert answer.status_code == 409 and "another signflow run holds" in answer.json()["detail"]
+        assert client.get("/train").json()["state"] == "idle"
 
 
 def test_train_is_refused_when_the_split_would_mix_bursts(tmp_path):
     project = training_project(tmp_path, strategy="random", group_pattern=None)
-    client = training_client(tmp_path, project, [sys.executable, "-c", "pass"])
-    answer = client.post("/train")
+    with training_client(tmp_path, project, [sys.executable, "-c", "pass"]) as client:
+        answer = client.post("/train")
     assert answer.status_code == 422
     assert "split.strategy: group and split.group_pattern: '([0-9a-f]{32})_'" in answer.json()["detail"]

@@ -259,12 +259,31 @@ def add_serve_parser(commands) -> None:
         help="address to listen on (default: 127.0.0.1; browsers allow the camera only on localhost or HTTPS)",
     )
     sub.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sub.add_argument(
+        "--capture-dir",
+        type=Path,
+        default=None,
+        help="turn on capture mode: the page records bursts of frames into DIR/<class>/ and its Train button runs "
+        "`dvc repro` on them in the project of --params (off unless given)",
+    )
+    sub.add_argument(
+        "--capture-max-mb", type=int, default=2048, help="largest total size of the capture folder (default: 2048)"
+    )
+    sub.add_argument(
+        "--follow-every",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often to ask the registry which version the --model alias names; a new one goes live without a "
+        "restart (default: 5)",
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from signflow.serve import serve
 
-    serve(args.model, args.params, args.host, args.port)
+    capture_bytes = args.capture_max_mb * 2**20
+    serve(args.model, args.params, args.host, args.port, args.capture_dir, capture_bytes, args.follow_every)
     return 0
 
 

@@ -19,9 +19,9 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,12 @@ import anyio.to_thread
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
 
+from signflow._capture import DEFAULT_MAX_BYTES as DEFAULT_CAPTURE_BYTES
+from signflow._capture import CaptureError, CaptureStore, split_frames
+from signflow._hot_swap import DEFAULT_POLL_S, LiveModel
 from signflow._mlflow import VersionNotFound, downloaded_version, is_registry_reference, registry_settings
 from signflow._mlflow_model import load_mlflow_model, save_mlflow_model
+from signflow._page_training import PageTraining
 from signflow.errors import SignflowError
 
 __all__ = ["ServeError", "ServedModel", "create_app", "open_served_model", "serve"]
@@ -60,6 +64,10 @@ class ServeError(SignflowError, ValueError):
     """The model to serve cannot be found or loaded."""
 
 
+class NotRegisteredYet(ServeError):
+    """The registry has no version of that number or alias (yet)."""
+
+
 @dataclass(frozen=True)
 class ServedModel:
     """The pyfunc model and what the page shows about it."""
@@ -69,9 +77,21 @@ class ServedModel:
     version: str | None
     class_names: list[str]
     source: str
+    tags: dict[str, str] = field(default_factory=dict)
+    """The registered version's tags (none for a model file): its test accuracy and how the split was made."""
+    tracking_uri: str | None = None
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "classes": self.class_names, "source": self.source}
+        accuracy = self.tags.get("signflow.test_accuracy")
+        return {
+            "name": self.name,
+            "version": self.version,
+            "classes": self.class_names,
+            "source": self.source,
+            "test_accuracy": float(accuracy) if accuracy else None,
+            "split": self.tags.get("signflow.split"),
+            "test_near_duplicates_in_train": self.tags.get("signflow.test_near_duplicates_in_train"),
+        }
 
 
 @contextmanager
@@ -83,9 +103,11 @@ def open_served_model(spec: str, params_path: str | Path) -> Iterator[ServedMode
         name, tracking_uri = registry_settings(spec, params_path)
         try:
             with downloaded_version(name, spec, tracking_uri) as (folder, version):
-                yield _load(folder, name, version, f"{name} version {version}")
+                served = _load(folder, name, version, f"{name} version {version}")
+                tags = _version_tags(name, version, tracking_uri)
+                yield ServedModel(served.model, name, version, served.class_names, served.source, tags, tracking_uri)
         except VersionNotFound as error:
-            raise ServeError(str(error)) from None
+            raise NotRegisteredYet(str(error)) from None
         return
     path = Path(spec)
     if (path / "MLmodel").is_file():
@@ -97,6 +119,12 @@ def open_served_model(spec: str, params_path: str | Path) -> Iterator[ServedMode
     with tempfile.TemporaryDirectory(prefix="signflow-serve-") as tmp:
         folder = save_mlflow_model(onnx, EXAMPLE_SIZE, Path(tmp) / "model")
         yield _load(folder, onnx.stem, None, str(onnx))
+
+
+def _version_tags(name: str, version: str, tracking_uri: str) -> dict[str, str]:
+    from signflow._mlflow import mlflow_client
+
+    return dict(mlflow_client(tracking_uri).get_model_version(name, version).tags)
 
 
 def _load(folder: Path, name: str, version: str | None, source: str) -> ServedModel:
@@ -140,9 +168,25 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(served: ServedModel) -> FastAPI:
-    """The FastAPI app: the page, the model's description and the prediction endpoint."""
-    app = FastAPI(title=f"signflow: {served.name}", docs_url=None, redoc_url=None)
+def create_app(
+    served: ServedModel | LiveModel, capture: CaptureStore | None = None, training: PageTraining | None = None
+) -> FastAPI:
+    """The FastAPI app: the page, the model's description and the prediction endpoint; with `capture`,
+    the capture endpoints, and with `training` the Train action. A LiveModel's follower runs while the
+    app does (its lifespan)."""
+    live = served if isinstance(served, LiveModel) else LiveModel(None, "", None, served=served)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        live.start()
+        try:
+            yield
+        finally:
+            if training is not None:
+                training.stop()
+            live.close()
+
+    app = FastAPI(title=f"signflow: {live.name}", docs_url=None, redoc_url=None, lifespan=lifespan)
     page = files("signflow").joinpath("_webcam.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse)
@@ -151,7 +195,19 @@ def create_app(served: ServedModel) -> FastAPI:
 
     @app.get("/info")
     def info() -> dict[str, Any]:
-        return served.info()
+        served = live.current
+        nothing = {"name": live.name, "version": None, "classes": [], "source": None, "test_accuracy": None}
+        return {
+            **(
+                served.info()
+                if served is not None
+                else {**nothing, "split": None, "test_near_duplicates_in_train": None}
+            ),
+            "follows": live.follows,
+            "swap_error": live.swap_error,
+            "capture": capture is not None,
+            "train": training is not None,
+        }
 
     decode_slots = anyio.CapacityLimiter(DECODE_SLOTS)
 
@@ -161,27 +217,116 @@ def create_app(served: ServedModel) -> FastAPI:
         body = await read_body(request, MAX_IMAGE_BYTES)
         if not body:
             raise HTTPException(400, "empty request: post the image file's bytes as the body")
-        result = await anyio.to_thread.run_sync(top_classes, served, body, top_k, limiter=decode_slots)
+        model = live.current  # read once: a swap meanwhile does not change the model of this request
+        if model is None:
+            raise HTTPException(503, "no model is served yet: capture bursts and train, or register a model")
+        result = await anyio.to_thread.run_sync(top_classes, model, body, top_k, limiter=decode_slots)
         if result.pop("error"):
             raise HTTPException(422, "cannot read the image: send a JPEG, PNG or other image file")
-        return result
+        return {**result, "version": model.version}
 
+    if capture is not None:
+        add_capture_routes(app, capture, decode_slots)
+    if training is not None:
+        add_training_routes(app, training)
     return app
 
 
-def serve(spec: str, params_path: str | Path, host: str, port: int) -> None:
-    """Load the model and serve the page until interrupted (Ctrl-C)."""
+@contextmanager
+def capture_errors() -> Iterator[None]:
+    try:
+        yield
+    except CaptureError as error:
+        raise HTTPException(error.status, str(error)) from None
+
+
+def add_capture_routes(app: FastAPI, capture: CaptureStore, decode_slots: anyio.CapacityLimiter) -> None:
+    """POST a burst (JPEG frames back to back, `sizes` their byte counts), list the classes, delete a burst."""
+
+    @app.get("/capture")
+    def capture_summary() -> dict[str, Any]:
+        return capture.summary()
+
+    @app.post("/capture/{class_name}")
+    async def save_burst(request: Request, class_name: str, sizes: str = Query("", max_length=1000)) -> dict[str, Any]:
+        from signflow._capture import MAX_BURST_BYTES
+
+        body = await read_body(request, MAX_BURST_BYTES)
+        with capture_errors():
+            frames = split_frames(body, sizes)
+            saved = await anyio.to_thread.run_sync(capture.save_burst, class_name, frames, limiter=decode_slots)
+        return {"class": saved.class_name, "burst": saved.burst, "frames": saved.frames, **capture.summary()}
+
+    @app.delete("/capture/{class_name}/{burst}")
+    def delete_burst(class_name: str, burst: str) -> dict[str, Any]:
+        with capture_errors():
+            removed = capture.delete_burst(class_name, burst)
+        return {"removed": removed, **capture.summary()}
+
+
+def add_training_routes(app: FastAPI, training: PageTraining) -> None:
+    """POST /train starts the pipeline on the capture folder; GET /train says how it goes."""
+
+    @app.post("/train")
+    def start_training() -> dict[str, Any]:
+        with capture_errors():
+            return training.start()
+
+    @app.get("/train")
+    def training_status() -> dict[str, Any]:
+        return training.status()
+
+
+def open_live_model(
+    spec: str, params_path: str | Path, poll_s: float = DEFAULT_POLL_S, wait_for_first: bool = False
+) -> LiveModel:
+    """The model `--model` names; an alias (not a version number or a path) is followed in the registry.
+    With `wait_for_first` (capture mode), an alias that names no version yet serves nothing until it does."""
+    follows = spec if is_registry_reference(spec) and not spec.isdigit() else None
+    registry = registry_settings(spec, params_path) if follows else None
+    return LiveModel(
+        lambda version: open_served_model(version, params_path),
+        spec,
+        follows,
+        poll_s,
+        registry=registry,
+        wait_on=(NotRegisteredYet,) if wait_for_first else (),
+    )
+
+
+def serve(
+    spec: str,
+    params_path: str | Path,
+    host: str,
+    port: int,
+    capture_dir: str | Path | None = None,
+    capture_max_bytes: int = DEFAULT_CAPTURE_BYTES,
+    poll_s: float = DEFAULT_POLL_S,
+) -> None:
+    """Load the model and serve the page until interrupted (Ctrl-C). With `capture_dir`, the page can
+    capture bursts into it and train the project of `params_path` on them."""
     import uvicorn
 
-    with open_served_model(spec, params_path) as served:
+    live = open_live_model(spec, params_path, poll_s, wait_for_first=capture_dir is not None)
+    capture = training = None
+    if capture_dir is not None:
+        capture = CaptureStore(capture_dir, capture_max_bytes)
+        training = PageTraining(Path(params_path).resolve().parent, capture_dir)
+        log.info("capture mode: bursts go to %s; Train runs `dvc repro` in %s", capture.root, training.workspace.root)
+    if live.current is None:
+        log.warning("%s; serving the page at http://%s:%d/ to capture and train", live.swap_error, host, port)
+    else:
+        served = live.current
         log.info("serving %s (%d classes) at http://%s:%d/", served.source, len(served.class_names), host, port)
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("browsers allow the camera only on localhost or HTTPS; other machines can upload photos only")
-        uvicorn.run(
-            create_app(served),
-            host=host,
-            port=port,
-            access_log=False,
-            log_level="info",
-            limit_concurrency=MAX_CONNECTIONS,
-        )
+    if live.follows:
+        log.info("following the registry alias %r: a new version goes live without a restart", live.follows)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("browsers allow the camera only on localhost or HTTPS; other machines can upload photos only")
+    uvicorn.run(
+        create_app(live, capture, training),
+        host=host,
+        port=port,
+        access_log=False,
+        log_level="info",
+        limit_concurrency=MAX_CONNECTIONS,
+    )

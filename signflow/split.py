@@ -270,6 +270,13 @@ _WITHOUT_VALIDATION = (
 )
 
 
+_GROUP_REASON = (
+    " Images kept together (same group key or near-duplicates) count as one: frames of one group are near-copies "
+    "(one burst, recording or signer), and with some in train and others in test the test accuracy would measure "
+    "memory, not an honest test on new images; record more groups of that class (e.g. more bursts)."
+)
+
+
 def _check_class_sizes(images: pd.DataFrame, units: np.ndarray, needed: int, grouped: bool) -> None:
     for name in sorted(images["label"].unique()):
         mask = (images["label"] == name).to_numpy()
@@ -281,7 +288,7 @@ def _check_class_sizes(images: pd.DataFrame, units: np.ndarray, needed: int, gro
                 f"{' groups' if grouped else ''} per class. Add images or remove the class folder"
                 + (_WITHOUT_VALIDATION if needed == len(SPLITS) else "")
                 + "."
-                + (" Images kept together (same group key or near-duplicates) count as one." if grouped else "")
+                + (_GROUP_REASON if grouped else "")
             )
 
 

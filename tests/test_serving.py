@@ -551,3 +551,232 @@ async def _drive_the_page(url: str, video: Path, registry: Registry, tmp_path: P
         await browser.screenshot(tmp_path / "upload.png")
     finally:
         await browser.close()
+
+
+def registry_copy(registry: Registry, tmp_path: Path) -> Path:
+    """A params file for a copy of the registry's database (same artifacts): a test may move its aliases."""
+    import shutil
+
+    shutil.copy(registry.root / "mlflow.db", tmp_path / "mlflow.db")
+    raw = yaml.safe_load((registry.root / "params.yaml").read_text())
+    raw["register"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    return tmp_path / "params.yaml"
+
+
+def new_version(registry: Registry, tracking_uri: str, source: str, accuracy: str) -> str:
+    """A version registered by hand from `source`, made the champion."""
+    client = mlflow_client(tracking_uri)
+    first = client.get_model_version(registry.name, registry.version)
+    tags = {**first.tags, "signflow.test_accuracy": accuracy}
+    version = client.create_model_version(registry.name, source, run_id=first.run_id, tags=tags).version
+    client.set_registered_model_alias(registry.name, "champion", version)
+    return str(version)
+
+
+def wait_for_info(client, condition, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while not condition(info := client.get("/info").json()):
+        assert time.monotonic() < deadline, info
+        time.sleep(0.1)
+    return info
+
+
+def test_serve_follows_the_champion_alias_without_a_restart_and_never_serves_a_broken_version(registry, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from signflow.serve import create_app, open_live_model
+
+    params = registry_copy(registry, tmp_path)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = mlflow_client(tracking_uri).get_model_version(registry.name, registry.version)
+    image = registry.image("beta").read_bytes()
+    with TestClient(create_app(open_live_model("champion", params, poll_s=0.2))) as client:
+        info = client.get("/info").json()
+        assert info["version"] == registry.version and info["follows"] == "champion"
+        assert info["test_accuracy"] == pytest.approx(float(first.tags["signflow.test_accuracy"]))
+        assert info["split"] == first.tags["signflow.split"] and info["split"]
+        two = new_version(registry, tracking_uri, first.source, "0.97")
+        info = wait_for_info(client, lambda i: i["version"] == two)
+        assert info["test_accuracy"] == 0.97 and info["swap_error"] is None
+        assert client.post("/predict", content=image).json()["version"] == two
+
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        (broken / "MLmodel").write_text("not: an MLflow model\n")
+        three = new_version(registry, tracking_uri, str(broken), "0.99")
+        info = wait_for_info(client, lambda i: i["swap_error"] is not None)
+        assert info["version"] == two and info["swap_error"].startswith(f"version {three} (champion) was not served")
+        answer = client.post("/predict", content=image)
+        assert answer.status_code == 200 and answer.json()["version"] == two
+
+        mlflow_client(tracking_uri).set_registered_model_alias(registry.name, "champion", registry.version)
+        info = wait_for_info(client, lambda i: i["version"] == registry.version)
+        assert info["swap_error"] is None
+
+
+def test_serve_swaps_the_model_for_new_requests_only(registry, tmp_path):
+    """A request that read the live model before the swap finishes on it; the next one gets the new one."""
+    from signflow.serve import open_live_model
+
+    params = registry_copy(registry, tmp_path)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    live = open_live_model("champion", params)
+    try:
+        in_flight = live.current
+        assert live.check() is False, "nothing moved"
+        first = mlflow_client(tracking_uri).get_model_version(registry.name, registry.version)
+        two = new_version(registry, tracking_uri, first.source, "0.9")
+        assert live.check() is True and live.current.version == two
+        from signflow.serve import top_classes
+
+        assert top_classes(in_flight, registry.image("alpha").read_bytes(), 1)["top"][0]["class"] == "alpha"
+    finally:
+        live.close()
+
+
+def test_capture_mode_serves_the_page_before_any_version_and_the_first_champion_goes_live(registry, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from signflow.serve import ServeError, create_app, open_live_model
+
+    params = registry_copy(registry, tmp_path)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_client(tracking_uri).delete_registered_model_alias(registry.name, "champion")
+    with pytest.raises(ServeError, match="no version or alias 'champion'"):
+        open_live_model("champion", params)
+    with TestClient(create_app(open_live_model("champion", params, poll_s=0.2, wait_for_first=True))) as client:
+        info = client.get("/info").json()
+        assert info["version"] is None and info["classes"] == [] and "no model served yet" in info["swap_error"]
+        answer = client.post("/predict", content=registry.image("beta").read_bytes())
+        assert answer.status_code == 503 and "no model is served yet" in answer.json()["detail"]
+        mlflow_client(tracking_uri).set_registered_model_alias(registry.name, "champion", registry.version)
+        info = wait_for_info(client, lambda i: i["version"] == registry.version)
+        assert info["classes"] == ["alpha", "beta", "gamma ü"] and info["swap_error"] is None
+
+
+SIGNS = {"fist": "disc", "palm": "bar", "peace": "cross"}
+"""Three synthetic signs a fake camera shows: a shape on a noisy background that moves a little."""
+
+
+def sign_frames(shape: str, count: int = 30, seed: int = 0) -> list[np.ndarray]:
+    from PIL import ImageDraw
+
+    rng, frames = np.random.default_rng(seed), []
+    colour = {"disc": (210, 60, 50), "bar": (50, 190, 70), "cross": (60, 80, 210)}[shape]
+    for _ in range(count):
+        background = np.clip(rng.normal(120, 20, (240, 320, 3)), 0, 255).astype(np.uint8)
+        image = Image.fromarray(background)
+        draw, (x, y) = ImageDraw.Draw(image), rng.integers(-20, 21, 2) + (160, 120)
+        if shape == "disc":
+            draw.ellipse((x - 60, y - 60, x + 60, y + 60), fill=colour)
+        elif shape == "bar":
+            draw.rectangle((x - 25, y - 90, x + 25, y + 90), fill=colour)
+        else:
+            draw.rectangle((x - 80, y - 18, x + 80, y + 18), fill=colour)
+            draw.rectangle((x - 18, y - 80, x + 18, y + 80), fill=colour)
+        frames.append(np.asarray(image))
+    return frames
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(chromium_binary() is None, reason="no chromium (apt-get install -y chromium)")
+def test_capture_train_and_go_live_from_the_page_in_chromium(tmp_path):
+    """A fresh project and `signflow serve --capture-dir`: Chromium's fake camera shows each sign in
+    turn; the page records 3 bursts of each, trains with its Train button (`dvc repro`), and the new
+    champion goes live without a restart and names each sign."""
+    from signflow._capture import BURST_PATTERN
+    from tests.helpers import make_project
+
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    project = make_project(tmp_path, captures, epochs=8)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["split"].update(  # a burst must fit in a split's share: 5 bursts a class make 3/1/1
+        train=0.6, valid=0.2, test=0.2, strategy="group", group_pattern=BURST_PATTERN, near_duplicates="report"
+    )
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    videos = {
+        name: write_y4m(tmp_path / f"{name}.y4m", sign_frames(shape, seed=i))
+        for i, (name, shape) in enumerate(SIGNS.items())
+    }
+    port = free_port()
+    command = [sys.executable, "-m", "signflow", "serve", "--capture-dir", str(captures), "--follow-every", "1"]
+    command += ["--port", str(port)]
+    env = {**os.environ, "PATH": venv_path()}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            command, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/info", server, log)
+        asyncio.run(_capture_train_and_classify(f"http://127.0.0.1:{port}/", videos, tmp_path))
+    finally:
+        stop_server(server)
+    assert sorted(p.name for p in captures.iterdir()) == sorted(SIGNS)
+
+
+async def _open_page(url: str, video: Path) -> Chromium:
+    browser = Chromium(video)
+    await browser.connect()
+    await browser.goto(url)
+    await browser.wait_for(
+        "!document.getElementById('capture').hidden && document.getElementById('video').videoWidth > 0"
+    )
+    return browser
+
+
+async def _capture_train_and_classify(url: str, videos: dict[str, Path], tmp_path: Path) -> None:
+    for name, video in videos.items():
+        browser = await _open_page(url, video)
+        try:
+            await browser.eval(
+                f"document.getElementById('class-name').value = {json.dumps(name)};"
+                "document.getElementById('burst-frames').value = 6; document.getElementById('burst-rate').value = 8;"
+            )
+            for count in range(1, 6):
+                await browser.eval("document.getElementById('record').click()")
+                await browser.wait_for(
+                    f"+(document.body.dataset.bursts || 0) >= {count} || "
+                    "document.getElementById('capture-status').className === 'error'"
+                )
+                status = await browser.eval("document.getElementById('capture-status').textContent")
+                assert status.startswith("saved a burst of 6 frames"), status
+            if name == list(videos)[-1]:
+                await browser.send(
+                    "Emulation.setDeviceMetricsOverride", width=1000, height=1100, deviceScaleFactor=1, mobile=False
+                )
+                await browser.screenshot(tmp_path / "capture.png")
+                await browser.eval("document.getElementById('train').click()")
+                await browser.wait_for(
+                    "document.body.dataset.train !== 'idle' || document.getElementById('train-status').textContent"
+                )
+                steps = set()
+                while (state := await browser.eval("document.body.dataset.train")) in (None, "running"):
+                    steps.add(await browser.eval("document.getElementById('train-status').textContent"))
+                    await asyncio.sleep(0.5)
+                text = await browser.eval("document.getElementById('train-status').textContent")
+                assert state == "done", text
+                print("train status seen:", sorted(steps))
+                assert any("step train, epoch" in step for step in steps), steps
+                await browser.wait_for("document.body.dataset.version === '1'", timeout=30)
+                live = await browser.eval("document.getElementById('live').textContent")
+                assert "version 1" in live and "Test accuracy" in live and "Split:" in live, live
+                answered = int(await browser.eval("document.body.dataset.answered || 0"))
+                await browser.wait_for(f"+(document.body.dataset.answered || 0) > {answered}", timeout=15)
+                await browser.screenshot(tmp_path / "live.png")
+        finally:
+            await browser.close()
+    for name, video in videos.items():
+        browser = await _open_page(url, video)
+        try:
+            await browser.wait_for("+(document.body.dataset.answered || 0) >= 4")
+            seen = []
+            for _ in range(8):
+                seen.append((await browser.eval(TOP))[0][0])
+                await asyncio.sleep(0.25)
+            assert max(set(seen), key=seen.count) == name, (name, seen)
+        finally:
+            await browser.close()

@@ -172,6 +172,21 @@ def test_predict_and_mlflow_models_serve_use_the_champion_on_the_server(team_sta
         stop_server(server)
 
 
+def test_signflow_serve_follows_the_champion_on_the_server(team_stack, team_project, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from signflow.serve import create_app, open_live_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_stack["MLFLOW_TRACKING_URI"])
+    live = open_live_model("champion", team_project / "params.yaml")
+    with TestClient(create_app(live)) as client:
+        info = client.get("/info").json()
+        assert (int(info["version"]),) in _champion(team_stack)
+        image = next((team_project / "data" / "raw" / "alpha").iterdir())
+        answer = client.post("/predict", content=image.read_bytes()).json()
+        assert len(answer["top"]) == 3
+
+
 def _train_new_weights(project: Path, seed: int, env: dict[str, str]) -> str:
     """New weights up to export (register not run): what a second machine would hold."""
     _set_train_seed(project, seed)

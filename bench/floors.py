@@ -13,8 +13,13 @@ migrations are in the step's time). DVC's own time around a stage (hashing deps 
 dvc.lock) is not in these figures; bench/pipeline.py measures whole `dvc repro` runs.
 
 Printed and written as JSON: per step the median seconds of the step and of its floor, their
-difference, every sample, and the 1-minute load average before each run. Which signflow code runs is
-whatever `import signflow` finds (set PYTHONPATH to compare two checkouts on the same project).
+difference, every sample, and the 1-minute load average before each run. The signflow that runs is
+the one this environment imports, or each of `--code DIR ...` in turn (on PYTHONPATH), run after run
+against the same floor run: before and after a change under the same load, e.g.
+
+    git worktree add /tmp/base main
+    python bench/floors.py --project /tmp/ref --code /tmp/base . --runs 5 --out bench/floors.json
+
 Nothing is asserted: timings on a shared machine are noisy; compare medians taken close in time.
 """
 
@@ -86,51 +91,71 @@ def fresh_registry(project: Path) -> None:
             path.unlink()
 
 
-def measure(project: Path, steps: list[str], runs: int) -> dict:
+def _environment(code: Path | None) -> dict[str, str]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("MLFLOW_TRACKING_URI", None)  # register.tracking_uri: the scratch project's own registry
-    where = subprocess.run(
-        [sys.executable, "-P", "-c", "import signflow; print(signflow.__file__)"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    results = {}
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    return env
+
+
+def _signflow_location(env: dict[str, str]) -> str:
+    command = [sys.executable, "-P", "-c", "import signflow; print(signflow.__file__)"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def measure(project: Path, steps: list[str], runs: int, codes: list[Path | None]) -> dict:
+    """Per code (a checkout on PYTHONPATH, or None: what `import signflow` finds), per step: the step's
+    and its floor's seconds. In each run every code's step follows the same floor run, so several
+    codes are compared under the same load."""
+    envs = {code: _environment(code) for code in codes}
+    samples = {code: {step: {"step": [], "floor": [], "load": []} for step in steps} for code in codes}
     for step in steps:
         floor_command = [sys.executable, "-c", "import " + ", ".join(FLOORS[step])]
-        timed(floor_command, project, env)  # warm the file cache: every run after this one finds it warm
-        if step == "register":
-            fresh_registry(project)
-        timed([*signflow_command(), step], project, env)
-        samples = {"step": [], "floor": [], "load": []}
-        for _ in range(runs):
-            samples["load"].append(round(os.getloadavg()[0], 2))
-            samples["floor"].append(round(timed(floor_command, project, env), 3))
+        timed(floor_command, project, envs[codes[0]])  # warm the file cache: every run after this one finds it warm
+        for code in codes:
             if step == "register":
                 fresh_registry(project)
-            samples["step"].append(round(timed([*signflow_command(), step], project, env), 3))
-        step_s, floor_s = statistics.median(samples["step"]), statistics.median(samples["floor"])
-        results[step] = {
-            "median_s": round(step_s, 2),
-            "floor_s": round(floor_s, 2),
-            "difference_s": round(step_s - floor_s, 2),
-            "floor_imports": FLOORS[step],
-            "load_1min": samples["load"],
-            "samples": samples,
-        }
-        print(
-            f"{step:9} {step_s:6.2f} s  floor {floor_s:5.2f} s  difference {step_s - floor_s:5.2f} s  "
-            f"load {statistics.median(samples['load']):.2f}",
-            flush=True,
-        )
-    return {"signflow": where, "runs": runs, "steps": results}
+            timed([*signflow_command(), step], project, envs[code])
+        for _ in range(runs):
+            load = round(os.getloadavg()[0], 2)
+            floor = round(timed(floor_command, project, envs[codes[0]]), 3)
+            for code in codes:
+                if step == "register":
+                    fresh_registry(project)
+                seconds = timed([*signflow_command(), step], project, envs[code])
+                for key, value in (("step", round(seconds, 3)), ("floor", floor), ("load", load)):
+                    samples[code][step][key].append(value)
+        for code in codes:
+            taken = samples[code][step]
+            step_s, floor_s = statistics.median(taken["step"]), statistics.median(taken["floor"])
+            print(
+                f"{step:9} {step_s:6.2f} s  floor {floor_s:5.2f} s  difference {step_s - floor_s:5.2f} s  "
+                f"load {statistics.median(taken['load']):.2f}  ({code or 'signflow as installed'})",
+                flush=True,
+            )
+    measured = {}
+    for code in codes:
+        results = {}
+        for step in steps:
+            taken = samples[code][step]
+            step_s, floor_s = statistics.median(taken["step"]), statistics.median(taken["floor"])
+            results[step] = {
+                "median_s": round(step_s, 2),
+                "floor_s": round(floor_s, 2),
+                "difference_s": round(step_s - floor_s, 2),
+                "floor_imports": FLOORS[step],
+                "load_1min": taken["load"],
+                "samples": {"step": taken["step"], "floor": taken["floor"]},
+            }
+        measured[str(code) if code else "installed"] = {"signflow": _signflow_location(envs[code]), "steps": results}
+    return measured
 
 
-def markdown_table(measured: dict) -> str:
+def markdown_table(steps: dict) -> str:
     rows = ['| step | median s | floor s | difference s | load (1 min) | floor: `python -c "import ..."` |']
     rows.append("|---|---|---|---|---|---|")
-    for step, result in measured["steps"].items():
+    for step, result in steps.items():
         load = statistics.median(result["load_1min"])
         rows.append(
             f"| {step} | {result['median_s']:.2f} | {result['floor_s']:.2f} | {result['difference_s']:.2f} | "
@@ -144,25 +169,35 @@ def main() -> int:
     parser.add_argument("--project", type=Path, required=True, help="a project where `dvc repro` has run")
     parser.add_argument("--runs", type=int, default=5, help="runs of each step and of its floor (median)")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    parser.add_argument(
+        "--code",
+        type=Path,
+        nargs="+",
+        help="checkouts to run the steps from (each on PYTHONPATH in turn, run after run: before/after under "
+        "the same load); default: the signflow this environment imports",
+    )
     parser.add_argument("--out", type=Path, help="write the figures as JSON here (e.g. bench/floors.json)")
     args = parser.parse_args()
     source = args.project.resolve()
     missing = [p for p in ("params.yaml", "data/source", "data/raw", "models/model.pt") if not (source / p).exists()]
     if missing:
         raise SystemExit(f"{source}: no {', '.join(missing)}; run `dvc repro` there first")
+    codes = [code.resolve() for code in args.code] if args.code else [None]
     with tempfile.TemporaryDirectory(prefix="signflow-floors-") as scratch:
         project = Path(scratch) / "project"
         shutil.copytree(source, project, ignore=lambda folder, names: [n for n in names if n in SKIPPED])
-        print(f"{len(args.steps)} steps x {args.runs} runs in a copy of {source}", flush=True)
-        measured = measure(project, args.steps, args.runs)
+        print(f"{len(args.steps)} steps x {args.runs} runs x {len(codes)} code(s) in a copy of {source}", flush=True)
+        measured = measure(project, args.steps, args.runs, codes)
     report = {
         "project": str(source),
+        "runs": args.runs,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        **measured,
+        "codes": measured,
     }
-    print(markdown_table(measured))
+    for label, result in measured.items():
+        print(f"\n{label} ({result['signflow']}):\n{markdown_table(result['steps'])}")
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"written: {args.out}")

@@ -117,10 +117,10 @@ def measure(project: Path, steps: list[str], runs: int, codes: list[Path | None]
             if step == "register":
                 fresh_registry(project)
             timed([*signflow_command(), step], project, envs[code])
-        for _ in range(runs):
+        for run in range(runs):
             load = round(os.getloadavg()[0], 2)
             floor = round(timed(floor_command, project, envs[codes[0]]), 3)
-            for code in codes:
+            for code in codes if run % 2 == 0 else codes[::-1]:  # neither code always goes first
                 if step == "register":
                     fresh_registry(project)
                 seconds = timed([*signflow_command(), step], project, envs[code])

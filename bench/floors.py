@@ -13,9 +13,11 @@ migrations are in the step's time). DVC's own time around a stage (hashing deps 
 dvc.lock) is not in these figures; bench/pipeline.py measures whole `dvc repro` runs.
 
 Printed and written as JSON: per step the median seconds of the step and of its floor, their
-difference, every sample, and the 1-minute load average before each run. The signflow that runs is
-the one this environment imports, or each of `--code DIR ...` in turn (on PYTHONPATH), run after run
-against the same floor run: before and after a change under the same load, e.g.
+difference, the median CPU seconds of both (user + system: less at the mercy of other processes
+than wall time on a busy machine), every sample, and the 1-minute load average before each run. The
+signflow that runs is the one this environment imports, or each of `--code DIR ...` in turn (on
+PYTHONPATH), run after run against the same floor run: before and after a change under the same
+load, e.g.
 
     git worktree add /tmp/base main
     python bench/floors.py --project /tmp/ref --code /tmp/base . --runs 5 --out bench/floors.json
@@ -29,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -73,13 +76,14 @@ def signflow_command() -> list[str]:
     return [sys.executable, "-P", "-c", "import sys; from signflow.cli import main; sys.exit(main())"]
 
 
-def timed(command: list[str], cwd: Path, env: dict[str, str]) -> float:
-    start = time.perf_counter()
+def timed(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the process and its children) of one run."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     done = subprocess.run(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seconds = time.perf_counter() - start
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return seconds
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def fresh_registry(project: Path) -> None:
@@ -109,7 +113,10 @@ def measure(project: Path, steps: list[str], runs: int, codes: list[Path | None]
     and its floor's seconds. In each run every code's step follows the same floor run, so several
     codes are compared under the same load."""
     envs = {code: _environment(code) for code in codes}
-    samples = {code: {step: {"step": [], "floor": [], "load": []} for step in steps} for code in codes}
+    samples = {
+        code: {step: {key: [] for key in ("step", "floor", "step_cpu", "floor_cpu", "load")} for step in steps}
+        for code in codes
+    }
     for step in steps:
         floor_command = [sys.executable, "-c", "import " + ", ".join(FLOORS[step])]
         timed(floor_command, project, envs[codes[0]])  # warm the file cache: every run after this one finds it warm
@@ -119,13 +126,14 @@ def measure(project: Path, steps: list[str], runs: int, codes: list[Path | None]
             timed([*signflow_command(), step], project, envs[code])
         for run in range(runs):
             load = round(os.getloadavg()[0], 2)
-            floor = round(timed(floor_command, project, envs[codes[0]]), 3)
+            floor, floor_cpu = timed(floor_command, project, envs[codes[0]])
             for code in codes if run % 2 == 0 else codes[::-1]:  # neither code always goes first
                 if step == "register":
                     fresh_registry(project)
-                seconds = timed([*signflow_command(), step], project, envs[code])
-                for key, value in (("step", round(seconds, 3)), ("floor", floor), ("load", load)):
-                    samples[code][step][key].append(value)
+                seconds, cpu = timed([*signflow_command(), step], project, envs[code])
+                taken = {"step": seconds, "floor": floor, "step_cpu": cpu, "floor_cpu": floor_cpu, "load": load}
+                for key, value in taken.items():
+                    samples[code][step][key].append(round(value, 3))
         for code in codes:
             taken = samples[code][step]
             step_s, floor_s = statistics.median(taken["step"]), statistics.median(taken["floor"])
@@ -144,22 +152,24 @@ def measure(project: Path, steps: list[str], runs: int, codes: list[Path | None]
                 "median_s": round(step_s, 2),
                 "floor_s": round(floor_s, 2),
                 "difference_s": round(step_s - floor_s, 2),
+                "median_cpu_s": round(statistics.median(taken["step_cpu"]), 2),
+                "floor_cpu_s": round(statistics.median(taken["floor_cpu"]), 2),
                 "floor_imports": FLOORS[step],
                 "load_1min": taken["load"],
-                "samples": {"step": taken["step"], "floor": taken["floor"]},
+                "samples": {key: taken[key] for key in ("step", "floor", "step_cpu", "floor_cpu")},
             }
         measured[str(code) if code else "installed"] = {"signflow": _signflow_location(envs[code]), "steps": results}
     return measured
 
 
 def markdown_table(steps: dict) -> str:
-    rows = ['| step | median s | floor s | difference s | load (1 min) | floor: `python -c "import ..."` |']
+    rows = ["| step | median s | floor s | difference s | CPU s: step / floor | load (1 min) |"]
     rows.append("|---|---|---|---|---|---|")
     for step, result in steps.items():
         load = statistics.median(result["load_1min"])
         rows.append(
             f"| {step} | {result['median_s']:.2f} | {result['floor_s']:.2f} | {result['difference_s']:.2f} | "
-            f"{load:.2f} | {', '.join(result['floor_imports'])} |"
+            f"{result['median_cpu_s']:.2f} / {result['floor_cpu_s']:.2f} | {load:.2f} |"
         )
     return "\n".join(rows)
 

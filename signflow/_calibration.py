@@ -17,7 +17,6 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import brentq, minimize_scalar
 
 TEMPERATURE_RANGE = (0.05, 20.0)
 """Temperatures searched."""
@@ -58,6 +57,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     1, mistakes included. With mistakes in the split the bound rarely binds. 1.0 (no change) when
     there is nothing to fit on.
     """
+    from scipy.optimize import brentq, minimize_scalar  # only training fits; the evaluate step need not import it
+
     labels = np.asarray(labels)
     if len(labels) == 0 or not np.isfinite(logits).all():
         return 1.0

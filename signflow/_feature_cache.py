@@ -45,6 +45,8 @@ class CutModel:
     prefix: nn.Sequential
     tail: nn.Sequential
     cut_name: str
+    feature_shape: tuple[int, ...]
+    """The prefix's output shape for one image (C, H, W) or (C,), as `cut_model` saw it."""
 
 
 def module_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -75,7 +77,8 @@ def cut_model(model: nn.Module, example: torch.Tensor) -> CutModel | None:
     model.eval()
     try:
         expected = model(example)
-        chained = tail(prefix(example))
+        features = prefix(example)
+        chained = tail(features)
         exact = chained.shape == expected.shape and torch.allclose(chained, expected, atol=1e-4, rtol=1e-4)
     except Exception as error:  # noqa: BLE001 - any failure means "not a plain chain"
         log.info("frozen-feature cache unavailable (%s); using the plain training loop", error)
@@ -85,7 +88,7 @@ def cut_model(model: nn.Module, example: torch.Tensor) -> CutModel | None:
     if not exact:
         log.info("model is not a plain chain of modules; using the plain training loop")
         return None
-    return CutModel(prefix.eval(), tail, chain[cut][0])
+    return CutModel(prefix.eval(), tail, chain[cut][0], tuple(features.shape[1:]))
 
 
 class OnnxPrefix:
@@ -236,10 +239,7 @@ class FeatureCache:
     def __init__(self, cut: CutModel, data: TrainingData, cfg: TrainConfig, device: torch.device, generator):
         self.cut, self.data, self.cfg, self.device, self.generator = cut, data, cfg, device, generator
         self.memory_format = memory_format(cfg.channels_last)
-        example = normalize(data.example(1).to(device), data.prep).contiguous(memory_format=self.memory_format)
-        with torch.inference_mode():
-            shape = tuple(cut.prefix(example).shape[1:])
-        self.layout = FeatureLayout(shape, cfg.channels_last, cfg.cache_dtype)
+        self.layout = FeatureLayout(cut.feature_shape, cfg.channels_last, cfg.cache_dtype)
         self.views = cached_view_count(cfg)
         self.runtime = wanted_runtime(cfg, device)
         fields = self._key_fields()

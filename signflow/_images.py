@@ -3,6 +3,7 @@ and images too large or too oddly shaped to be worth decoding refused with a rea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -71,11 +72,13 @@ def load_rgb(path: str | Path, max_side: int | None = None, max_pixels: int = PI
         raise ImageRefused(str(error)) from None
 
 
-def _decode_rgb(path: str | Path, max_side: int | None, max_pixels: int) -> Image.Image:
+def _decode_rgb(
+    path: str | Path, max_side: int | None, max_pixels: int, inspect: Callable[[Image.Image], None] | None = None
+) -> Image.Image:
     # Outside `with` (which holds the opened image to its end), each step drops the image before it:
     # a 50-megapixel RGBA PNG peaks at 3 full copies (decoded, white background, composite), not 5,
     # and an RGB one at 1, not 3 (bench/serve_memory.py measures the served model's copy of this).
-    image = _open_decoded(path, max_side, max_pixels)
+    image = _open_decoded(path, max_side, max_pixels, inspect)
     ImageOps.exif_transpose(image, in_place=True)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = image.point(lambda value: value * (1 / 256)).convert("L")
@@ -87,9 +90,14 @@ def _decode_rgb(path: str | Path, max_side: int | None, max_pixels: int) -> Imag
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _open_decoded(path: str | Path, max_side: int | None, max_pixels: int) -> Image.Image:
-    """The image decoded as stored (large JPEGs in draft mode), refused from its header when too large."""
+def _open_decoded(
+    path: str | Path, max_side: int | None, max_pixels: int, inspect: Callable[[Image.Image], None] | None = None
+) -> Image.Image:
+    """The image decoded as stored (large JPEGs in draft mode), refused from its header when too large;
+    `inspect` sees the opened image before anything is decoded (and may raise to refuse it)."""
     with Image.open(path) as image:
+        if inspect is not None:
+            inspect(image)
         if image.width * image.height > max_pixels:
             raise ImageRefused(
                 f"{image.width}x{image.height} pixels is above the limit of {max_pixels:,} pixels (split.max_pixels); "
@@ -105,25 +113,31 @@ def check_image(path: str | Path, max_pixels: int, max_aspect_ratio: float) -> t
     """Fully decode an image; return its (width, height) after EXIF rotation and the decoded RGB image
     (large JPEGs decoded at 256 px or more a side), so callers can use it without decoding again.
     Raise if it is unreadable, or ImageRefused (before decoding) if it has more than `max_pixels` pixels or its
-    longer side is more than `max_aspect_ratio` times its shorter side."""
+    longer side is more than `max_aspect_ratio` times its shorter side. The file is opened once: the
+    header is checked on the opened image before it is decoded."""
+    header: dict[str, int] = {}
+
+    def refuse_from_header(original: Image.Image) -> None:
+        width, height = original.size
+        if width == 0 or height == 0:
+            raise ValueError("image has zero size")
+        if width * height > max_pixels:
+            raise ImageRefused(
+                f"{width}x{height} is {width * height:,} pixels, above split.max_pixels ({max_pixels:,}); "
+                "raise it to use this image"
+            )
+        if max(width, height) > max_aspect_ratio * min(width, height):
+            raise ImageRefused(
+                f"{width}x{height}: one side is {max(width, height) / min(width, height):,.0f} times the other, "
+                f"above split.max_aspect_ratio ({max_aspect_ratio:g}); the centre square the model sees would be "
+                "a sliver of it"
+            )
+        header.update(width=width, height=height, orientation=original.getexif().get(0x0112, 1))
+
     try:
-        with Image.open(path) as original:
-            width, height = original.size
-            orientation = original.getexif().get(0x0112, 1)
+        image = _decode_rgb(path, 256, max_pixels, refuse_from_header)
     except PILLOW_BOMB_ERRORS as error:
         raise ImageRefused(str(error)) from None
-    if width == 0 or height == 0:
-        raise ValueError("image has zero size")
-    if width * height > max_pixels:
-        raise ImageRefused(
-            f"{width}x{height} is {width * height:,} pixels, above split.max_pixels ({max_pixels:,}); "
-            "raise it to use this image"
-        )
-    if max(width, height) > max_aspect_ratio * min(width, height):
-        raise ImageRefused(
-            f"{width}x{height}: one side is {max(width, height) / min(width, height):,.0f} times the other, above "
-            f"split.max_aspect_ratio ({max_aspect_ratio:g}); the centre square the model sees would be a sliver of it"
-        )
-    image = load_rgb(path, max_side=256, max_pixels=max_pixels)
-    width, height = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    width, height = header["width"], header["height"]
+    width, height = (height, width) if header["orientation"] in (5, 6, 7, 8) else (width, height)
     return width, height, image

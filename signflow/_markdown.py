@@ -3,9 +3,10 @@ writer, and the rows every report puts next to an accuracy (near-duplicates in t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def markdown_table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:

@@ -30,6 +30,7 @@ __all__ = [
     "source_inputs",
     "stage_inputs",
     "stage_is_up_to_date",
+    "stage_state",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,16 @@ def open_repo(project_dir: str | Path, wait_s: float = 3600) -> Iterator[Any]:
 def stage_is_up_to_date(repo, stage: str) -> bool:
     """True when the stage's deps, params and outs all match its dvc.lock entry."""
     return not repo.status(targets=[stage])
+
+
+def stage_state(repo, stage: str) -> tuple[StageInputs, bool]:
+    """(the stage's deps as `stage_inputs` gives them, whether it is up to date as `stage_is_up_to_date`
+    says), hashing the deps once: when DVC finds deps, params and outs as dvc.lock records them, the
+    deps are what dvc.lock says; only a stage that is not up to date has its deps hashed again."""
+    stage_obj = _stage(repo, stage)
+    if not stage_obj.status(check_updates=True):
+        return {dep.def_path: dep.hash_info.to_dict() for dep in stage_obj.deps}, True
+    return _inputs_of(stage_obj), False
 
 
 def _stage(repo, stage: str):

@@ -81,13 +81,14 @@ def _class_root_candidates(tree: Path) -> list[tuple[Path, int, int]]:
     return candidates
 
 
-def find_class_root(tree: Path) -> Path:
-    """Find the folder whose subfolders are the classes: the one folder with ≥ 2 image subfolders.
+def find_class_root(tree: Path, candidates: list[tuple[Path, int, int]] | None = None) -> Path:
+    """Find the folder whose subfolders are the classes: the one folder with ≥ 2 image subfolders
+    (among `candidates`, `_class_root_candidates(tree)` when not given).
 
     The upstream Sign Language Digits archive nests classes under `<repo>-master/Dataset/` next to
     an `Examples/` folder of loose photos; that folder has one image subfolder and is not chosen.
     """
-    candidates = _class_root_candidates(tree)
+    candidates = _class_root_candidates(tree) if candidates is None else candidates
     multi = [c[0] for c in candidates if c[1] >= 2]
     if not multi:
         if candidates:
@@ -115,7 +116,8 @@ def find_class_roots(tree: Path) -> dict[str, Path]:
     """The class folders' root(s): {"": root} for one set of class folders, or {split: root} when the
     source ships split folders (train/, valid/, test/ and their common spellings, at any depth, each
     holding the class folders). Otherwise as `find_class_root`: exactly one root, or an error."""
-    candidates = [c[0] for c in _class_root_candidates(tree) if c[1] >= 2]
+    found = _class_root_candidates(tree)
+    candidates = [c[0] for c in found if c[1] >= 2]
     splits = {folder: _split_of(folder, tree) for folder in candidates}
     for folder in candidates:
         subfolders = [sub.name for sub in folder.iterdir() if sub.is_dir() and _image_count(sub)]
@@ -125,7 +127,7 @@ def find_class_roots(tree: Path) -> dict[str, Path]:
                 "directly; expected one folder per class inside each split folder (<split>/<class name>/<images>)"
             )
     if len(candidates) < 2 or None in splits.values():
-        return {"": find_class_root(tree)}
+        return {"": find_class_root(tree, found)}
     roots: dict[str, Path] = {}
     for folder, split in splits.items():
         if split in roots:

@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -317,10 +318,15 @@ def _champion(client, model_name: str):
 
 
 def _log_run(client, run_id: str, candidate: Candidate) -> None:
-    for key, value in sorted(flatten(candidate.params).items()):
-        client.log_param(run_id, key, value[:6000])
-    for key, value in candidate.metrics.items():
-        client.log_metric(run_id, key, float(value))
+    from mlflow.entities import Metric, Param
+
+    # One batch, not a call (and a database transaction) per param and metric; MLflow splits it at its limits.
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(key, float(value), now, 0) for key, value in candidate.metrics.items()],
+        params=[Param(key, value[:6000]) for key, value in sorted(flatten(candidate.params).items())],
+    )
     for model_file in candidate.model_files:
         if model_file != candidate.onnx_file:  # the MLflow model holds it (model/artifacts/model.onnx)
             client.log_artifact(run_id, str(model_file), artifact_path="model")

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from signflow._group_split import assign_groups
 from signflow._images import ImageRefused, check_image, is_junk, split_folder_name
@@ -128,8 +127,9 @@ def drop_duplicates(images: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, 
     """Keep one file per content hash (a test-folder copy before a valid one before a train one, then the
     first path); a file whose copies carry different labels is dropped entirely."""
     rejected: list[dict[str, str]] = []
-    keep = []
-    for _digest, group in images.groupby("sha256", sort=True):
+    copied = images["sha256"].duplicated(keep=False).to_numpy()
+    keep = images.index[~copied].tolist()  # a file with no copy is kept as it is
+    for _digest, group in images[copied].groupby("sha256", sort=True):
         rank = group["folder"].map(_KEEP_FIRST).fillna(len(_KEEP_FIRST)) if "folder" in group else 0
         group = group.assign(_rank=rank).sort_values(["_rank", "path"])
         if group["label"].nunique() > 1:
@@ -248,6 +248,8 @@ def stratified_split(
 
 
 def _random_names(ordered: pd.DataFrame, fractions: dict[str, float], seed: int) -> np.ndarray:
+    from sklearn.model_selection import train_test_split  # 0.5 s to import; only the random split needs it
+
     names = np.full(len(ordered), "train", dtype=object)
     rest = ordered
     try:

@@ -57,10 +57,11 @@ class DvcRecorder:
     def check(self, repo, stage: str) -> tuple[dvc_state.StageInputs, bool]:
         """What the step will run with (its produced deps as they are now, the rest as at the start),
         and whether DVC says it is up to date with exactly that."""
-        now = dvc_state.stage_inputs(repo, stage)
+        if self.force:
+            return {**dvc_state.stage_inputs(repo, stage), **self.started_with[stage]}, False
+        now, up_to_date = dvc_state.stage_state(repo, stage)
         expected = {**now, **self.started_with[stage]}
-        fresh = not self.force and now == expected and dvc_state.stage_is_up_to_date(repo, stage)
-        return expected, fresh
+        return expected, now == expected and up_to_date
 
 
 class StepOutcome:

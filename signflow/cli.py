@@ -50,7 +50,7 @@ def cmd_evaluate(params: Params, args: argparse.Namespace):
 def cmd_export(params: Params, args: argparse.Namespace):
     from signflow.export import export_onnx
 
-    return export_onnx(params.export, args.model, args.onnx)
+    return export_onnx(params.export, args.model, args.onnx, args.raw, args.split, args.export_figures)
 
 
 def cmd_register(params: Params, args: argparse.Namespace):
@@ -78,6 +78,11 @@ def _add_paths(parser: argparse.ArgumentParser, *names: str) -> None:
         "reports": ("--reports", outputs.reports, "folder for metrics, tables and plots"),
         "receipt": ("--receipt", outputs.receipt, "JSON record of the registered version"),
         "onnx": ("--onnx", outputs.onnx, "ONNX model file"),
+        "export_figures": (
+            "--export-figures",
+            outputs.onnx.with_name("export.json"),
+            "JSON of the float and int8 models' size, latency and test accuracy",
+        ),
         "card": ("--card", outputs.model_card, "model card (markdown)"),
         "sweep_dir": ("--sweep-dir", here.sweep, "folder for trials, comparison table and the winner"),
         "cache": (
@@ -122,8 +127,9 @@ COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
     ),
     "export": (
         cmd_export,
-        "write the model as ONNX (checked against PyTorch to export.tolerance)",
-        ("model", "onnx"),
+        "write the model as ONNX (checked against PyTorch to export.tolerance) and, with export.int8, its int8 "
+        "model beside it, kept only when its test accuracy is within export.int8_max_accuracy_drop",
+        ("model", "onnx", "raw", "split", "export_figures"),
     ),
     "register": (
         cmd_register,

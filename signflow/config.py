@@ -238,8 +238,14 @@ class ExportConfig(_Section):
     """ONNX opset of the exported model."""
     tolerance: float = Field(gt=0, le=1)
     """Largest |ONNX Runtime - PyTorch| logit difference accepted; export fails above it."""
+    int8: bool
+    """Also write an int8 model beside the ONNX file (static quantization calibrated on valid images)."""
+    int8_max_accuracy_drop: float = Field(ge=0, le=1)
+    """The int8 model is kept only if its test accuracy is at most this below the float model's."""
+    int8_calibration_images: int = Field(ge=1, le=100_000)
+    """Validation images the activation ranges are calibrated on (fewer if the split has fewer)."""
 
-    _coerce = field_validator("tolerance", mode="before")(_float_from_yaml)
+    _coerce = field_validator("tolerance", "int8_max_accuracy_drop", mode="before")(_float_from_yaml)
 
 
 class RegisterConfig(_Section):

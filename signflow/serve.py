@@ -7,6 +7,13 @@ list from `GET /info`. The model is the version's MLflow model (signflow._mlflow
 Runtime, the preprocessing and temperature it was registered with, no PyTorch. FastAPI and uvicorn
 serve it, on 127.0.0.1 unless told otherwise (browsers allow the camera only on localhost or HTTPS).
 
+In-browser inference: the page can instead run the model itself with ONNX Runtime Web, so frames
+never leave the device. The server hands it `GET /model.onnx` (the version's ONNX file; for an
+.onnx file served with its int8 model beside it, the int8 one) and ONNX Runtime Web's own files
+under `/ort/`, vendored into signflow/_web/ at install time (`npm ci --prefix web`, see README):
+nothing is fetched from the internet when the page runs. Without those files the page says so and
+classifies on the server.
+
 Memory is bounded whatever clients send: a server needs its idle size (0.3 GB with mobilenetv2_100
 at 160 px) + DECODE_SLOTS x 16 bytes x the model's max_pixels (split.max_pixels: 0.8 GB a slot at
 the default 50 MP) + MAX_CONNECTIONS x 2 x MAX_IMAGE_BYTES (bodies being read: 0.64 GB). That is
@@ -15,6 +22,7 @@ the default 50 MP) + MAX_CONNECTIONS x 2 x MAX_IMAGE_BYTES (bodies being read: 0
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -31,7 +39,7 @@ import anyio.to_thread
 
 # FastAPI resolves the endpoints' (string) annotations in this module's globals: imported here
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from signflow._capture import DEFAULT_MAX_BYTES as DEFAULT_CAPTURE_BYTES
 from signflow._capture import CaptureError, CaptureStore, split_frames
@@ -58,6 +66,12 @@ MAX_CONNECTIONS = 32
 MAX_TOP_K = 20
 EXAMPLE_SIZE = 64
 """Pixels of the input example stored when an .onnx file is wrapped on the fly (any size works)."""
+ORT_WEB_FILES = {
+    "ort.wasm.min.js": "text/javascript",
+    "ort-wasm-simd-threaded.mjs": "text/javascript",
+    "ort-wasm-simd-threaded.wasm": "application/wasm",
+}
+"""ONNX Runtime Web's files the page loads (its WebAssembly build), vendored into signflow/_web/."""
 
 
 class ServeError(SignflowError, ValueError):
@@ -80,10 +94,14 @@ class ServedModel:
     tags: dict[str, str] = field(default_factory=dict)
     """The registered version's tags (none for a model file): its test accuracy and how the split was made."""
     tracking_uri: str | None = None
+    browser_model: BrowserModel | None = None
+    """The ONNX file and preprocessing the page needs to classify in the browser."""
 
     def info(self) -> dict[str, Any]:
         accuracy = self.tags.get("signflow.test_accuracy")
+        browser = self.browser_model
         return {
+            "browser_model": None if browser is None else {"precision": browser.precision, **browser.preprocessing},
             "name": self.name,
             "version": self.version,
             "classes": self.class_names,
@@ -92,6 +110,41 @@ class ServedModel:
             "split": self.tags.get("signflow.split"),
             "test_near_duplicates_in_train": self.tags.get("signflow.test_near_duplicates_in_train"),
         }
+
+
+@dataclass(frozen=True)
+class BrowserModel:
+    """The ONNX model the page runs with ONNX Runtime Web, held in memory (a swap closes the version's files)."""
+
+    onnx: bytes
+    precision: str
+    """"int8" or "float32"."""
+    preprocessing: dict[str, Any]
+    """image_size, mean, std (0-1 scale), interpolation: exactly what the server applies."""
+
+
+def int8_beside(onnx_path: Path) -> Path:
+    """The export step's int8 model beside `onnx_path` (model.onnx -> model.int8.onnx)."""
+    return onnx_path.with_name(f"{onnx_path.stem}.int8{onnx_path.suffix}")
+
+
+def browser_model_of(python_model: Any, onnx_path: Path) -> BrowserModel | None:
+    """The page's copy of the served model: its int8 twin when there is one, its preprocessing from the
+    served model itself (so browser and server cannot drift)."""
+    from PIL import Image
+
+    int8 = int8_beside(onnx_path)
+    chosen, precision = (int8, "int8") if int8.is_file() else (onnx_path, "float32")
+    if not chosen.is_file():
+        return None
+    interpolation = Image.Resampling(python_model.resample).name.lower()
+    preprocessing = {
+        "image_size": int(python_model.size),
+        "mean": [float(v) / 255 for v in python_model.mean.ravel()],
+        "std": [float(v) / 255 for v in python_model.std.ravel()],
+        "interpolation": interpolation,
+    }
+    return BrowserModel(chosen.read_bytes(), precision, preprocessing)
 
 
 @contextmanager
@@ -118,7 +171,9 @@ def open_served_model(spec: str, params_path: str | Path) -> Iterator[ServedMode
         raise ServeError(f"--model {spec}: not a registry alias or version, an MLflow model folder or an .onnx file")
     with tempfile.TemporaryDirectory(prefix="signflow-serve-") as tmp:
         folder = save_mlflow_model(onnx, EXAMPLE_SIZE, Path(tmp) / "model")
-        yield _load(folder, onnx.stem, None, str(onnx))
+        served = _load(folder, onnx.stem, None, str(onnx))
+        browser = browser_model_of(served.model.unwrap_python_model(), onnx)
+        yield dataclasses.replace(served, browser_model=browser)
 
 
 def _version_tags(name: str, version: str, tracking_uri: str) -> dict[str, str]:
@@ -136,9 +191,10 @@ def _load(folder: Path, name: str, version: str | None, source: str) -> ServedMo
     try:
         model = load_mlflow_model(folder)
         class_names = list(model.unwrap_python_model().class_names)
+        browser = browser_model_of(model.unwrap_python_model(), folder / "artifacts" / "model.onnx")
     except Exception as error:  # noqa: BLE001 - MLflow and ONNX Runtime raise many types
         raise ServeError(f"{source}: cannot load its MLflow model ({error})") from None
-    return ServedModel(model, name, version, class_names, source)
+    return ServedModel(model, name, version, class_names, source, browser_model=browser)
 
 
 def top_classes(served: ServedModel, image: bytes, top_k: int) -> dict[str, Any]:
@@ -169,11 +225,15 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(
-    served: ServedModel | LiveModel, capture: CaptureStore | None = None, training: PageTraining | None = None
+    served: ServedModel | LiveModel,
+    capture: CaptureStore | None = None,
+    training: PageTraining | None = None,
+    ort_web_dir: Path | None = None,
 ) -> FastAPI:
     """The FastAPI app: the page, the model's description and the prediction endpoint; with `capture`,
     the capture endpoints, and with `training` the Train action. A LiveModel's follower runs while the
-    app does (its lifespan)."""
+    app does (its lifespan). ONNX Runtime Web's files come from `ort_web_dir` (default: signflow/_web/)."""
+    ort_web = ort_web_folder(ort_web_dir)
     live = served if isinstance(served, LiveModel) else LiveModel(None, "", None, served=served)
 
     @asynccontextmanager
@@ -207,7 +267,26 @@ def create_app(
             "swap_error": live.swap_error,
             "capture": capture is not None,
             "train": training is not None,
+            "ort_web": ort_web is not None,
         }
+
+    @app.get("/model.onnx")
+    def browser_onnx() -> Response:
+        """The live version's ONNX model for in-browser inference (its int8 twin when there is one)."""
+        served = live.current
+        if served is None or served.browser_model is None:
+            raise HTTPException(404, "no ONNX model to run in the browser: classify on the server")
+        headers = {"X-Signflow-Version": served.version or "", "Cache-Control": "no-store"}
+        return Response(served.browser_model.onnx, media_type="application/octet-stream", headers=headers)
+
+    @app.get("/ort/{name}")
+    def ort_web_file(name: str) -> FileResponse:
+        """ONNX Runtime Web's files, vendored at install time (only these names: no path from the URL)."""
+        if name not in ORT_WEB_FILES or ort_web is None:
+            raise HTTPException(
+                404, "ONNX Runtime Web is not installed here (npm ci --prefix web): classify on the server"
+            )
+        return FileResponse(ort_web / name, media_type=ORT_WEB_FILES[name], headers={"Cache-Control": "no-cache"})
 
     decode_slots = anyio.CapacityLimiter(DECODE_SLOTS)
 
@@ -230,6 +309,12 @@ def create_app(
     if training is not None:
         add_training_routes(app, training)
     return app
+
+
+def ort_web_folder(folder: Path | None = None) -> Path | None:
+    """`folder` (default signflow/_web/) when it holds every ONNX Runtime Web file the page needs, else None."""
+    folder = folder or Path(str(files("signflow").joinpath("_web")))
+    return folder if all((folder / name).is_file() for name in ORT_WEB_FILES) else None
 
 
 @contextmanager

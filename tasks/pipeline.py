@@ -207,7 +207,9 @@ def publish_evaluation(result: EvaluationResult, reports_dir: Path) -> None:
 
 @task(name="export", cache_policy=NONE)
 def export_task(cfg: ExportConfig, workspace: Workspace, dvc: DvcRecorder | None, after: StepOutcome) -> StepOutcome:
-    return run_step("export", dvc, lambda: export_onnx(cfg, workspace.model, workspace.outputs.onnx))
+    return run_step(
+        "export", dvc, lambda: export_onnx(cfg, workspace.model, workspace.outputs.onnx, workspace.raw, workspace.split)
+    )
 
 
 @task(name="register", cache_policy=NONE)

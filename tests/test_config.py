@@ -177,6 +177,7 @@ def test_dvc_yaml_paths_are_the_layouts():
     assert _declared(stages["train"], "outs") == {str(here.model), str(here.train_log)}
     assert _declared(stages["evaluate"], "outs") | _declared(stages["evaluate"], "metrics") == reports
     assert _declared(stages["export"], "outs") == {str(outputs.onnx)}
+    assert _declared(stages["export"], "metrics") == {str(outputs.onnx.with_name("export.json"))}
     assert _declared(stages["register"], "outs") == {str(outputs.receipt), str(outputs.model_card)}
     assert {str(outputs.metrics), str(outputs.report_markdown), str(outputs.onnx)} <= _declared(
         stages["register"], "deps"

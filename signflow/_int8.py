@@ -24,7 +24,6 @@ import torch
 from signflow._onnx import INPUT_NAME, OUTPUT_NAME, onnx_session
 from signflow._preprocessing import Preprocessing, decode_chunks, normalize
 from signflow.fileio import atomic_path
-from signflow.split_files import read_manifest
 
 LATENCY_RUNS = 30
 """Single-image runs timed per model (after 3 warm-up runs); the median is reported."""
@@ -48,6 +47,8 @@ class ModelFigures:
 
 def split_images(raw_dir: Path, split_dir: Path, name: str, limit: int | None = None) -> tuple[list[Path], np.ndarray]:
     """The image paths and label indices of one split (the first `limit` in manifest order, which is shuffled)."""
+    from signflow.split_files import read_manifest  # pandas: only when int8 is on
+
     manifest = read_manifest(split_dir, name)
     if limit is not None:
         manifest = manifest.iloc[:limit]

@@ -24,7 +24,7 @@ from tests.test_serving import free_port, post_json, start_server, stop_server
 
 pytestmark = [pytest.mark.team, pytest.mark.slow]
 
-MODEL = "sign-language-digits"
+MODEL = "team-e2e-digits"  # its own name: other tests register into the same session's stack
 
 
 def _env(team_stack: dict[str, str], **extra: str) -> dict[str, str]:
@@ -105,6 +105,9 @@ def team_project(team_stack, tmp_path_factory):
     root = tmp_path_factory.mktemp("team-project")
     archive = pack_upstream_zip(build_class_folders(root / "dataset"), root / "tiny.zip")
     project = make_project(root, archive)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["register"]["model_name"] = MODEL
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = _env(team_stack)
     _ok(_run(["signflow", "stack", "connect", "--dir", team_stack["SIGNFLOW_STACK_DIR"]], project, env))
     _ok(_run(["git", "commit", "-qam", "the team's DVC remote"], project, env))

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from signflow import stack  # noqa: E402
+from signflow._processes import free_port_base  # noqa: E402
 
 
 def _stack_rss_mb(folder: Path) -> float:
@@ -51,15 +52,9 @@ def _stack_rss_mb(folder: Path) -> float:
     return round(total / 2**20)
 
 
-def _free_base() -> int:
-    from tests.conftest import _free_port_base
-
-    return _free_port_base()
-
-
 def measure_stack(folder: Path) -> dict:
     began = time.perf_counter()
-    states = stack.stack_up(folder, port_base=_free_base(), progress=lambda _: None)
+    states = stack.stack_up(folder, port_base=free_port_base(), progress=lambda _: None)
     first = time.perf_counter() - began
     time.sleep(10)  # let the servers settle before reading their memory
     rss = _stack_rss_mb(folder)

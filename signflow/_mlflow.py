@@ -141,17 +141,11 @@ def _remove_expired_lock(client, name: str) -> None:
 
 def _holder_died_here(holder: str) -> bool:
     """The lock's holder ran on this machine and its process is gone: no need to wait for the lease."""
+    from signflow.fileio import _pid_alive
+
     host, _, rest = holder.partition(":")
     pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
 
 
 def _release_lock(client, name: str, holder: str) -> None:

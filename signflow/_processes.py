@@ -62,6 +62,19 @@ def port_taken(host: str, port: int) -> bool:
     return False
 
 
+def free_port_base(count: int = 8, host: str = "127.0.0.1") -> int:
+    """A base of `count` consecutive free ports whose +10000 (SeaweedFS's gRPC ports) are free too:
+    for a stack beside others (tests, benchmarks)."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20000, 45000)
+        ports = [base + i for i in range(count)] + [base + 10000 + i for i in range(count)]
+        if not any(port_taken(host, port) for port in ports):
+            return base
+    raise ServiceError(f"no {count} free consecutive ports on {host} between 20000 and 55000")
+
+
 def launch(name: str, command: list[str], log_path: Path, env: dict[str, str], cwd: Path) -> Started:
     """Start `command` in a new session (so stopping it stops its children too), output to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)

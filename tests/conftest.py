@@ -92,27 +92,13 @@ def trained(tmp_path, tiny_zip):
     return params, raw, split, result
 
 
-def _free_port_base(count: int = 8) -> int:
-    """A base of `count` consecutive free ports whose +10000 (SeaweedFS gRPC) are free too."""
-    import random
-
-    from signflow._processes import port_taken
-
-    for _ in range(200):
-        base = random.randrange(20000, 45000)
-        ports = [base + i for i in range(count)] + [base + 10000 + i for i in range(count)]
-        if not any(port_taken("127.0.0.1", port) for port in ports):
-            return base
-    raise RuntimeError("no free port range for the team stack")
-
-
 @pytest.fixture(scope="session")
 def team_stack(tmp_path_factory) -> dict[str, str]:
     """The real team stack (PostgreSQL, S3, MLflow, Prefect) in a temporary folder, for the whole
     session; yields its client environment (stack.env) and its folder as SIGNFLOW_STACK_DIR.
     Skipped without `.[team]` or PostgreSQL's server binaries, unless SIGNFLOW_REQUIRE_TEAM=1 (.ci/run)."""
     from signflow import stack
-    from signflow._processes import ServiceError
+    from signflow._processes import ServiceError, free_port_base
 
     folder = tmp_path_factory.mktemp("team-stack")
     try:
@@ -128,7 +114,7 @@ def team_stack(tmp_path_factory) -> dict[str, str]:
             raise
         pytest.skip(f"team stack unavailable: {missing}")
     try:
-        stack.stack_up(folder, port_base=_free_port_base(), progress=lambda _: None)
+        stack.stack_up(folder, port_base=free_port_base(), progress=lambda _: None)
         yield {**stack.read_stack_env(folder), "SIGNFLOW_STACK_DIR": str(folder)}
     finally:
         stack.stack_down(folder, progress=lambda _: None, purge=True)  # PostgreSQL's data may be outside tmp

@@ -125,9 +125,9 @@ def test_data_survives_a_restart_and_down_stops_every_process_it_started(team_st
 
 
 def test_up_names_a_taken_port_and_starts_nothing(tmp_path):
-    from tests.conftest import _free_port_base
+    from signflow._processes import free_port_base
 
-    base = _free_port_base()
+    base = free_port_base()
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", base + 1))  # MLflow's
         squatter.listen()

@@ -429,6 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:
+        # urllib3 logs each retry of a failing HTTP call; the outcome is what signflow reports, in one line
+        logging.getLogger("urllib3").setLevel(logging.ERROR)
     try:
         if args.command == "predict":
             return run_predict(args)

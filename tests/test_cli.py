@@ -91,3 +91,17 @@ def test_predict_refuses_a_batch_size_below_one_in_one_line(batch_size, tmp_path
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("signflow predict: error: argument --batch-size:")
     assert batch_size in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_http_retries_are_not_logged_so_a_failing_command_says_one_line():
+    """urllib3 logs a WARNING per retried request (MLflow's client retries a failing server); signflow reports
+    the outcome in one line, so after the CLI configured logging, a retried request prints nothing."""
+    probe = (
+        "import requests; from requests.adapters import HTTPAdapter, Retry; from signflow.cli import main;"
+        "main(['stack', 'status', '--dir', '/nonexistent/stack']);"
+        "s = requests.Session(); s.mount('http://', HTTPAdapter(max_retries=Retry(total=1, backoff_factor=0)));"
+        "s.get('http://127.0.0.1:9/')"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert "ConnectionError" in done.stderr, done.stderr[-2000:]
+    assert "Retrying" not in done.stderr

@@ -168,6 +168,29 @@ def timed_repeat(port: int, bursts: list[list[bytes]], clients: int) -> dict:
     return {"frames": frames, "seconds": seconds, "burst_ms": [s * 1000 for s in latencies]}
 
 
+def in_process_ms_per_frame(frames: list[bytes], folder: Path, repeats: int = 5) -> dict:
+    """Where a saved frame's time goes, without HTTP: the server's checks (JPEG, size, blank) and its
+    atomic write (temp file, fsync, rename, fsync of the folder) against a plain write, same disk."""
+    from signflow._capture import check_frames
+    from signflow.fileio import write_atomic
+
+    folder.mkdir()
+    timings: dict[str, list[float]] = {"check": [], "atomic write": [], "plain write": []}
+    for repeat in range(repeats):
+        tick = time.perf_counter()
+        check_frames(frames)
+        timings["check"].append(time.perf_counter() - tick)
+        tick = time.perf_counter()
+        for index, frame in enumerate(frames):
+            write_atomic(folder / f"a{repeat}_{index}.jpg", lambda tmp, data=frame: tmp.write_bytes(data))
+        timings["atomic write"].append(time.perf_counter() - tick)
+        tick = time.perf_counter()
+        for index, frame in enumerate(frames):
+            (folder / f"p{repeat}_{index}.jpg").write_bytes(frame)
+        timings["plain write"].append(time.perf_counter() - tick)
+    return {name: round(statistics.median(s) * 1000 / len(frames), 2) for name, s in timings.items()}
+
+
 def bench_frames(args: argparse.Namespace, scratch: Path) -> dict:
     if args.repeats * args.bursts + 1 > MAX_BURSTS_PER_MINUTE:  # + the warm-up burst
         raise SystemExit(
@@ -209,6 +232,7 @@ def bench_frames(args: argparse.Namespace, scratch: Path) -> dict:
         "frames_per_burst": args.frames_per_burst,
         "bursts_per_repeat": args.bursts,
         "repeats": args.repeats,
+        "in_process_ms_per_frame": in_process_ms_per_frame(bursts[0], scratch / "in-process"),
         "sustained_ceiling_frames_per_second": round(MAX_BURSTS_PER_MINUTE * args.frames_per_burst / 60, 1),
         "results": results,
     }
@@ -222,7 +246,8 @@ def bench_frames(args: argparse.Namespace, scratch: Path) -> dict:
     print(
         f"\n{args.frames_per_burst}-frame bursts of {report['frame']}, {report['bytes_per_frame_mean']} bytes a "
         f"frame on average; the server's limit of {MAX_BURSTS_PER_MINUTE} bursts a minute caps a sustained "
-        f"rate at {report['sustained_ceiling_frames_per_second']} frames/s with bursts of this length"
+        f"rate at {report['sustained_ceiling_frames_per_second']} frames/s with bursts of this length.\n"
+        f"In one process, ms a frame: {report['in_process_ms_per_frame']}"
     )
     return report
 

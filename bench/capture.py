@@ -108,7 +108,7 @@ class Client:
         body, sizes = burst_body(frames)
         while True:
             status, answer = self.call("POST", f"/capture/{quote(class_name, safe='')}?sizes={sizes}", body)
-            if status == 429 and wait_on_429:  # 30 bursts a minute: wait as the message says
+            if status == 429 and wait_on_429:  # over 30 bursts a minute: wait, then send it again
                 time.sleep(5)
                 continue
             if status != 200:
@@ -118,7 +118,7 @@ class Client:
 
 def capture_project(scratch: Path, weights: Path | None, overrides: dict) -> tuple[Path, Path]:
     """A fresh project in `scratch` whose data.dvc points at `scratch/captures`, with the capture split
-    and a registry given by absolute path (the server and `dvc repro` run in different folders)."""
+    and the registry's sqlite file by absolute path (`dvc repro` runs in the project, the server here)."""
     captures = scratch / "captures"
     captures.mkdir()
     registry = {"register.tracking_uri": f"sqlite:///{scratch / 'project' / 'mlflow.db'}"}
@@ -332,7 +332,12 @@ def bench_train_live(args: argparse.Namespace, scratch: Path) -> dict:
         "frames_per_burst": args.frames_per_burst,
         "bursts_per_class": args.bursts_per_class,
         "model": {k: train[k] for k in ("model", "image_size", "epochs", "trainable_blocks", "weights_file")},
-        "changed_from_params_yaml": {**CAPTURE_SPLIT, **dict(parse_setting(s) for s in args.set)},
+        "changed_from_params_yaml": {
+            **CAPTURE_SPLIT,
+            **dict(parse_setting(s) for s in args.set),
+            "train.weights_file": str(args.weights),
+            "register.tracking_uri": "the project's mlflow.db by absolute path",
+        },
         "follow_every_s": args.follow_every,
         "stages": stage_seconds(run["stage_first_seen_s"], run["ended_s"]),
         "run_done_s": run["ended_s"],

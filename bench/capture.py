@@ -26,7 +26,7 @@ test accuracy and split as /info shows them. The params are this repository's (m
 group_pattern = BURST_PATTERN, near_duplicates report) and `train.weights_file` = `--weights` (no
 hub download); `--set key=value` changes any other (named in the output).
 
-Results are merged into `--out` under "frames" / "train_live". Nothing here asserts on time: the
+Results are merged into `--out` under "frames" / "train_live_<N>_frames". Nothing here asserts on time: the
 machine's 1-minute load before and after is recorded beside each figure.
 """
 
@@ -402,7 +402,8 @@ def main() -> int:
         if args.command == "frames":
             key, report = "frames", bench_frames(args, Path(tmp))
         else:
-            key, report = "train_live", bench_train_live(args, Path(tmp))
+            report = bench_train_live(args, Path(tmp))
+            key = f"train_live_{report['capture']['frames']}_frames"
     report["cpu_count"] = os.cpu_count()
     report["python"] = platform.python_version()
     if args.out:

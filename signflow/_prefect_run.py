@@ -197,9 +197,8 @@ def _why_waiting(state_type: str, state_name: str, deployment: str, message: str
 
 def _current_task(tasks: list) -> Any | None:
     """The task run running now, else the last one that started (the one that failed, for a failed run)."""
-    started = [t for t in tasks if t.start_time is not None or t.state_type is not None]
-    running = [t for t in started if t.state_type and t.state_type.value == "RUNNING"]
-    pool = running or started
+    running = [t for t in tasks if t.state_type is not None and t.state_type.value == "RUNNING"]
+    pool = running or tasks
     if not pool:
         return None
     return max(pool, key=lambda t: (t.start_time or t.expected_start_time or t.created).timestamp())

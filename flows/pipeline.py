@@ -32,6 +32,8 @@ from tasks.pipeline import (
     evaluate_task,
     export_task,
     extract_with_deadline,
+    library_logs_to_run,
+    log_project,
     push_task,
     register_task,
     run_tags_for,
@@ -58,7 +60,8 @@ def pipeline(
     relative to the project and inside it. One run at a time per project: a run waits
     up to `lock_timeout_s` for another run in the same project folder, then reads params.yaml.
     """
-    with project_run(project_dir, params_path, overrides, lock_timeout_s) as (project, params):
+    with library_logs_to_run(), project_run(project_dir, params_path, overrides, lock_timeout_s) as (project, params):
+        log_project(project.root)
         run_id, run_name = str(flow_run.id), str(flow_run.name)
         if overrides:
             return _override_run(params, project, overrides, run_id, run_name)

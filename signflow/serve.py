@@ -396,8 +396,16 @@ def serve(
     capture = training = None
     if capture_dir is not None:
         capture = CaptureStore(capture_dir, capture_max_bytes)
-        training = PageTraining(Path(params_path).resolve().parent, capture_dir)
-        log.info("capture mode: bursts go to %s; Train runs `dvc repro` in %s", capture.root, training.workspace.root)
+        from signflow._prefect_run import PrefectServer
+
+        prefect = PrefectServer.from_settings()
+        training = PageTraining(Path(params_path).resolve().parent, capture_dir, prefect=prefect)
+        where = (
+            "`dvc repro`"
+            if prefect is None
+            else f"the Prefect deployment on {prefect.shown} if it has one, else `dvc repro`"
+        )
+        log.info("capture mode: bursts go to %s; Train runs %s in %s", capture.root, where, training.workspace.root)
     if live.current is None:
         log.warning("%s; serving the page at http://%s:%d/ to capture and train", live.swap_error, host, port)
     else:

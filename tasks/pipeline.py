@@ -11,6 +11,8 @@ Prefect's own result caching is off (`cache_policy=NONE`): DVC decides what is u
 from __future__ import annotations
 
 import json
+import logging
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +34,34 @@ from signflow.register import Registration, register_run
 from signflow.source import NetworkError, require_fetched, sync_source
 from signflow.split import split_dataset
 from signflow.train import train_model
+
+LIBRARY_LOGGER = "signflow"
+
+
+@contextmanager
+def library_logs_to_run(level: int = logging.INFO) -> Iterator[None]:
+    """While it is open, the library's log lines (`signflow.*`: the train step's "epoch N: train loss
+    ...", the split's counts) go to the flow run's logs on the Prefect API, beside its tasks' own.
+    Prefect sends only its own loggers there (and PREFECT_LOGGING_EXTRA_LOGGERS, read once at import);
+    without this the UI, and the serve page that reads the epoch from the API, never see them."""
+    from prefect.logging.handlers import APILogHandler
+
+    logger, handler = logging.getLogger(LIBRARY_LOGGER), APILogHandler(level)
+    previous = logger.level
+    if logger.getEffectiveLevel() > level:
+        logger.setLevel(level)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+def log_project(project: Path) -> None:
+    """The first line of a run: where it works. The serve page compares it with its own project
+    (signflow/_prefect_run.py PROJECT_LINE) to say when a run works in another checkout."""
+    get_run_logger().info("signflow project: %s on %s", project, socket.gethostname())
 
 
 @dataclass(frozen=True)

@@ -325,6 +325,11 @@ def capture_errors() -> Iterator[None]:
         raise HTTPException(error.status, str(error)) from None
 
 
+def client_address(request: Request) -> str:
+    """The address a request came from (the proxy's, behind one: serve listens on localhost by default)."""
+    return request.client.host if request.client else "unknown"
+
+
 def add_capture_routes(app: FastAPI, capture: CaptureStore, decode_slots: anyio.CapacityLimiter) -> None:
     """POST a burst (JPEG frames back to back, `sizes` their byte counts), list the classes, delete a burst."""
 
@@ -334,8 +339,10 @@ def add_capture_routes(app: FastAPI, capture: CaptureStore, decode_slots: anyio.
 
     @app.post("/capture/{class_name}")
     async def save_burst(request: Request, class_name: str, sizes: str = Query("", max_length=1000)) -> dict[str, Any]:
-        from signflow._capture import MAX_BURST_BYTES
+        from signflow._capture import MAX_BURST_BYTES, MAX_FRAMES_PER_BURST
 
+        with capture_errors():  # the client's rate first, from the frame count it declares: before the body
+            capture.client_rates.take(client_address(request), min(sizes.count(",") + 1, MAX_FRAMES_PER_BURST))
         body = await read_body(request, MAX_BURST_BYTES)
         with capture_errors():
             frames = split_frames(body, sizes)
@@ -343,8 +350,9 @@ def add_capture_routes(app: FastAPI, capture: CaptureStore, decode_slots: anyio.
         return {"class": saved.class_name, "burst": saved.burst, "frames": saved.frames, **capture.summary()}
 
     @app.delete("/capture/{class_name}/{burst}")
-    def delete_burst(class_name: str, burst: str) -> dict[str, Any]:
+    def delete_burst(request: Request, class_name: str, burst: str) -> dict[str, Any]:
         with capture_errors():
+            capture.client_rates.take(client_address(request), 1)
             removed = capture.delete_burst(class_name, burst)
         return {"removed": removed, **capture.summary()}
 

@@ -103,7 +103,8 @@ async def top_classes_seen(url: str, video: Path, expect_mode: str, samples: int
         await browser.wait_for("+(document.body.dataset.answered || 0) >= 3", timeout=60)
         mode = await browser.eval(
             "({mode: document.body.dataset.mode, text: document.getElementById('mode').textContent,"
-            " by: document.body.dataset.answeredBy, latency: +document.body.dataset.latency})"
+            " by: document.body.dataset.answeredBy, latency: +document.body.dataset.latency,"
+            " int8_offered: !document.getElementById('precision-choice').hidden})"
         )
         assert mode["mode"] == expect_mode and mode["by"] == expect_mode, mode
         seen = []
@@ -117,14 +118,15 @@ async def top_classes_seen(url: str, video: Path, expect_mode: str, samples: int
 
 @needs_ort_web
 def test_in_browser_mode_names_each_clip_and_sends_no_frame_to_the_server(trained_colours, tmp_path):
+    """The float model by default (faster than int8 in WebAssembly), the int8 twin when chosen."""
     raw, exported = trained_colours
     with serving(exported) as (url, app):
-        for label in ("alpha", "beta", "gamma ü"):
-            seen, mode = asyncio.run(
-                top_classes_seen(f"{url}?inference=browser", clip(raw, label, tmp_path), "browser")
-            )
+        for label, precision in (("alpha", "float32"), ("beta", "float32"), ("gamma ü", "int8")):
+            query = "?inference=browser" + ("&precision=int8" if precision == "int8" else "")
+            seen, mode = asyncio.run(top_classes_seen(url + query, clip(raw, label, tmp_path), "browser"))
             print(label, seen, mode)
-            assert "int8 model" in mode["text"] and "frames stay on this device" in mode["text"], mode
+            assert f"{precision} model" in mode["text"] and "frames stay on this device" in mode["text"], mode
+            assert mode["int8_offered"], "the int8 twin is offered beside the float default"
             assert max(set(seen), key=seen.count) == label, (label, seen)
         assert not [path for path in app.paths if "/predict" in path], app.paths
         assert "GET /model.onnx" in app.paths and "GET /ort/ort-wasm-simd-threaded.wasm" in app.paths

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +17,7 @@ from PIL import Image
 from signflow._preprocessing import Preprocessing, image_to_uint8, normalize
 from signflow.export import export_onnx
 from signflow.serve import create_app, open_served_model, ort_web_folder
-from tests.browser import Chromium, chromium_binary, frames_from_images, write_y4m
+from tests.browser import Chromium, chromium_binary, frames_from_images, serve_in_thread, write_y4m
 from tests.helpers import build_class_folders, section, tiny_params
 
 pytestmark = [
@@ -70,23 +68,10 @@ class RecordingApp:
 @contextmanager
 def serving(onnx_path: Path, ort_web_dir: Path | None = None) -> Iterator[tuple[str, RecordingApp]]:
     """`signflow serve`'s app for `onnx_path` on a free 127.0.0.1 port, in a thread of this process."""
-    import uvicorn
-
     with open_served_model(str(onnx_path), onnx_path.parent / "params.yaml") as served:
         app = RecordingApp(create_app(served, ort_web_dir=ort_web_dir))
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not (server.started and server.servers):
-            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        try:
-            yield f"http://127.0.0.1:{port}/", app
-        finally:
-            server.should_exit = True
-            thread.join(15)
+        with serve_in_thread(app) as url:
+            yield url, app
 
 
 def clip(raw: Path, label: str, tmp_path: Path) -> Path:

@@ -164,7 +164,7 @@ def open_served_model(spec: str, params_path: str | Path) -> Iterator[ServedMode
             with downloaded_version(name, spec, tracking_uri) as (folder, version):
                 served = _load(folder, name, version, f"{name} version {version}")
                 tags = _version_tags(name, version, tracking_uri)
-                yield ServedModel(served.model, name, version, served.class_names, served.source, tags, tracking_uri)
+                yield dataclasses.replace(served, tags=tags, tracking_uri=tracking_uri)
         except VersionNotFound as error:
             raise NotRegisteredYet(str(error)) from None
         return

@@ -221,7 +221,7 @@ SCREENSHOTS = "SIGNFLOW_SCREENSHOTS"
 
 
 async def save_screenshot(browser: Chromium, state: str, tmp_path: Path, height: int = 1000) -> Path:
-    """The page in `state`, 1000 px wide, as a 256-colour PNG (docs-sized: well under 150 KB), into
+    """The page in `state`, 1000 px wide, as a 128-colour PNG (docs-sized: well under 150 KB), into
     $SIGNFLOW_SCREENSHOTS (to regenerate docs/serving-*.png) or else `tmp_path`."""
     from PIL import Image
 
@@ -231,6 +231,6 @@ async def save_screenshot(browser: Chromium, state: str, tmp_path: Path, height:
     folder = Path(os.environ.get(SCREENSHOTS) or tmp_path)
     path = await browser.screenshot(folder / f"serving-{state}.png")
     with Image.open(path) as image:
-        small = image.convert("RGB").quantize(256, dither=Image.Dither.NONE)
+        small = image.convert("RGB").quantize(128, dither=Image.Dither.NONE)
     small.save(path, optimize=True)
     return path

@@ -8,7 +8,8 @@ Serves `--onnx` (with its int8 model when model.int8.onnx is beside it) as `sign
 For each mode it records, for every frame answered, the page's frame-to-answer time (frame grabbed
 -> top 3 shown: for the server that includes the JPEG encoding, the POST, decoding and the model;
 in the browser the resize/crop in JavaScript and ONNX Runtime Web's WebAssembly, one thread).
-Modes: server; browser with the int8 model (when there is one); browser with the float model.
+Modes: server; browser with the int8 model (`?precision=int8`, when there is one); browser with the
+float model (the page's default).
 Prints a markdown table (median, p90, frames per second). Timings on a shared machine are noisy;
 nothing here asserts on them.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -77,14 +77,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="signflow-latency-") as tmp:
         video = write_y4m(Path(tmp) / "camera.y4m", frames)
-        float_only = Path(tmp) / "float" / "model.onnx"
-        float_only.parent.mkdir()
-        shutil.copy(args.onnx, float_only)
         int8 = args.onnx.with_name(f"{args.onnx.stem}.int8{args.onnx.suffix}")
         setups = [("server (float32, ONNX Runtime on the server's CPU)", args.onnx, "")]
         if int8.is_file():
-            setups.append(("in the browser (int8, ONNX Runtime Web)", args.onnx, "?inference=browser"))
-        setups.append(("in the browser (float32, ONNX Runtime Web)", float_only, "?inference=browser"))
+            setups.append(("in the browser (int8, ONNX Runtime Web)", args.onnx, "?inference=browser&precision=int8"))
+        setups.append(("in the browser (float32, ONNX Runtime Web)", args.onnx, "?inference=browser"))
         for name, model, query in setups:
             with serving(model) as (url, _app):
                 rows.append(summary(name, asyncio.run(latencies(url + query, video, args.seconds))))

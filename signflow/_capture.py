@@ -7,7 +7,8 @@ in one split with `split.strategy: group` and `split.group_pattern: '([0-9a-f]{3
 
 Everything a client sends is bounded: the body of one burst (MAX_BURST_BYTES, read no further), its
 frames (MAX_FRAMES_PER_BURST, each a JPEG Pillow can read, at most MAX_FRAME_PIXELS), bursts a minute
-(MAX_BURSTS_PER_MINUTE, over all clients), and the folder's total size (`max_bytes`). A burst whose
+(MAX_BURSTS_PER_MINUTE, over all clients), the frames and deletes of each client address (ClientRates:
+a token bucket), and the folder's total size (`max_bytes`). A burst whose
 frames are blank (a covered or still-starting camera: black or one flat colour) is refused whole.
 Each frame is written atomically; a burst is checked whole before its first frame is written.
 """
@@ -20,7 +21,8 @@ import threading
 import time
 import unicodedata
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from signflow._images import is_junk, split_folder_name
 from signflow.errors import SignflowError
 from signflow.fileio import write_atomic
 
-__all__ = ["BURST_PATTERN", "CaptureError", "CaptureStore", "check_class_name"]
+__all__ = ["BURST_PATTERN", "CaptureError", "CaptureStore", "ClientRates", "check_class_name"]
 
 BURST_PATTERN = r"([0-9a-f]{32})_"
 """split.group_pattern that makes each burst one group: its key is the burst id in the file name."""
@@ -38,6 +40,12 @@ MAX_FRAME_BYTES = 2 * 2**20
 MAX_BURST_BYTES = 16 * 2**20
 MAX_FRAME_PIXELS = 4096 * 4096
 MAX_BURSTS_PER_MINUTE = 30
+CLIENT_FRAMES_PER_SECOND = 15.0
+"""A client's sustained rate: the page records at most 15 frames a second (its burst-rate input's max)."""
+CLIENT_BURST_FRAMES = 2 * MAX_FRAMES_PER_BURST
+"""What a client may send at once: two longest bursts back to back (a quick retake) pass; a flood is 429."""
+MAX_TRACKED_CLIENTS = 1024
+"""Client addresses whose buckets are kept (about 200 bytes each); past it the least recently seen goes."""
 MAX_CLASS_NAME = 64
 BLANK_STD = 3.0
 """Grey-level standard deviation (0-255) under which a frame is blank: a black or covered camera
@@ -77,6 +85,50 @@ def check_class_name(name: str) -> str:
     return name
 
 
+class ClientRates:
+    """A token bucket per client address, in frames: a burst costs its frame count, a delete one frame.
+
+    A bucket holds `burst` tokens and refills at `rate` a second, so a page recording 60-frame bursts at
+    its top speed (15 frames a second) never waits, and a script posting bursts back to back is refused
+    after `burst` frames. Memory is bounded: at most `max_clients` buckets, the least recently seen
+    forgotten first (a forgotten client starts full, as a new one does). Thread-safe.
+    """
+
+    def __init__(
+        self,
+        rate: float = CLIENT_FRAMES_PER_SECOND,
+        burst: float = CLIENT_BURST_FRAMES,
+        max_clients: int = MAX_TRACKED_CLIENTS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.rate, self.burst, self.max_clients, self.clock = rate, burst, max_clients, clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        """client -> (tokens, when they were counted), least recently seen first."""
+        self._lock = threading.Lock()
+
+    def take(self, client: str, cost: float) -> None:
+        """Spend `cost` tokens of `client`'s bucket, or raise CaptureError 429 saying how long to wait."""
+        cost = min(cost, self.burst)  # a request no bucket could ever pay is bounded elsewhere (413)
+        with self._lock:
+            now = self.clock()
+            tokens, then = self._buckets.pop(client, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - then) * self.rate)
+            if tokens < cost:
+                self._buckets[client] = (tokens, now)
+                wait = (cost - tokens) / self.rate
+                raise CaptureError(
+                    f"too many frames from {client}: at most {self.rate:g} a second ({self.burst:g} at once); "
+                    f"wait {max(1, round(wait))} s and record again",
+                    429,
+                )
+            self._buckets[client] = (tokens - cost, now)
+            while len(self._buckets) > self.max_clients:
+                self._buckets.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
 @dataclass(frozen=True)
 class SavedBurst:
     class_name: str
@@ -88,10 +140,11 @@ class CaptureStore:
     """The capture folder: save, count and delete bursts. Thread-safe: the size check and the writes
     of a burst happen under one lock, so two bursts at once cannot both pass the size limit."""
 
-    def __init__(self, root: str | Path, max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(self, root: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, client_rates: ClientRates | None = None):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
+        self.client_rates = client_rates if client_rates is not None else ClientRates()
         self._lock = threading.Lock()
         self._recent: deque[float] = deque()
 

@@ -8,8 +8,10 @@ Runtime, the preprocessing and temperature it was registered with, no PyTorch. F
 serve it, on 127.0.0.1 unless told otherwise (browsers allow the camera only on localhost or HTTPS).
 
 In-browser inference: the page can instead run the model itself with ONNX Runtime Web, so frames
-never leave the device. The server hands it `GET /model.onnx` (the version's ONNX file; for an
-.onnx file served with its int8 model beside it, the int8 one) and ONNX Runtime Web's own files
+never leave the device. The server hands it `GET /model.onnx` (the version's float ONNX file; with
+`?precision=int8` its int8 twin, when an .onnx file is served with one beside it: selectable, not the
+default, as ONNX Runtime Web's WebAssembly runs the QDQ int8 graph slower than the float one,
+bench/browser_latency.json) and ONNX Runtime Web's own files
 under `/ort/`, vendored into signflow/_web/ at install time (`npm ci --prefix web`, see README):
 nothing is fetched from the internet when the page runs. Without those files the page says so and
 classifies on the server.
@@ -101,7 +103,7 @@ class ServedModel:
         accuracy = self.tags.get("signflow.test_accuracy")
         browser = self.browser_model
         return {
-            "browser_model": None if browser is None else {"precision": browser.precision, **browser.preprocessing},
+            "browser_model": None if browser is None else {"precisions": browser.precisions, **browser.preprocessing},
             "name": self.name,
             "version": self.version,
             "classes": self.class_names,
@@ -117,10 +119,15 @@ class BrowserModel:
     """The ONNX model the page runs with ONNX Runtime Web, held in memory (a swap closes the version's files)."""
 
     onnx: bytes
-    precision: str
-    """"int8" or "float32"."""
+    """The float32 model: the page's default (faster than int8 in ONNX Runtime Web's WebAssembly)."""
+    int8: bytes | None
+    """The export step's int8 twin, when there is one: a smaller download, chosen on the page."""
     preprocessing: dict[str, Any]
     """image_size, mean, std (0-1 scale), interpolation: exactly what the server applies."""
+
+    @property
+    def precisions(self) -> list[str]:
+        return ["float32", "int8"] if self.int8 is not None else ["float32"]
 
 
 def int8_beside(onnx_path: Path) -> Path:
@@ -129,14 +136,13 @@ def int8_beside(onnx_path: Path) -> Path:
 
 
 def browser_model_of(python_model: Any, onnx_path: Path) -> BrowserModel | None:
-    """The page's copy of the served model: its int8 twin when there is one, its preprocessing from the
-    served model itself (so browser and server cannot drift)."""
+    """The page's copy of the served model (and its int8 twin when there is one), its preprocessing from
+    the served model itself (so browser and server cannot drift)."""
     from PIL import Image
 
-    int8 = int8_beside(onnx_path)
-    chosen, precision = (int8, "int8") if int8.is_file() else (onnx_path, "float32")
-    if not chosen.is_file():
+    if not onnx_path.is_file():
         return None
+    int8 = int8_beside(onnx_path)
     interpolation = Image.Resampling(python_model.resample).name.lower()
     preprocessing = {
         "image_size": int(python_model.size),
@@ -144,7 +150,7 @@ def browser_model_of(python_model: Any, onnx_path: Path) -> BrowserModel | None:
         "std": [float(v) / 255 for v in python_model.std.ravel()],
         "interpolation": interpolation,
     }
-    return BrowserModel(chosen.read_bytes(), precision, preprocessing)
+    return BrowserModel(onnx_path.read_bytes(), int8.read_bytes() if int8.is_file() else None, preprocessing)
 
 
 @contextmanager
@@ -158,7 +164,7 @@ def open_served_model(spec: str, params_path: str | Path) -> Iterator[ServedMode
             with downloaded_version(name, spec, tracking_uri) as (folder, version):
                 served = _load(folder, name, version, f"{name} version {version}")
                 tags = _version_tags(name, version, tracking_uri)
-                yield ServedModel(served.model, name, version, served.class_names, served.source, tags, tracking_uri)
+                yield dataclasses.replace(served, tags=tags, tracking_uri=tracking_uri)
         except VersionNotFound as error:
             raise NotRegisteredYet(str(error)) from None
         return
@@ -271,13 +277,17 @@ def create_app(
         }
 
     @app.get("/model.onnx")
-    def browser_onnx() -> Response:
-        """The live version's ONNX model for in-browser inference (its int8 twin when there is one)."""
+    def browser_onnx(precision: str = Query("float32", pattern="^(float32|int8)$")) -> Response:
+        """The live version's ONNX model for in-browser inference: float32, or its int8 twin when asked."""
         served = live.current
         if served is None or served.browser_model is None:
             raise HTTPException(404, "no ONNX model to run in the browser: classify on the server")
-        headers = {"X-Signflow-Version": served.version or "", "Cache-Control": "no-store"}
-        return Response(served.browser_model.onnx, media_type="application/octet-stream", headers=headers)
+        onnx = served.browser_model.int8 if precision == "int8" else served.browser_model.onnx
+        if onnx is None:
+            raise HTTPException(404, "this version has no int8 model: choose float32")
+        headers = {"X-Signflow-Version": served.version or "", "X-Signflow-Precision": precision}
+        headers["Cache-Control"] = "no-store"
+        return Response(onnx, media_type="application/octet-stream", headers=headers)
 
     @app.get("/ort/{name}")
     def ort_web_file(name: str) -> FileResponse:
@@ -325,6 +335,11 @@ def capture_errors() -> Iterator[None]:
         raise HTTPException(error.status, str(error)) from None
 
 
+def client_address(request: Request) -> str:
+    """The address a request came from (the proxy's, behind one: serve listens on localhost by default)."""
+    return request.client.host if request.client else "unknown"
+
+
 def add_capture_routes(app: FastAPI, capture: CaptureStore, decode_slots: anyio.CapacityLimiter) -> None:
     """POST a burst (JPEG frames back to back, `sizes` their byte counts), list the classes, delete a burst."""
 
@@ -334,8 +349,10 @@ def add_capture_routes(app: FastAPI, capture: CaptureStore, decode_slots: anyio.
 
     @app.post("/capture/{class_name}")
     async def save_burst(request: Request, class_name: str, sizes: str = Query("", max_length=1000)) -> dict[str, Any]:
-        from signflow._capture import MAX_BURST_BYTES
+        from signflow._capture import MAX_BURST_BYTES, MAX_FRAMES_PER_BURST
 
+        with capture_errors():  # the client's rate first, from the frame count it declares: before the body
+            capture.client_rates.take(client_address(request), min(sizes.count(",") + 1, MAX_FRAMES_PER_BURST))
         body = await read_body(request, MAX_BURST_BYTES)
         with capture_errors():
             frames = split_frames(body, sizes)
@@ -343,8 +360,9 @@ def add_capture_routes(app: FastAPI, capture: CaptureStore, decode_slots: anyio.
         return {"class": saved.class_name, "burst": saved.burst, "frames": saved.frames, **capture.summary()}
 
     @app.delete("/capture/{class_name}/{burst}")
-    def delete_burst(class_name: str, burst: str) -> dict[str, Any]:
+    def delete_burst(request: Request, class_name: str, burst: str) -> dict[str, Any]:
         with capture_errors():
+            capture.client_rates.take(client_address(request), 1)
             removed = capture.delete_burst(class_name, burst)
         return {"removed": removed, **capture.summary()}
 

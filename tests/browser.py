@@ -16,8 +16,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -79,12 +82,22 @@ def frames_from_images(paths: list[Path], size: tuple[int, int] = (320, 240), re
     return frames
 
 
+CAMERAS = {
+    "fake": [],
+    "refused": ["--use-fake-ui-for-media-stream"],  # without it headless Chromium asks, and the flag below says no
+    "missing": ["--use-fake-device-for-media-stream"],  # without it, the machine's cameras: none in a container
+}
+"""Which camera the page gets: the fake one, one the user refuses, or none (flags left out of FLAGS)."""
+
+
 class Chromium:
     """One headless Chromium in its own process group, and a DevTools session on its page."""
 
-    def __init__(self, video: Path | None = None):
+    def __init__(self, video: Path | None = None, camera: str = "fake"):
         self.profile = tempfile.mkdtemp(prefix="signflow-chromium-")
-        flags = [*FLAGS, f"--user-data-dir={self.profile}"]
+        flags = [flag for flag in FLAGS if flag not in CAMERAS[camera]] + [f"--user-data-dir={self.profile}"]
+        if camera == "refused":
+            flags.append("--deny-permission-prompts")
         if video is not None:
             flags.append(f"--use-file-for-fake-video-capture={video}")
         self.stderr = open(Path(self.profile) / "stderr.log", "w+b")  # noqa: SIM115 - closed in close()
@@ -181,3 +194,43 @@ class Chromium:
             self.process.wait()
         self.stderr.close()
         shutil.rmtree(self.profile, ignore_errors=True)
+
+
+@contextmanager
+def serve_in_thread(app) -> Iterator[str]:
+    """An ASGI app served by uvicorn on a free 127.0.0.1 port in a thread of this process; its URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (server.started and server.servers):
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+SCREENSHOTS = "SIGNFLOW_SCREENSHOTS"
+"""A folder (e.g. docs) where tests save the page's state screenshots as serving-<state>.png."""
+
+
+async def save_screenshot(browser: Chromium, state: str, tmp_path: Path, height: int = 1000) -> Path:
+    """The page in `state`, 1000 px wide, as a 128-colour PNG (docs-sized: well under 150 KB), into
+    $SIGNFLOW_SCREENSHOTS (to regenerate docs/serving-*.png) or else `tmp_path`."""
+    from PIL import Image
+
+    await browser.send(
+        "Emulation.setDeviceMetricsOverride", width=1000, height=height, deviceScaleFactor=1, mobile=False
+    )
+    folder = Path(os.environ.get(SCREENSHOTS) or tmp_path)
+    path = await browser.screenshot(folder / f"serving-{state}.png")
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(128, dither=Image.Dither.NONE)
+    small.save(path, optimize=True)
+    return path

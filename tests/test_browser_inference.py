@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +17,7 @@ from PIL import Image
 from signflow._preprocessing import Preprocessing, image_to_uint8, normalize
 from signflow.export import export_onnx
 from signflow.serve import create_app, open_served_model, ort_web_folder
-from tests.browser import Chromium, chromium_binary, frames_from_images, write_y4m
+from tests.browser import Chromium, chromium_binary, frames_from_images, serve_in_thread, write_y4m
 from tests.helpers import build_class_folders, section, tiny_params
 
 pytestmark = [
@@ -70,23 +68,10 @@ class RecordingApp:
 @contextmanager
 def serving(onnx_path: Path, ort_web_dir: Path | None = None) -> Iterator[tuple[str, RecordingApp]]:
     """`signflow serve`'s app for `onnx_path` on a free 127.0.0.1 port, in a thread of this process."""
-    import uvicorn
-
     with open_served_model(str(onnx_path), onnx_path.parent / "params.yaml") as served:
         app = RecordingApp(create_app(served, ort_web_dir=ort_web_dir))
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not (server.started and server.servers):
-            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        try:
-            yield f"http://127.0.0.1:{port}/", app
-        finally:
-            server.should_exit = True
-            thread.join(15)
+        with serve_in_thread(app) as url:
+            yield url, app
 
 
 def clip(raw: Path, label: str, tmp_path: Path) -> Path:
@@ -103,7 +88,8 @@ async def top_classes_seen(url: str, video: Path, expect_mode: str, samples: int
         await browser.wait_for("+(document.body.dataset.answered || 0) >= 3", timeout=60)
         mode = await browser.eval(
             "({mode: document.body.dataset.mode, text: document.getElementById('mode').textContent,"
-            " by: document.body.dataset.answeredBy, latency: +document.body.dataset.latency})"
+            " by: document.body.dataset.answeredBy, latency: +document.body.dataset.latency,"
+            " int8_offered: !document.getElementById('precision-choice').hidden})"
         )
         assert mode["mode"] == expect_mode and mode["by"] == expect_mode, mode
         seen = []
@@ -117,14 +103,15 @@ async def top_classes_seen(url: str, video: Path, expect_mode: str, samples: int
 
 @needs_ort_web
 def test_in_browser_mode_names_each_clip_and_sends_no_frame_to_the_server(trained_colours, tmp_path):
+    """The float model by default (faster than int8 in WebAssembly), the int8 twin when chosen."""
     raw, exported = trained_colours
     with serving(exported) as (url, app):
-        for label in ("alpha", "beta", "gamma ü"):
-            seen, mode = asyncio.run(
-                top_classes_seen(f"{url}?inference=browser", clip(raw, label, tmp_path), "browser")
-            )
+        for label, precision in (("alpha", "float32"), ("beta", "float32"), ("gamma ü", "int8")):
+            query = "?inference=browser" + ("&precision=int8" if precision == "int8" else "")
+            seen, mode = asyncio.run(top_classes_seen(url + query, clip(raw, label, tmp_path), "browser"))
             print(label, seen, mode)
-            assert "int8 model" in mode["text"] and "frames stay on this device" in mode["text"], mode
+            assert f"{precision} model" in mode["text"] and "frames stay on this device" in mode["text"], mode
+            assert mode["int8_offered"], "the int8 twin is offered beside the float default"
             assert max(set(seen), key=seen.count) == label, (label, seen)
         assert not [path for path in app.paths if "/predict" in path], app.paths
         assert "GET /model.onnx" in app.paths and "GET /ort/ort-wasm-simd-threaded.wasm" in app.paths

@@ -131,6 +131,50 @@ def test_burst_bounds_answer_4xx_with_a_message(tmp_path, monkeypatch):
     assert answer.status_code == 429 and "bursts a minute" in answer.json()["detail"]
 
 
+def test_a_client_flooding_bursts_gets_429_and_another_client_still_captures(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from signflow._capture import ClientRates
+
+    app = capture_app(tmp_path / "captures", client_rates=ClientRates(clock=lambda: 0.0))  # time stands still
+    flood, other = TestClient(app, client=("10.0.0.1", 5000)), TestClient(app, client=("10.0.0.2", 5000))
+    answers = [post_burst(flood, "a", MAX_FRAMES_PER_BURST, seed=i) for i in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429], "two longest bursts at once pass, the third not"
+    detail = answers[2].json()["detail"]
+    assert detail.startswith("too many frames from 10.0.0.1: at most 15 a second (120 at once); wait "), detail
+    first = answers[0].json()["burst"]
+    deleted = flood.delete(f"/capture/a/{first}")
+    assert deleted.status_code == 429 and "too many frames" in deleted.json()["detail"], "a delete costs a frame"
+    assert len(list((tmp_path / "captures" / "a").glob("*.jpg"))) == 2 * MAX_FRAMES_PER_BURST, "nothing lost"
+    assert post_burst(other, "a", MAX_FRAMES_PER_BURST).status_code == 200
+
+
+def test_client_rates_let_the_page_record_at_its_top_speed_and_stay_bounded_in_memory():
+    from signflow._capture import CaptureError, ClientRates
+
+    now = [0.0]
+    rates = ClientRates(clock=lambda: now[0])
+    for _ in range(30):  # the page's top speed: 60 frames at 15 a second, sent, and again, for 2 minutes
+        rates.take("page", MAX_FRAMES_PER_BURST)
+        now[0] += MAX_FRAMES_PER_BURST / 15
+    refused = 0
+    for _ in range(30):  # a script: a longest burst every second
+        try:
+            rates.take("script", MAX_FRAMES_PER_BURST)
+        except CaptureError as error:
+            assert error.status == 429
+            refused += 1
+        now[0] += 1
+    assert refused >= 20, refused
+    small = ClientRates(max_clients=100, clock=lambda: now[0])
+    for client in range(5000):
+        small.take(f"10.0.{client // 256}.{client % 256}", 100)
+    assert len(small) == 100
+    with pytest.raises(CaptureError, match="too many frames from 10.0.19.135"):
+        small.take("10.0.19.135", 100)  # the last client seen is still tracked: 20 frames left
+    small.take("10.0.0.0", 100)  # the first was forgotten: it starts full, as a new client does
+
+
 def test_a_blank_burst_is_refused_and_nothing_is_saved(client, tmp_path):
     black = [frame(i, colour=(0, 0, 0), blank=True) for i in range(4)]
     answer = client.post("/capture/a", params={"sizes": ",".join(map(str, map(len, black)))}, content=b"".join(black))

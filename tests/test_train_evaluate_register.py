@@ -214,3 +214,26 @@ def test_without_a_validation_split_early_stopping_is_refused_before_training(wi
     with pytest.raises(TrainingError, match=r"valid.csv has no images \(split.valid: 0\).*early_stopping_patience: 0"):
         train_model(train, raw, split, tmp_path / "model.pt", tmp_path / "train_log.csv")
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_an_early_stopped_run_is_the_whole_runs_first_epochs_and_keeps_their_best(tmp_path, tiny_zip):
+    """train.early_stopping_patience stops K epochs after the best validation epoch so far. The epochs
+    before the stop are the same computation as a run of all epochs (the learning-rate schedule
+    follows train.epochs, the data order the seed: same losses to the last digit), and the kept model
+    is the best of them; so when the whole run's best epoch comes before the stop, the stopped run
+    keeps the whole run's model (bench/patience.py replays epoch logs on this)."""
+    params = parse_params(tiny_params(epochs=8))
+    raw, split = tmp_path / "raw", tmp_path / "split"
+    extract_dataset(tiny_zip, raw, params.extract)
+    split_dataset(raw, split, params.split)
+    train_model(params.train, raw, split, tmp_path / "whole.pt", tmp_path / "whole.csv")
+    whole = pd.read_csv(tmp_path / "whole.csv").drop(columns="seconds")
+
+    stopped_params = params.train.model_copy(update={"early_stopping_patience": 1})
+    stopped = train_model(stopped_params, raw, split, tmp_path / "stopped.pt", tmp_path / "stopped.csv")
+    log = pd.read_csv(tmp_path / "stopped.csv").drop(columns="seconds")
+    assert stopped.epochs_run < 8, "patience 1 stops at the first epoch that is no better"
+    assert log.equals(whole.iloc[: stopped.epochs_run]), "the same epochs, to the last digit, lr included"
+    ranked = log.sort_values(["valid_accuracy", "valid_loss"], ascending=[False, True], kind="stable")
+    assert stopped.best_epoch == ranked["epoch"].iloc[0] == stopped.epochs_run - 1
+    assert load_bundle(tmp_path / "stopped.pt").summary["best_epoch"] == stopped.best_epoch

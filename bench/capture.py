@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from pipeline import make_project  # noqa: E402  (bench/pipeline.py)
 from serve_latency import Server, free_port  # noqa: E402  (bench/serve_latency.py)
 
-from signflow._capture import BURST_PATTERN, MAX_BURSTS_PER_MINUTE  # noqa: E402
+from signflow._capture import BURST_PATTERN, CLIENT_FRAMES_PER_SECOND, MAX_BURSTS_PER_MINUTE  # noqa: E402
 from signflow.fileio import write_json_atomic  # noqa: E402
 
 PAGE_FRAME = (320, 240)
@@ -68,6 +68,11 @@ CAPTURE_SPLIT = {
     "split.near_duplicates": "report",
 }
 """What docs/serving.md tells a capture project to set: each burst one group."""
+
+
+FRAMES_CLIENT_FPS = 100_000
+"""`--capture-client-fps` of the frames benchmark's server: far above what it can save, so the figure is
+its saving rate; a default server lets one client save 15 frames a second (the page's top rate)."""
 
 
 def page_frames(shape: str, count: int, seed: int) -> list[bytes]:
@@ -125,10 +130,16 @@ def capture_project(scratch: Path, weights: Path | None, overrides: dict) -> tup
     return make_project(scratch, captures, weights, 42, {**CAPTURE_SPLIT, **overrides, **registry}, "project"), captures
 
 
-def serve_capture(project: Path, captures: Path, log: Path, follow_every: float) -> Server:
+def serve_capture(
+    project: Path, captures: Path, log: Path, follow_every: float, client_fps: int | None = None
+) -> Server:
+    """`signflow serve --capture-dir` on a free port; `client_fps` raises the per-client rate limit
+    (frames: the server's own saving rate is the figure, not the limit's 15 frames a second)."""
     port = free_port()
     command = [sys.executable, "-m", "signflow", "serve", "--params", str(project / "params.yaml")]
     command += ["--capture-dir", str(captures), "--port", str(port), "--follow-every", str(follow_every)]
+    if client_fps is not None:
+        command += ["--capture-client-fps", str(client_fps)]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -205,7 +216,9 @@ def bench_frames(args: argparse.Namespace, scratch: Path) -> dict:
     for clients in (1, 2):
         for old in captures.iterdir():  # each way starts from an empty capture folder
             shutil.rmtree(old)
-        server = serve_capture(project, captures, scratch / f"serve-{clients}.log", args.follow_every)
+        server = serve_capture(
+            project, captures, scratch / f"serve-{clients}.log", args.follow_every, FRAMES_CLIENT_FPS
+        )
         try:
             Client(server.port).post_burst("warm-up", bursts[0][:2])  # imports Pillow; not timed
             before = load()
@@ -234,6 +247,8 @@ def bench_frames(args: argparse.Namespace, scratch: Path) -> dict:
         "repeats": args.repeats,
         "in_process_ms_per_frame": in_process_ms_per_frame(bursts[0], scratch / "in-process"),
         "sustained_ceiling_frames_per_second": round(MAX_BURSTS_PER_MINUTE * args.frames_per_burst / 60, 1),
+        "server_capture_client_fps": FRAMES_CLIENT_FPS,
+        "default_capture_client_fps": CLIENT_FRAMES_PER_SECOND,
         "results": results,
     }
     print("| clients | frames/s (median) | each repeat | ms per burst request (median) | load before → after |")

@@ -276,6 +276,15 @@ def add_serve_parser(commands) -> None:
         "--capture-max-mb", type=int, default=2048, help="largest total size of the capture folder (default: 2048)"
     )
     sub.add_argument(
+        "--capture-client-fps",
+        type=_positive_int,
+        default=15,
+        metavar="FRAMES",
+        help="frames a second one client address may save, sustained; it may send 120 at once, or 8 seconds' "
+        "worth if more (default: 15, the page's top recording rate; behind a reverse proxy all clients share one "
+        "address)",
+    )
+    sub.add_argument(
         "--follow-every",
         type=float,
         default=5.0,
@@ -289,7 +298,16 @@ def run_serve(args: argparse.Namespace) -> int:
     from signflow.serve import serve
 
     capture_bytes = args.capture_max_mb * 2**20
-    serve(args.model, args.params, args.host, args.port, args.capture_dir, capture_bytes, args.follow_every)
+    serve(
+        args.model,
+        args.params,
+        args.host,
+        args.port,
+        args.capture_dir,
+        capture_bytes,
+        args.follow_every,
+        capture_client_fps=args.capture_client_fps,
+    )
     return 0
 
 

@@ -18,16 +18,21 @@ redacted (signflow._redact), and PREFECT_API_AUTH_STRING is only sent to the ser
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from signflow._capture import CaptureError
 from signflow._redact import redact_url
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = ["FLOW_NAME", "PrefectServer", "deployment_id", "read_run", "start_run"]
 
@@ -109,6 +114,38 @@ def _status_of(error: BaseException) -> int:
     return 502 if isinstance(error, PrefectHTTPStatusError) else 503
 
 
+BUSY_STATUSES = (429, 503)
+"""Answers by which a server says it did not do the request and asks for a retry (Prefect's server
+answers 503 when its SQLite database is locked by a writer, e.g. its scheduler's)."""
+BUSY_RETRIES = 3
+BUSY_WAIT_S = 1.0
+
+
+def while_busy(call: Callable[[], T]) -> T:
+    """`call()`, again up to BUSY_RETRIES times (BUSY_WAIT_S apart, or the server's Retry-After up to 5 s)
+    while the server answers that it is busy. Unlike Prefect's own retries, a timeout or a refused
+    connection is not retried: an unreachable server still costs one request."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    for attempt in range(BUSY_RETRIES + 1):
+        try:
+            return call()
+        except PrefectHTTPStatusError as error:
+            if error.response.status_code not in BUSY_STATUSES or attempt == BUSY_RETRIES:
+                raise
+            wait = _retry_after(error.response.headers.get("Retry-After"))
+            log.info("the Prefect server is busy (HTTP %d): again in %.1f s", error.response.status_code, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _retry_after(header: str | None) -> float:
+    try:
+        return min(max(float(header), 0.0), 5.0) if header else BUSY_WAIT_S
+    except ValueError:
+        return BUSY_WAIT_S
+
+
 def deployment_id(server: PrefectServer, deployment: str) -> Any | None:
     """The id of `signflow-pipeline/<deployment>` on the server, None when it has no such deployment;
     a CaptureError when the server cannot be asked."""
@@ -119,7 +156,7 @@ def deployment_id(server: PrefectServer, deployment: str) -> Any | None:
         if problem is not None:
             raise CaptureError(server.describe_failure(problem), 503)
         try:
-            return client.read_deployment_by_name(f"{FLOW_NAME}/{deployment}").id
+            return while_busy(lambda: client.read_deployment_by_name(f"{FLOW_NAME}/{deployment}").id)
         except ObjectNotFound:
             return None
 
@@ -128,7 +165,7 @@ def start_run(server: PrefectServer, deployment: Any) -> tuple[str, str]:
     """A flow run of the deployment with its own parameters (as the schedule or the UI's Run starts one);
     returns its id and name."""
     with server.client() as client:
-        run = client.create_flow_run_from_deployment(deployment, tags=[RUN_TAG])
+        run = while_busy(lambda: client.create_flow_run_from_deployment(deployment, tags=[RUN_TAG]))
     return str(run.id), run.name
 
 

@@ -191,3 +191,37 @@ def test_a_run_that_works_in_another_checkout_is_said_to(tmp_path):
     elsewhere = other_project(RunReport("running", "Running", project=("/srv/signflow", "gpu-box")), here)
     assert elsewhere.startswith(f"this run works in /srv/signflow on gpu-box, not in {here}")
     assert other_project(RunReport("queued", "Late"), here) is None, "nothing said before the run says where"
+
+
+def test_a_busy_prefect_server_is_asked_again_and_a_failing_one_is_not(monkeypatch):
+    """Prefect's server answers 503 while its SQLite database is locked (its scheduler writing): Train asks
+    again, up to BUSY_RETRIES times, waiting Retry-After (at most 5 s); any other error is at once."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    import signflow._prefect_run as prefect_run
+
+    waits = []
+    monkeypatch.setattr(prefect_run.time, "sleep", waits.append)
+
+    def answering(*codes: int):
+        answers = iter(codes)
+
+        def call():
+            code = next(answers)
+            if code == 200:
+                return "created"
+            request = httpx.Request("POST", "http://127.0.0.1:4200/api/deployments/x/create_flow_run")
+            response = httpx.Response(code, headers={"Retry-After": "0.2"} if code == 503 else {}, request=request)
+            raise PrefectHTTPStatusError.from_httpx_error(
+                httpx.HTTPStatusError("busy", request=request, response=response)
+            )
+
+        return call
+
+    assert prefect_run.while_busy(answering(503, 429, 200)) == "created"
+    assert waits == [0.2, prefect_run.BUSY_WAIT_S]
+    with pytest.raises(PrefectHTTPStatusError):
+        prefect_run.while_busy(answering(500, 200))
+    with pytest.raises(PrefectHTTPStatusError):
+        prefect_run.while_busy(answering(*[503] * (prefect_run.BUSY_RETRIES + 1), 200))

@@ -49,6 +49,16 @@ def train_step(
     return loss.item() * len(targets), (logits.argmax(1) == targets).sum().item()
 
 
+def epoch_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """`order` cut into batches of `batch_size`; a last batch of one image joins the one before it:
+    BatchNorm layers in training mode cannot normalise a single image (PyTorch raises), and a train
+    split of k x batch_size + 1 images (e.g. captured frames) would otherwise stop the run."""
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
 class PlainRunner:
     """Every epoch runs the whole network on freshly augmented images, read from the decoded cache.
 
@@ -107,7 +117,7 @@ class PlainRunner:
         set_train_mode(self.model)
         labels, batch_size = self.train_labels, self.cfg.batch_size
         order = torch.randperm(len(labels), generator=generator)
-        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        batches = epoch_batches(order, batch_size)
         first = self.first_row(epoch)
         self._batches.batches = [(index + first).numpy() for index in batches]
         total_loss, correct = 0.0, 0

@@ -237,3 +237,27 @@ def test_an_early_stopped_run_is_the_whole_runs_first_epochs_and_keeps_their_bes
     ranked = log.sort_values(["valid_accuracy", "valid_loss"], ascending=[False, True], kind="stable")
     assert stopped.best_epoch == ranked["epoch"].iloc[0] == stopped.epochs_run - 1
     assert load_bundle(tmp_path / "stopped.pt").summary["best_epoch"] == stopped.best_epoch
+
+
+def test_a_train_split_one_image_over_a_whole_number_of_batches_trains(tmp_path, tiny_zip):
+    """k x batch_size + 1 training images (captured frames make any count) left a last batch of one image,
+    which BatchNorm in training mode cannot normalise: the run stopped with a PyTorch error. That image
+    now joins the batch before it, and every image is still trained on each epoch."""
+    params = parse_params(tiny_params(epochs=2, cache_frozen_features=False))
+    raw, split = tmp_path / "raw", tmp_path / "split"
+    extract_dataset(tiny_zip, raw, params.extract)
+    split_dataset(raw, split, params.split)
+    images = len(read_manifest(split, "train"))
+    batch_size = images - 1  # one whole batch and one image over
+    assert batch_size > 1
+    train = params.train.model_copy(update={"batch_size": batch_size})
+    result = train_model(train, raw, split, tmp_path / "model.pt", tmp_path / "log.csv")
+    assert result.epochs_run == 2
+
+    from signflow._runners import epoch_batches
+
+    sizes = [len(b) for b in epoch_batches(torch.arange(images), batch_size)]
+    assert sizes == [images]
+    assert [len(b) for b in epoch_batches(torch.arange(17), 8)] == [8, 9]
+    assert [len(b) for b in epoch_batches(torch.arange(18), 8)] == [8, 8, 2], "other splits are unchanged"
+    assert [len(b) for b in epoch_batches(torch.arange(1), 8)] == [1], "a split of one image stays one batch"

@@ -48,7 +48,16 @@ from pathlib import Path
 from typing import Any
 
 from signflow._capture import BURST_PATTERN, CaptureError
-from signflow._prefect_run import FLOW_NAME, PrefectServer, RunReport, deployment_id, other_project, read_run, start_run
+from signflow._prefect_run import (
+    EPOCH_LINE,
+    FLOW_NAME,
+    PrefectServer,
+    RunReport,
+    deployment_id,
+    other_project,
+    read_run,
+    start_run,
+)
 from signflow.config import load_params
 from signflow.errors import SignflowError
 from signflow.fileio import LockBusyError, held_lock
@@ -58,7 +67,6 @@ __all__ = ["PageTraining", "TRAIN_COMMAND"]
 
 TRAIN_COMMAND = [sys.executable, "-m", "dvc", "repro"]
 STEP_LINE = re.compile(r"Running stage '(\w+)'|Task run '(\w+?)-[0-9a-z]{3}'")
-EPOCH_LINE = re.compile(r"\bepoch (\d+): train loss")
 ERROR_LINE = re.compile(r"(?:signflow [\w.]+|flows\.\w+): error: (.+)|^ERROR: (.+)")
 LOG_TAIL_BYTES = 256 * 1024
 

@@ -127,16 +127,16 @@ def while_busy(call: Callable[[], T]) -> T:
     connection is not retried: an unreachable server still costs one request."""
     from prefect.exceptions import PrefectHTTPStatusError
 
-    for attempt in range(BUSY_RETRIES + 1):
+    for _ in range(BUSY_RETRIES):
         try:
             return call()
         except PrefectHTTPStatusError as error:
-            if error.response.status_code not in BUSY_STATUSES or attempt == BUSY_RETRIES:
+            if error.response.status_code not in BUSY_STATUSES:
                 raise
             wait = _retry_after(error.response.headers.get("Retry-After"))
             log.info("the Prefect server is busy (HTTP %d): again in %.1f s", error.response.status_code, wait)
             time.sleep(wait)
-    raise AssertionError("unreachable")
+    return call()
 
 
 def _retry_after(header: str | None) -> float:

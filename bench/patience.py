@@ -8,9 +8,9 @@ early without changing the model it keeps.
 
 For each seed, a project as bench/pipeline.py makes it runs `dvc repro train` with patience off
 (all `train.epochs`), and its reports/train_log.csv is copied to LOGS/seed-<n>.csv (skipped when
-that file exists). Then, for each K, each log is replayed as train.py's early stop would: the best
-epoch is the one with the highest validation accuracy (ties: lower validation loss), and the run
-stops after the first epoch that is K past the best so far. The epochs up to that point are the
+that file exists). Then, for each K, each log is replayed through train.py's own TrainingState: the
+best epoch is the one with the highest validation accuracy (ties: lower validation loss), and the
+run stops after the first epoch that is K past the best so far. The epochs up to that point are the
 same computation with or without the stop (the learning-rate schedule follows `train.epochs`, the
 data order the seed), so when the best epoch so far at the stop is the whole run's best epoch, the
 kept model is bit for bit the same and only the later epochs are saved. Choose K on seeds other
@@ -29,7 +29,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from pipeline import make_project  # bench/pipeline.py (this script's folder is on sys.path)
+
+from signflow._training_state import TrainingState
 
 PATIENCES = range(1, 9)
 
@@ -46,28 +49,31 @@ def whole_run_log(archive: Path, weights: Path | None, seed: int, scratch: Path)
 def read_log(path: Path) -> list[dict]:
     with path.open() as rows:
         return [
-            {"epoch": int(r["epoch"]), "accuracy": float(r["valid_accuracy"]), "loss": float(r["valid_loss"])}
+            {"epoch": int(r["epoch"]), **{key: float(r[key]) for key in ("valid_accuracy", "valid_loss")}}
             for r in csv.DictReader(rows)
         ]
 
 
+def replayed(rows: list[dict], patience: int = 0) -> TrainingState:
+    """The training state after `rows`, recorded and stopped exactly as train.py's loop does (its
+    TrainingState: the best epoch, ties to the lower validation loss, and stops_early)."""
+    state, stand_in = TrainingState(), torch.nn.Identity()  # record_epoch keeps a model's weights
+    for row in rows:
+        state.record_epoch(row, stand_in)
+        if state.stops_early(patience):
+            break
+    return state
+
+
 def best_epoch(rows: list[dict]) -> int:
-    """The epoch train.py keeps: highest validation accuracy, ties to the lower validation loss."""
-    best = rows[0]
-    for row in rows[1:]:
-        if row["accuracy"] > best["accuracy"] or (row["accuracy"] == best["accuracy"] and row["loss"] < best["loss"]):
-            best = row
-    return best["epoch"]
+    """The epoch a whole run keeps."""
+    return replayed(rows).best_epoch
 
 
 def replay(rows: list[dict], patience: int) -> dict:
     """Where a run with `patience` stops, and whether it keeps the whole run's model."""
-    stop = len(rows)
-    for seen in range(1, len(rows) + 1):
-        if seen - best_epoch(rows[:seen]) >= patience:
-            stop = seen
-            break
-    return {"epochs_run": stop, "same_model": best_epoch(rows[:stop]) == best_epoch(rows)}
+    stopped = replayed(rows, patience)
+    return {"epochs_run": stopped.epoch, "same_model": stopped.best_epoch == best_epoch(rows)}
 
 
 def main() -> int:

@@ -44,6 +44,8 @@ CLIENT_FRAMES_PER_SECOND = 15.0
 """A client's sustained rate: the page records at most 15 frames a second (its burst-rate input's max)."""
 CLIENT_BURST_FRAMES = 2 * MAX_FRAMES_PER_BURST
 """What a client may send at once: two longest bursts back to back (a quick retake) pass; a flood is 429."""
+CLIENT_BUCKET_SECONDS = 8
+"""A client's bucket holds this many seconds of its sustained rate (at least CLIENT_BURST_FRAMES)."""
 MAX_TRACKED_CLIENTS = 1024
 """Client addresses whose buckets are kept (about 200 bytes each); past it the least recently seen goes."""
 MAX_CLASS_NAME = 64
@@ -105,6 +107,12 @@ class ClientRates:
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         """client -> (tokens, when they were counted), least recently seen first."""
         self._lock = threading.Lock()
+
+    @classmethod
+    def sustaining(cls, rate: float) -> ClientRates:
+        """`rate` frames a second per client, with a bucket of CLIENT_BUCKET_SECONDS' worth, at least
+        CLIENT_BURST_FRAMES (two longest bursts at once); the defaults are `sustaining(CLIENT_FRAMES_PER_SECOND)`."""
+        return cls(rate, max(CLIENT_BURST_FRAMES, CLIENT_BUCKET_SECONDS * rate))
 
     def take(self, client: str, cost: float) -> None:
         """Spend `cost` tokens of `client`'s bucket, or raise CaptureError 429 saying how long to wait."""

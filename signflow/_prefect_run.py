@@ -19,6 +19,7 @@ redacted (signflow._redact), and PREFECT_API_AUTH_STRING is only sent to the ser
 from __future__ import annotations
 
 import logging
+import math
 import re
 import socket
 import time
@@ -140,10 +141,12 @@ def while_busy(call: Callable[[], T]) -> T:
 
 
 def _retry_after(header: str | None) -> float:
+    """Retry-After in seconds, bounded to 0-5 s; BUSY_WAIT_S when absent, not a number (an HTTP date) or NaN."""
     try:
-        return min(max(float(header), 0.0), 5.0) if header else BUSY_WAIT_S
+        seconds = float(header) if header else math.nan
     except ValueError:
         return BUSY_WAIT_S
+    return min(max(seconds, 0.0), 5.0) if not math.isnan(seconds) else BUSY_WAIT_S
 
 
 def deployment_id(server: PrefectServer, deployment: str) -> Any | None:

@@ -15,6 +15,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from signflow import layout
+from signflow._capture import CLIENT_BUCKET_SECONDS, CLIENT_BURST_FRAMES, CLIENT_FRAMES_PER_SECOND
+from signflow._capture import DEFAULT_MAX_BYTES as DEFAULT_CAPTURE_BYTES
 from signflow._stack_cli import add_stack_parser, run_stack
 from signflow.config import ConfigError, Params, load_params
 from signflow.errors import SignflowError
@@ -272,17 +274,21 @@ def add_serve_parser(commands) -> None:
         help="turn on capture mode: the page records bursts of frames into DIR/<class>/ and its Train button runs "
         "`dvc repro` on them in the project of --params (off unless given)",
     )
+    max_mb = DEFAULT_CAPTURE_BYTES // 2**20
     sub.add_argument(
-        "--capture-max-mb", type=int, default=2048, help="largest total size of the capture folder (default: 2048)"
+        "--capture-max-mb",
+        type=int,
+        default=max_mb,
+        help=f"largest total size of the capture folder (default: {max_mb})",
     )
     sub.add_argument(
         "--capture-client-fps",
         type=_positive_int,
-        default=15,
+        default=int(CLIENT_FRAMES_PER_SECOND),
         metavar="FRAMES",
-        help="frames a second one client address may save, sustained; it may send 120 at once, or 8 seconds' "
-        "worth if more (default: 15, the page's top recording rate; behind a reverse proxy all clients share one "
-        "address)",
+        help=f"frames a second one client address may save, sustained; it may send {CLIENT_BURST_FRAMES} at once, "
+        f"or {CLIENT_BUCKET_SECONDS} seconds' worth if more (default: {CLIENT_FRAMES_PER_SECOND:g}, the page's top "
+        "recording rate; behind a reverse proxy all clients share one address)",
     )
     sub.add_argument(
         "--follow-every",

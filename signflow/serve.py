@@ -43,14 +43,7 @@ import anyio.to_thread
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
-from signflow._capture import (
-    CLIENT_BURST_FRAMES,
-    CLIENT_FRAMES_PER_SECOND,
-    CaptureError,
-    CaptureStore,
-    ClientRates,
-    split_frames,
-)
+from signflow._capture import CLIENT_FRAMES_PER_SECOND, CaptureError, CaptureStore, ClientRates, split_frames
 from signflow._capture import DEFAULT_MAX_BYTES as DEFAULT_CAPTURE_BYTES
 from signflow._hot_swap import DEFAULT_POLL_S, LiveModel
 from signflow._mlflow import VersionNotFound, downloaded_version, is_registry_reference, registry_settings
@@ -404,12 +397,6 @@ def open_live_model(
     )
 
 
-def capture_store(capture_dir: str | Path, max_bytes: int, client_fps: float) -> CaptureStore:
-    """The capture folder's store, each client address saving `client_fps` frames a second sustained, with a
-    bucket of 8 seconds' worth (at least CLIENT_BURST_FRAMES: two longest bursts at once)."""
-    return CaptureStore(capture_dir, max_bytes, ClientRates(client_fps, max(CLIENT_BURST_FRAMES, 8 * client_fps)))
-
-
 def serve(
     spec: str,
     params_path: str | Path,
@@ -422,13 +409,13 @@ def serve(
 ) -> None:
     """Load the model and serve the page until interrupted (Ctrl-C). With `capture_dir`, the page can
     capture bursts into it and train the project of `params_path` on them, each client address saving
-    at most `capture_client_fps` frames a second (a bucket of 8 seconds' worth, at least CLIENT_BURST_FRAMES)."""
+    at most `capture_client_fps` frames a second (ClientRates.sustaining)."""
     import uvicorn
 
     live = open_live_model(spec, params_path, poll_s, wait_for_first=capture_dir is not None)
     capture = training = None
     if capture_dir is not None:
-        capture = capture_store(capture_dir, capture_max_bytes, capture_client_fps)
+        capture = CaptureStore(capture_dir, capture_max_bytes, ClientRates.sustaining(capture_client_fps))
         from signflow._prefect_run import PrefectServer
 
         prefect = PrefectServer.from_settings()

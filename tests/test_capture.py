@@ -368,12 +368,13 @@ def test_capture_client_fps_sets_each_clients_rate_and_a_rate_below_one_is_a_usa
     once (at least two longest bursts); 0 is argparse's one-line usage error."""
     from fastapi.testclient import TestClient
 
+    from signflow._capture import ClientRates
     from signflow.cli import build_parser, main
-    from signflow.serve import ServedModel, capture_store, create_app
+    from signflow.serve import ServedModel, create_app
     from tests.test_serving import AnsweringModel
 
     args = build_parser().parse_args(["serve", "--capture-dir", str(tmp_path), "--capture-client-fps", "40"])
-    store = capture_store(tmp_path / "captures", 2**30, args.capture_client_fps)
+    store = CaptureStore(tmp_path / "captures", 2**30, ClientRates.sustaining(args.capture_client_fps))
     assert (store.client_rates.rate, store.client_rates.burst) == (40, 320)
     store.client_rates.clock = lambda: 0.0  # time stands still: only the bucket counts
     app = create_app(ServedModel(AnsweringModel(), "stand-in", None, ["a"], "stand-in"), capture=store)
@@ -381,6 +382,8 @@ def test_capture_client_fps_sets_each_clients_rate_and_a_rate_below_one_is_a_usa
     answers = [post_burst(client, "a", MAX_FRAMES_PER_BURST, seed=i).status_code for i in range(6)]
     assert answers == [200] * 5 + [429], "320 frames at once: five 60-frame bursts, not six"
     assert build_parser().parse_args(["serve"]).capture_client_fps == 15
+    default = ClientRates.sustaining(build_parser().parse_args(["serve"]).capture_client_fps)
+    assert (default.rate, default.burst) == (ClientRates().rate, ClientRates().burst) == (15, 120)
     with pytest.raises(SystemExit):
         main(["serve", "--capture-client-fps", "0"])
     assert "--capture-client-fps: must be at least 1, got 0" in capsys.readouterr().err

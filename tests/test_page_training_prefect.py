@@ -225,3 +225,23 @@ def test_a_busy_prefect_server_is_asked_again_and_a_failing_one_is_not(monkeypat
         prefect_run.while_busy(answering(500, 200))
     with pytest.raises(PrefectHTTPStatusError):
         prefect_run.while_busy(answering(*[503] * (prefect_run.BUSY_RETRIES + 1), 200))
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("0.2", 0.2),
+        ("99", 5.0),
+        ("-3", 0.0),
+        ("inf", 5.0),
+        ("nan", 1.0),
+        ("Wed, 21 Oct 2026 07:28:00 GMT", 1.0),
+        (None, 1.0),
+    ],
+)
+def test_a_servers_retry_after_is_bounded_to_five_seconds_and_nonsense_waits_the_default(header, seconds):
+    """Retry-After comes from the network: whatever it says, Train waits 0-5 s (time.sleep(nan) would raise)."""
+    from signflow._prefect_run import BUSY_WAIT_S, _retry_after
+
+    assert BUSY_WAIT_S == 1.0
+    assert _retry_after(header) == seconds
